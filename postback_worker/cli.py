@@ -1,0 +1,297 @@
+"""`postback-worker` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from postback_worker.domain.events import ValidationError
+from postback_worker.settings import Settings, SettingsError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        raise click.UsageError(f"bad setting: {exc}") from exc
+
+
+def _store(settings: Settings) -> Any:
+    from postback_worker.store.db import make_engine
+    from postback_worker.store.repo import Store
+
+    return Store(make_engine(settings.database_url))
+
+
+def _fail_validation(exc: ValidationError) -> None:
+    for e in exc.errors:
+        click.echo(f"error: {e.field}: {e.message}", err=True)
+    sys.exit(2)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=_json_default, indent=2))
+
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                      show_default=True, help="Output format.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Deliver affiliate postbacks reliably (Celery + Redis + PostgreSQL).
+
+    Settings come from the environment: DATABASE_URL, REDIS_URL and POSTBACK_* variables.
+    """
+
+
+# -- db --------------------------------------------------------------------------------------
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations to DATABASE_URL."""
+    from postback_worker.store.db import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    click.echo(f"database at {_safe_url(settings.database_url)} is at revision {revision}")
+
+
+@db.command("current")
+def db_current() -> None:
+    """Print the schema revision of DATABASE_URL."""
+    from postback_worker.store.db import current_revision
+
+    click.echo(current_revision(_store(_settings()).engine) or "none (run: postback-worker db upgrade)")
+
+
+def _safe_url(url: str) -> str:
+    from postback_worker.domain.masking import mask_url
+
+    return mask_url(url)
+
+
+# -- offers ----------------------------------------------------------------------------------
+
+@main.group()
+def offers() -> None:
+    """Offers and their click session lifespans."""
+
+
+@offers.command("add")
+@click.option("--id", "offer_id", required=True, help="Offer id (used in clicks).")
+@click.option("--name", help="Display name (default: the id).")
+@click.option("--campaign-type", default="ecommerce", show_default=True,
+              type=click.Choice(["lead_gen", "ecommerce", "b2b_saas", "financial"]),
+              help="Sets the default click session lifespan (14/30/90/120 days).")
+@click.option("--lifespan-days", type=int, help="Override the click session lifespan.")
+@click.option("--landing-url", help="Where /click redirects; may contain {transaction_id}.")
+@click.option("--allow-multiple", is_flag=True,
+              help="Count every conversion of a click+goal, not only the first.")
+def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_days: int | None,
+               landing_url: str | None, allow_multiple: bool) -> None:
+    """Create or update an offer."""
+    from postback_worker.ops.config import parse_offer
+
+    data: dict[str, Any] = {"id": offer_id, "campaign_type": campaign_type,
+                            "allow_multiple": allow_multiple}
+    for key, value in (("name", name), ("lifespan_days", lifespan_days),
+                       ("landing_url", landing_url)):
+        if value is not None:
+            data[key] = value
+    try:
+        row = parse_offer(data, datetime.now(UTC))
+    except ValidationError as exc:
+        _fail_validation(exc)
+        return
+    _store(_settings()).upsert_offer(row)
+    click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} days")
+
+
+@offers.command("list")
+@FORMAT
+def offers_list(fmt: str) -> None:
+    """List offers."""
+    rows = _store(_settings()).list_offers()
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "name", "campaign_type", "lifespan_days", "allow_multiple",
+                           "landing_url"])
+
+
+# -- partners --------------------------------------------------------------------------------
+
+@main.group()
+def partners() -> None:
+    """Partners (postback destinations)."""
+
+
+@partners.command("add")
+@click.option("--id", "partner_id", required=True,
+              help="Partner id; clicks with this aff_id fire its postbacks.")
+@click.option("--name", help="Display name (default: the id).")
+@click.option("--url", "postback_url", required=True,
+              help="Postback URL template with {macros}, e.g. "
+                   "'https://p.example/pb?click={transaction_id}&amount={payout}'.")
+@click.option("--method", type=click.Choice(["GET", "POST"]), default="GET", show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds.")
+@click.option("--success-check", help="Text the response body must contain, e.g. success=true.")
+@click.option("--fire-on", default="approved", show_default=True,
+              help="Comma-separated conversion statuses that fire this partner.")
+@click.option("--disabled", is_flag=True, help="Create the partner disabled.")
+@click.option("--scope", type=click.Choice(["own", "global"]), default="own", show_default=True,
+              help="own: conversions of its clicks; global: every attributed conversion.")
+@click.option("--offer-ids", help="For global partners: only these offers (comma-separated).")
+@click.option("--max-attempts", type=int, help="Override the retry policy.")
+@click.option("--base-delay", type=float, help="Override the first retry delay (seconds).")
+@click.option("--max-delay", type=float, help="Override the retry delay cap (seconds).")
+@click.option("--horizon", type=float, help="Override how long retries may go on (seconds).")
+def partners_add(partner_id: str, name: str | None, postback_url: str, method: str,
+                 timeout: float, success_check: str | None, fire_on: str, disabled: bool,
+                 scope: str, offer_ids: str | None, max_attempts: int | None,
+                 base_delay: float | None, max_delay: float | None,
+                 horizon: float | None) -> None:
+    """Create or update a partner; an invalid template is refused with every problem."""
+    from postback_worker.ops.config import parse_partner
+
+    data: dict[str, Any] = {
+        "id": partner_id, "postback_url": postback_url, "method": method, "timeout": timeout,
+        "fire_statuses": fire_on, "enabled": not disabled, "scope": scope,
+    }
+    for key, value in (("name", name), ("success_check", success_check),
+                       ("offer_ids", offer_ids), ("max_attempts", max_attempts),
+                       ("base_delay", base_delay), ("max_delay", max_delay),
+                       ("horizon", horizon)):
+        if value is not None:
+            data[key] = value
+    try:
+        row = parse_partner(data, datetime.now(UTC))
+    except ValidationError as exc:
+        _fail_validation(exc)
+        return
+    _store(_settings()).upsert_partner(row)
+    state = "enabled" if row["enabled"] else "disabled"
+    click.echo(f"partner {row['id']} ({state}): {row['method']} {_safe_url(row['postback_url'])}")
+
+
+@partners.command("list")
+@FORMAT
+def partners_list(fmt: str) -> None:
+    """List partners."""
+    rows = _store(_settings()).list_partners()
+    for r in rows:
+        r["postback_url"] = _safe_url(r["postback_url"])
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "name", "enabled", "method", "fire_statuses", "scope",
+                           "postback_url"])
+
+
+# -- inspection ------------------------------------------------------------------------------
+
+@main.command("show")
+@click.argument("conversion_id")
+@FORMAT
+def show(conversion_id: str, fmt: str) -> None:
+    """Show a conversion's attribution, its postbacks and every attempt."""
+    from postback_worker.ops.lookup import conversion_detail
+
+    detail = conversion_detail(_store(_settings()), conversion_id)
+    if detail is None:
+        click.echo(f"error: no conversion {conversion_id!r} (an event still queued is not stored "
+                   "yet)", err=True)
+        sys.exit(1)
+    if fmt == "json":
+        print_json(detail)
+        return
+    c = detail["conversion"]
+    click.echo(f"conversion {c['id']}: {c['state']} - {c['reason'] or ''}")
+    click.echo(f"  transaction {c['transaction_id']}  offer {_cell(c['offer_id'])}  "
+               f"affiliate {_cell(c['aff_id'])}  goal {c['goal_id'] or '-'}  "
+               f"status {c['status']}  payout {_cell(c['payout'])} {c['currency'] or ''}")
+    click.echo(f"  occurred {_cell(c['occurred_at'])}  received {_cell(c['received_at'])}  "
+               f"processed {_cell(c['processed_at'])}")
+    if not detail["postbacks"]:
+        click.echo("  no postbacks")
+    for p in detail["postbacks"]:
+        click.echo(f"postback {p['id']} -> partner {p['partner_id']}: {p['state']}"
+                   f" after {p['attempts']} attempt(s)"
+                   + (f" - {p['reason']}" if p["reason"] else ""))
+        click.echo(f"  {p['method']} {p['url']}")
+        if p["next_attempt_at"] and p["state"] == "retry_scheduled":
+            click.echo(f"  next attempt at {_cell(p['next_attempt_at'])}")
+        for a in p["attempts_log"]:
+            click.echo(f"  #{a['attempt_no']} {_cell(a['started_at'])} {a['duration_ms']:.1f} ms "
+                       f"status {_cell(a['status_code'])} {a['failure_class']}"
+                       + (f" - {a['error']}" if a["error"] else ""))
+
+
+# -- running ---------------------------------------------------------------------------------
+
+@main.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int)
+def api(host: str, port: int, workers: int) -> None:
+    """Serve the HTTP API with uvicorn."""
+    import uvicorn
+
+    _settings()
+    uvicorn.run("postback_worker.ingest.api:app_from_env", factory=True, host=host, port=port,
+                workers=workers, log_level="info", access_log=False)
+
+
+@main.command("up")
+@click.option("--demo", is_flag=True, help="Also run the demo: offer, partners, clicks, conversions.")
+@click.option("--exit-after-demo", is_flag=True, help="Stop everything once the demo has printed.")
+@click.option("--api-port", default=8000, show_default=True, type=int)
+@click.option("--flower-port", default=5555, show_default=True, type=int)
+@click.option("--data-dir", default=".postback-worker", show_default=True,
+              help="Where the SQLite file, local Redis data and logs go.")
+def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, data_dir: str) -> None:
+    """Bring up API, worker, beat and Flower on local defaults (SQLite, local Redis)."""
+    from postback_worker.devstack import run_stack
+
+    sys.exit(run_stack(demo=demo or exit_after_demo, exit_after_demo=exit_after_demo,
+                       api_port=api_port, flower_port=flower_port, data_dir=data_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The demo `postback-worker up --demo` runs against a live stack, through its HTTP API only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import click
+import requests
+
+FINAL_POSTBACK = {"delivered", "dead_lettered", "skipped"}
+
+
+class DemoPartner:
+    """A local partner: /ok answers 200 success=true, /down 503, /blocked 403."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                outer.received.append(self.path)
+                status, body = {"/ok": (200, b"success=true"), "/down": (503, b"maintenance"),
+                                "/blocked": (403, b"forbidden")}.get(
+                    self.path.split("?")[0], (404, b"not found"))
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def _post(api: str, path: str, body: Any) -> Any:
+    r = requests.post(f"{api}{path}", json=body, timeout=10)
+    if r.status_code >= 400:
+        raise click.ClickException(f"POST {path} answered {r.status_code}: {r.text}")
+    return r.json()
+
+
+def run_demo(api: str, timeout: float = 90.0) -> bool:
+    """Create an offer and partners, record clicks, send conversions, print what happened."""
+    partner = DemoPartner()
+    try:
+        return _run(api, partner, timeout)
+    finally:
+        partner.close()
+
+
+def _run(api: str, partner: DemoPartner, timeout: float) -> bool:
+    qs = "tid={transaction_id}&payout={payout}&sub={aff_sub}&pb={postback_id}"
+    click.echo(f"demo partner listening at {partner.url} (/ok 200, /down 503, /blocked 403)")
+    _post(api, "/v1/offers", {"id": "demo-offer", "name": "Demo lead gen",
+                              "campaign_type": "lead_gen",
+                              "landing_url": "https://advertiser.example/land?click={transaction_id}"})
+    _post(api, "/v1/partners", {"id": "aff-good", "postback_url": f"{partner.url}/ok?{qs}",
+                                "success_check": "success=true"})
+    _post(api, "/v1/partners", {"id": "aff-down", "postback_url": f"{partner.url}/down?{qs}",
+                                "max_attempts": 3, "base_delay": 1, "max_delay": 2})
+    _post(api, "/v1/partners", {"id": "aff-blocked", "postback_url": f"{partner.url}/blocked?{qs}"})
+    click.echo("offer demo-offer (lead_gen, 14-day lifespan); partners aff-good, aff-down, "
+               "aff-blocked")
+
+    now = datetime.now(UTC)
+    old = (now - timedelta(days=20)).isoformat()
+    clicks = [
+        {"offer_id": "demo-offer", "aff_id": "aff-good", "aff_sub": "summer sale & more"},
+        {"offer_id": "demo-offer", "aff_id": "aff-good", "aff_sub": "banner-2"},
+        {"offer_id": "demo-offer", "aff_id": "aff-good", "clicked_at": old},
+        {"offer_id": "demo-offer", "aff_id": "aff-down"},
+        {"offer_id": "demo-offer", "aff_id": "aff-blocked"},
+        {"offer_id": "demo-offer", "aff_id": "aff-good"},
+    ]
+    tx = _post(api, "/v1/clicks", clicks)["transaction_ids"]
+    click.echo(f"recorded {len(tx)} clicks (one of them 20 days old)")
+    conversions = [
+        {"transaction_id": tx[0], "payout": "12.50", "currency": "USD"},
+        {"transaction_id": tx[1], "payout": "7", "currency": "USD"},
+        {"transaction_id": tx[2], "payout": "30"},
+        {"transaction_id": tx[3], "payout": "5"},
+        {"transaction_id": tx[4], "payout": "5"},
+        {"transaction_id": tx[5], "payout": "9", "status": "pending"},
+        {"transaction_id": tx[0], "payout": "12.50", "currency": "USD"},
+        {"transaction_id": "tx_never_clicked", "payout": "3"},
+    ]
+    ids = _post(api, "/v1/conversions", conversions)["ids"]
+    click.echo(f"sent {len(ids)} conversions; waiting for every one to reach a final state...")
+
+    details = _wait_final(api, ids, timeout)
+    rows = []
+    counts: Counter[str] = Counter()
+    for cid in ids:
+        d = details.get(cid)
+        if d is None:
+            rows.append((cid, "(not processed)", "", ""))
+            continue
+        c = d["conversion"]
+        pbs = "; ".join(f"{p['partner_id']}: {p['state']} after {p['attempts']} attempt(s)"
+                        for p in d["postbacks"]) or "-"
+        for p in d["postbacks"]:
+            counts[p["state"]] += 1
+        rows.append((cid, c["state"], (c["reason"] or "")[:70], pbs))
+    click.echo("")
+    for cid, state, reason, pbs in rows:
+        click.echo(f"{cid}  {state:<15} {reason}")
+        click.echo(f"{'':29}postbacks: {pbs}")
+    click.echo("")
+    click.echo(f"postbacks delivered: {counts['delivered']}, skipped: {counts['skipped']}, "
+               f"dead-lettered: {counts['dead_lettered']}, "
+               f"still pending: {sum(v for k, v in counts.items() if k not in FINAL_POSTBACK)}")
+    click.echo(f"the demo partner received {len(partner.received)} requests, e.g.:")
+    for path in partner.received[:3]:
+        click.echo(f"  GET {path}")
+    click.echo("inspect one: postback-worker show <conversion id>  (or GET /v1/conversions/<id>)")
+    return len(details) == len(ids) and all(
+        p["state"] in FINAL_POSTBACK for d in details.values() for p in d["postbacks"]
+    )
+
+
+def _wait_final(api: str, ids: list[str], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    details: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        for cid in ids:
+            r = requests.get(f"{api}/v1/conversions/{cid}", timeout=10)
+            if r.status_code == 200:
+                details[cid] = r.json()
+        done = len(details) == len(ids) and all(
+            d["conversion"]["state"] != "received"
+            and all(p["state"] in FINAL_POSTBACK for p in d["postbacks"])
+            for d in details.values()
+        )
+        if done:
+            break
+        time.sleep(0.5)
+    return details

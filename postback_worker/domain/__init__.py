@@ -1,0 +1,1 @@
+"""Pure domain logic: templates, attribution, retry policy, input validation (stdlib only)."""

@@ -1,0 +1,272 @@
+"""HTTP API: clicks, conversions (TUNE-style GET and JSON batches), admin for offers/partners."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import OperationalError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from postback_worker.domain.events import (
+    FieldError,
+    ValidationError,
+    parse_batch,
+    parse_click,
+)
+from postback_worker.domain.macros import TemplateError, render
+from postback_worker.ops.config import parse_offer, parse_partner
+from postback_worker.ops.lookup import conversion_detail
+from postback_worker.producer import EnqueueError, Producer
+from postback_worker.settings import Settings
+from postback_worker.store.db import make_engine
+from postback_worker.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    body = orjson.dumps(data, default=_default, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | orjson.OPT_NON_STR_KEYS)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, errors: list[FieldError] | None = None,
+                   headers: Mapping[str, str] | None = None) -> Response:
+    body: dict[str, Any] = {"error": message}
+    if errors:
+        body["errors"] = [e.to_dict() for e in errors]
+    return json_response(body, status, headers)
+
+
+def unavailable(what: str) -> Response:
+    return error_response(503, f"{what} is unavailable; nothing was accepted, retry later",
+                          headers={"Retry-After": "5"})
+
+
+class Api:
+    """Request handlers bound to one store and one producer."""
+
+    def __init__(self, settings: Settings, store: Store, producer: Producer,
+                 clock: Callable[[], datetime] | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.producer = producer
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _json(self, request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.settings.max_request_bytes:
+            raise _HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+                                  "bytes; split the batch")
+        body = await request.body()
+        if len(body) > self.settings.max_request_bytes:
+            raise _HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+                                  "bytes; split the batch")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise _HttpError(400, "request body is not valid JSON",
+                             [FieldError("body", str(exc))]) from exc
+
+    def _require_admin(self, request: Request) -> None:
+        token = self.settings.admin_token
+        if not token:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise _HttpError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
+
+    def _items(self, payload: Any, key: str) -> Any:
+        if isinstance(payload, dict) and key in payload and len(payload) == 1:
+            return payload[key]
+        return payload
+
+    async def _enqueue(self, events: list[Any]) -> Response:
+        try:
+            ids = await run_in_threadpool(self.producer.enqueue, events)
+        except EnqueueError as exc:
+            log.error("enqueue failed: %s", exc)
+            if exc.queued_ids:
+                return error_response(503, f"only {len(exc.queued_ids)} of {len(events)} events "
+                                      "were queued; resend the rest with the same ids",
+                                      headers={"Retry-After": "5"})
+            return unavailable("the queue (Redis)")
+        return json_response({"accepted": len(ids), "ids": ids}, 202)
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def click(self, request: Request) -> Response:
+        params = dict(request.query_params)
+        if request.client and "ip" not in params:
+            params["ip"] = request.client.host
+        ua = request.headers.get("user-agent")
+        if ua and "user_agent" not in params:
+            params["user_agent"] = ua[:1024]
+        try:
+            click = parse_click(params, now=self.clock(), allow_unknown=True,
+                                max_field_length=self.settings.max_field_length)
+        except ValidationError as exc:
+            return error_response(422, "invalid click", exc.errors)
+        offer = await run_in_threadpool(self.store.get_offer, click.offer_id)
+        if offer is None:
+            return error_response(404, "unknown offer", [FieldError("offer_id", "no such offer")])
+        try:
+            await run_in_threadpool(self.store.insert_clicks, [_click_row(click)])
+        except OperationalError:
+            return unavailable("the database")
+        if not offer["landing_url"]:
+            return json_response({"transaction_id": click.transaction_id})
+        try:
+            target = render(offer["landing_url"], {
+                "transaction_id": click.transaction_id, "offer_id": click.offer_id,
+                "affiliate_id": click.aff_id, "aff_sub": click.aff_sub, "source": click.source,
+            })
+        except TemplateError as exc:
+            return error_response(500, f"offer landing_url cannot render: {exc}")
+        return RedirectResponse(target, status_code=302)
+
+    async def create_clicks(self, request: Request) -> Response:
+        payload = self._items(await self._json(request), "clicks")
+        now = self.clock()
+        try:
+            clicks = parse_batch(payload, parse_click, max_items=self.settings.max_batch_size,
+                                 now=now, max_field_length=self.settings.max_field_length)
+        except ValidationError as exc:
+            return error_response(422, "invalid clicks", exc.errors)
+        offers = {o["id"] for o in await run_in_threadpool(self.store.list_offers)}
+        bad = [FieldError(f"events[{i}].offer_id" if len(clicks) > 1 else "offer_id",
+                          f"no such offer {c.offer_id!r}")
+               for i, c in enumerate(clicks) if c.offer_id not in offers]
+        if bad:
+            return error_response(422, "invalid clicks", bad)
+        try:
+            await run_in_threadpool(self.store.insert_clicks, [_click_row(c) for c in clicks])
+        except OperationalError:
+            return unavailable("the database")
+        return json_response({"accepted": len(clicks),
+                              "transaction_ids": [c.transaction_id for c in clicks]}, 201)
+
+    async def postback(self, request: Request) -> Response:
+        """TUNE-style conversion URL: GET /postback?transaction_id=..&payout=.."""
+        params = dict(request.query_params)
+        try:
+            events = self.producer.validate([params], allow_unknown=True)
+        except ValidationError as exc:
+            return error_response(422, "invalid conversion", exc.errors)
+        return await self._enqueue(events)
+
+    async def conversions(self, request: Request) -> Response:
+        payload = self._items(await self._json(request), "events")
+        items = payload if isinstance(payload, list) else [payload]
+        if len(items) > self.settings.max_batch_size:
+            return error_response(413, "batch too large", [FieldError(
+                "events", f"at most {self.settings.max_batch_size} events per request")])
+        try:
+            events = self.producer.validate(items)
+        except ValidationError as exc:
+            return error_response(422, "invalid conversions; none were accepted", exc.errors)
+        return await self._enqueue(events)
+
+    async def conversion(self, request: Request) -> Response:
+        cid = request.path_params["conversion_id"]
+        detail = await run_in_threadpool(conversion_detail, self.store, cid)
+        if detail is None:
+            return error_response(404, f"no conversion {cid!r} (an event still in the queue is "
+                                  "not stored yet)")
+        return json_response(detail)
+
+    async def offers(self, request: Request) -> Response:
+        self._require_admin(request)
+        if request.method == "GET":
+            return json_response({"offers": await run_in_threadpool(self.store.list_offers)})
+        try:
+            row = parse_offer(await self._json(request), self.clock())
+        except ValidationError as exc:
+            return error_response(422, "invalid offer", exc.errors)
+        await run_in_threadpool(self.store.upsert_offer, row)
+        return json_response(await run_in_threadpool(self.store.get_offer, row["id"]), 201)
+
+    async def partners(self, request: Request) -> Response:
+        self._require_admin(request)
+        if request.method == "GET":
+            return json_response({"partners": await run_in_threadpool(self.store.list_partners)})
+        try:
+            row = parse_partner(await self._json(request), self.clock())
+        except ValidationError as exc:
+            return error_response(422, "invalid partner", exc.errors)
+        await run_in_threadpool(self.store.upsert_partner, row)
+        return json_response(await run_in_threadpool(self.store.get_partner, row["id"]), 201)
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, errors: list[FieldError] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.errors = errors
+
+
+def _click_row(c: Any) -> dict[str, Any]:
+    return {
+        "transaction_id": c.transaction_id, "offer_id": c.offer_id, "aff_id": c.aff_id,
+        "aff_sub": c.aff_sub, "aff_sub2": c.aff_sub2, "aff_sub3": c.aff_sub3,
+        "aff_sub4": c.aff_sub4, "aff_sub5": c.aff_sub5, "source": c.source, "ip": c.ip,
+        "device_id": c.device_id, "user_agent": c.user_agent, "clicked_at": c.clicked_at,
+    }
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _HttpError)
+    return error_response(exc.status, str(exc), exc.errors)
+
+
+async def _db_error(request: Request, exc: Exception) -> Response:
+    log.error("database error: %s", exc)
+    return unavailable("the database")
+
+
+def create_app(settings: Settings | None = None, *, store: Store | None = None,
+               producer: Producer | None = None) -> Starlette:
+    """The ASGI app; `uvicorn postback_worker.ingest.api:app` serves it from the environment."""
+    settings = settings or Settings.from_env()
+    store = store or Store(make_engine(settings.database_url))
+    producer = producer or Producer(settings)
+    api = Api(settings, store, producer)
+    routes = [
+        Route("/health", api.health),
+        Route("/click", api.click),
+        Route("/postback", api.postback),
+        Route("/v1/clicks", api.create_clicks, methods=["POST"]),
+        Route("/v1/conversions", api.conversions, methods=["POST"]),
+        Route("/v1/conversions/{conversion_id}", api.conversion),
+        Route("/v1/offers", api.offers, methods=["GET", "POST"]),
+        Route("/v1/partners", api.partners, methods=["GET", "POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        _HttpError: _http_error, OperationalError: _db_error,
+    })
+    app.state.api = api
+    return app
+
+
+def app_from_env() -> Starlette:
+    return create_app()

@@ -1,0 +1,107 @@
+"""Offers and partners as the pipeline sees them, cached briefly per process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from postback_worker.domain.retry import RetryPolicy
+from postback_worker.store.repo import Store
+
+
+@dataclass(frozen=True)
+class Partner:
+    id: str
+    name: str
+    postback_url: str
+    method: str
+    timeout: float
+    success_check: str | None
+    fire_statuses: tuple[str, ...]
+    enabled: bool
+    scope: str
+    offer_ids: tuple[str, ...]
+    policy_overrides: Mapping[str, float | int | None]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Partner:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            postback_url=row["postback_url"],
+            method=row["method"],
+            timeout=float(row["timeout"]),
+            success_check=row["success_check"] or None,
+            fire_statuses=_split(row["fire_statuses"]),
+            enabled=bool(row["enabled"]),
+            scope=row["scope"],
+            offer_ids=_split(row["offer_ids"]),
+            policy_overrides={
+                k: row[k] for k in ("max_attempts", "base_delay", "max_delay", "horizon")
+            },
+        )
+
+    def policy(self, default: RetryPolicy) -> RetryPolicy:
+        return default.with_overrides(**self.policy_overrides)
+
+    def serves(self, offer_id: str, aff_id: str) -> bool:
+        if self.scope == "global":
+            return not self.offer_ids or offer_id in self.offer_ids
+        return self.id == aff_id
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Offer:
+    id: str
+    lifespan_days: int
+    allow_multiple: bool
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Offer:
+        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]))
+
+
+class Catalog:
+    """Offers and partners, reloaded from the store at most every `ttl` seconds."""
+
+    def __init__(self, store: Store, ttl: float, monotonic: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.ttl = ttl
+        self._monotonic = monotonic
+        self._loaded_at = float("-inf")
+        self.offers: dict[str, Offer] = {}
+        self.partners: dict[str, Partner] = {}
+
+    def refresh(self, force: bool = False) -> None:
+        now = self._monotonic()
+        if not force and now - self._loaded_at < self.ttl:
+            return
+        self.offers = {r["id"]: Offer.from_row(r) for r in self.store.list_offers()}
+        self.partners = {r["id"]: Partner.from_row(r) for r in self.store.list_partners()}
+        self._loaded_at = now
+
+    def offer(self, offer_id: str | None) -> Offer | None:
+        if offer_id is None:
+            return None
+        self.refresh()
+        if offer_id not in self.offers:
+            self.refresh(force=True)
+        return self.offers.get(offer_id)
+
+    def destinations(self, offer_id: str, aff_id: str) -> list[Partner]:
+        self.refresh()
+        found = [p for p in self.partners.values() if p.serves(offer_id, aff_id)]
+        if not found:
+            self.refresh(force=True)
+            found = [p for p in self.partners.values() if p.serves(offer_id, aff_id)]
+        return found
+
+    def partner(self, partner_id: str) -> Partner | None:
+        self.refresh()
+        return self.partners.get(partner_id)

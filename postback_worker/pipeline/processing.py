@@ -1,0 +1,373 @@
+"""The worker's logic: attribute a batch of conversions, fire postbacks, record every attempt.
+
+Celery tasks are thin shells over `Pipeline`; everything here runs (and is tested) without Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from postback_worker.delivery.sender import PostbackRequest, Sender
+from postback_worker.domain.attribution import (
+    ClickFacts,
+    ConversionFacts,
+    ConversionState,
+    OfferFacts,
+    attribute,
+    dedupe_key,
+    fires_on,
+)
+from postback_worker.domain.events import ConversionEvent
+from postback_worker.domain.ids import new_id
+from postback_worker.domain.macros import TemplateError, macro_values, render
+from postback_worker.domain.masking import mask_url
+from postback_worker.domain.retry import FailureClass, classify, describe, parse_retry_after
+from postback_worker.pipeline.catalog import Catalog, Partner
+from postback_worker.settings import Settings
+from postback_worker.store import repo
+from postback_worker.store.repo import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class BatchResult:
+    """What one call did, for logs, tests and the task's return value."""
+
+    conversions: dict[str, int] = field(default_factory=dict)
+    postbacks: dict[str, int] = field(default_factory=dict)
+
+    def count(self, bucket: dict[str, int], key: str, n: int = 1) -> None:
+        bucket[key] = bucket.get(key, 0) + n
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"conversions": self.conversions, "postbacks": self.postbacks}
+
+
+class Pipeline:
+    """Attribution, postback creation, claiming, firing and recording for one process."""
+
+    def __init__(self, settings: Settings, store: Store, sender: Sender, *,
+                 clock: Clock = utcnow, rand: Callable[[], float] = random.random,
+                 worker_name: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.sender = sender
+        self.clock = clock
+        self.rand = rand
+        self.catalog = Catalog(store, settings.config_cache_seconds)
+        self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- conversions ----------------------------------------------------------------------
+
+    def process_conversions(self, messages: Sequence[Mapping[str, Any]]) -> BatchResult:
+        """Persist, attribute and fire a batch; safe to run again on the same messages."""
+        result = BatchResult()
+        events = [ConversionEvent.from_message(m) for m in messages]
+        if not events:
+            return result
+        now = self.clock()
+        rows = [_conversion_row(e) for e in events]
+        ids = [r["id"] for r in rows]
+        with self.store.engine.begin() as conn:
+            self.store.insert_conversions(conn, rows)
+            todo = self.store.unprocessed_conversions(conn, ids)
+            clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
+            decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
+            self._mark_duplicates(conn, decided)
+            postbacks, dead = self._build_postbacks(decided, clicks, now)
+            self.store.set_conversion_states(conn, [
+                {"id": d.conv["id"], "state": d.state, "reason": d.reason,
+                 "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
+                for d in decided
+            ])
+            self.store.insert_postbacks(conn, postbacks)
+            self.store.dead_letter_now(conn, dead)
+        for d in decided:
+            result.count(result.conversions, d.state)
+        # Fire what is claimable for every conversion in the batch, including postbacks a
+        # previous, interrupted delivery of this message created but never fired.
+        self._fire(self._claim(conversion_ids=ids), result)
+        return result
+
+    def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
+        offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
+        offer = self.catalog.offer(offer_id)
+        decision = attribute(
+            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"]),
+            None if click is None else ClickFacts(
+                click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
+            ),
+            None if offer is None else OfferFacts(offer.id, offer.lifespan_days),
+        )
+        return _Decided(
+            conv=conv,
+            state=decision.state.value,
+            reason=decision.reason,
+            offer_id=offer_id,
+            aff_id=click["aff_id"] if click else None,
+            allow_multiple=bool(offer and offer.allow_multiple),
+        )
+
+    def _mark_duplicates(self, conn: Any, decided: list[_Decided]) -> None:
+        keys: dict[str, str] = {}
+        in_batch: dict[str, _Decided] = {}
+        for d in decided:
+            if d.state != ConversionState.ATTRIBUTED or d.allow_multiple:
+                continue
+            key = dedupe_key(d.offer_id or "", d.conv["transaction_id"], d.conv["goal_id"])
+            first = in_batch.get(key)
+            if first is not None:
+                d.state, d.reason = "duplicate", f"duplicate of conversion {first.conv['id']}"
+                continue
+            in_batch[key] = d
+            keys[key] = d.conv["id"]
+        owners = self.store.claim_keys(conn, keys) if keys else {}
+        for key, d in in_batch.items():
+            owner = owners.get(key)
+            if owner is not None and owner != d.conv["id"]:
+                d.state = ConversionState.DUPLICATE.value
+                d.reason = (
+                    f"duplicate of conversion {owner} (same offer, transaction_id and goal_id)"
+                )
+
+    def _build_postbacks(self, decided: list[_Decided], clicks: Mapping[str, dict[str, Any]],
+                         now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        postbacks: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        for d in decided:
+            if d.state != ConversionState.ATTRIBUTED:
+                continue
+            assert d.offer_id is not None and d.aff_id is not None
+            click = clicks[d.conv["transaction_id"]]
+            partners = self.catalog.destinations(d.offer_id, d.aff_id)
+            if not partners:
+                d.reason = f"{d.reason}; no postback destination for affiliate {d.aff_id!r}"
+                continue
+            firing = 0
+            for partner in partners:
+                row = self._postback_row(d, click, partner, now)
+                if row["state"] == repo.PENDING:
+                    firing += 1
+                elif row["state"] == repo.DEAD_LETTERED:
+                    dead.append(_dead_letter_row(row, d.offer_id, "config", None, now))
+                postbacks.append(row)
+            if firing == 0 and all(
+                not fires_on(d.conv["status"], p.fire_statuses) for p in partners
+            ):
+                d.state = ConversionState.REJECTED_STATUS.value
+                d.reason = f"status {d.conv['status']!r} fires no partner"
+        return postbacks, dead
+
+    def _postback_row(self, d: _Decided, click: Mapping[str, Any], partner: Partner,
+                      now: datetime) -> dict[str, Any]:
+        pid = new_id("pb")
+        row: dict[str, Any] = {
+            "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
+            "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
+            "created_at": now, "updated_at": now, "next_attempt_at": now,
+            "state": repo.PENDING, "reason": None,
+        }
+        if not partner.enabled:
+            row.update(state=repo.SKIPPED, reason="partner disabled", next_attempt_at=None)
+            return row
+        if not fires_on(d.conv["status"], partner.fire_statuses):
+            fires = ", ".join(partner.fire_statuses) or "nothing"
+            row.update(
+                state=repo.SKIPPED, next_attempt_at=None,
+                reason=f"status {d.conv['status']!r} does not fire this partner (fires on: {fires})",
+            )
+            return row
+        values = macro_values(
+            conversion={**d.conv, "offer_id": d.offer_id}, click=click, postback_id=pid, now=now,
+            random_value=secrets.token_hex(8),
+        )
+        try:
+            row["url"] = render(partner.postback_url, values)
+        except TemplateError as exc:
+            row.update(url=partner.postback_url, state=repo.DEAD_LETTERED, next_attempt_at=None,
+                       reason=f"config: template cannot render: {exc}", last_class="config")
+        return row
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def deliver(self, postback_ids: Sequence[str], triggered_by: str | None = None) -> BatchResult:
+        """Claim and fire the given postbacks (retries, replays); already final ones are left."""
+        result = BatchResult()
+        self._fire(self._claim(ids=postback_ids), result)
+        return result
+
+    def _claim(self, *, ids: Sequence[str] = (),
+               conversion_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        now = self.clock()
+        token = secrets.token_hex(8)
+        claimed = self.store.claim(
+            now=now, lease_until=now + timedelta(seconds=self.settings.lease_seconds),
+            token=token, ids=ids, conversion_ids=conversion_ids,
+        )
+        for c in claimed:
+            c["token"] = token
+        return claimed
+
+    def _fire(self, claimed: list[dict[str, Any]], result: BatchResult) -> None:
+        if not claimed:
+            return
+        partners = {c["partner_id"]: self.catalog.partner(c["partner_id"]) for c in claimed}
+        sendable = []
+        updates: list[dict[str, Any]] = []
+        now = self.clock()
+        for c in claimed:
+            p = partners[c["partner_id"]]
+            if p is None or not p.enabled:
+                why = "partner deleted" if p is None else "partner disabled"
+                updates.append(_update(c, repo.SKIPPED, why, now))
+                result.count(result.postbacks, repo.SKIPPED)
+            else:
+                sendable.append(c)
+        requests = [
+            PostbackRequest(postback_id=c["id"], url=c["url"], method=c["method"],
+                            timeout=partners[c["partner_id"]].timeout)  # type: ignore[union-attr]
+            for c in sendable
+        ]
+        started = self.clock()
+        outcomes = self.sender.send_many(requests) if requests else []
+        now = self.clock()
+        attempts: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        for c, outcome in zip(sendable, outcomes, strict=True):
+            partner = partners[c["partner_id"]]
+            assert partner is not None
+            failure = classify(outcome, partner.success_check)
+            attempt_no = int(c["attempts"]) + 1
+            decision = partner.policy(self.settings.retry).decide(
+                failure, attempts_made=attempt_no,
+                first_attempt_at=c["first_attempt_at"] or started, now=now,
+                retry_after=parse_retry_after(outcome.retry_after, now), rand=self.rand(),
+            )
+            text = "" if failure == FailureClass.DELIVERED else describe(outcome, failure)
+            attempts.append({
+                "postback_id": c["id"], "attempt_no": attempt_no, "started_at": started,
+                "duration_ms": round(outcome.duration_ms, 3), "url": mask_url(c["url"]),
+                "status_code": outcome.status_code, "failure_class": failure.value,
+                "error": text or None, "response_excerpt": outcome.body_excerpt,
+                "worker": self.worker_name, "is_test": False,
+            })
+            if decision.action == "delivered":
+                state, reason, next_at = repo.DELIVERED, None, None
+            elif decision.action == "retry":
+                assert decision.delay is not None
+                state, reason = repo.RETRY_SCHEDULED, f"{text}; {decision.reason}"
+                next_at = now + timedelta(seconds=decision.delay)
+            else:
+                state, reason, next_at = repo.DEAD_LETTERED, f"{text}; {decision.reason}", None
+                dead.append(_dead_letter_row(
+                    {"id": c["id"], "partner_id": c["partner_id"], "attempts": attempt_no,
+                     "reason": reason}, None, failure.value, outcome.status_code, now,
+                    conversion_id=c["conversion_id"],
+                ))
+            updates.append(_update(c, state, reason, now, next_attempt_at=next_at,
+                                   last_status=outcome.status_code, last_class=failure.value))
+            result.count(result.postbacks, state)
+        if dead:
+            self._fill_offer_ids(dead)
+        lost = len(updates) - self.store.finish(updates=updates, attempts=attempts,
+                                                dead_letters=dead)
+        if lost > 0:
+            log.warning("%d postback lease(s) expired before their result was saved", lost)
+
+    def _fill_offer_ids(self, dead: list[dict[str, Any]]) -> None:
+        for row in dead:
+            conversion_id = row.pop("conversion_id", None)
+            if conversion_id and row.get("offer_id") is None:
+                conv = self.store.get_conversion(conversion_id)
+                row["offer_id"] = conv["offer_id"] if conv else None
+
+    # -- sweeping -------------------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Postbacks due for another attempt (or stuck), marked queued; the caller enqueues them."""
+        now = self.clock()
+        return self.store.sweep_due(
+            now=now,
+            stale_pending_before=now - timedelta(seconds=self.settings.lease_seconds),
+            requeue_at=now + timedelta(seconds=self.settings.requeue_after),
+            limit=self.settings.sweep_batch,
+        )
+
+    def stuck_conversions(self) -> list[dict[str, Any]]:
+        """Conversions persisted but never processed (their message was lost), as messages."""
+        now = self.clock()
+        rows = self.store.stuck_conversions(
+            now - timedelta(seconds=self.settings.stuck_conversion_after), self.settings.sweep_batch
+        )
+        return [_conversion_message(r) for r in rows]
+
+
+@dataclass
+class _Decided:
+    conv: dict[str, Any]
+    state: str
+    reason: str
+    offer_id: str | None
+    aff_id: str | None
+    allow_multiple: bool
+
+
+def _conversion_row(e: ConversionEvent) -> dict[str, Any]:
+    return {
+        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
+        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
+        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
+        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
+        "state": ConversionState.RECEIVED.value, "reason": None, "processed_at": None,
+    }
+
+
+def _conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
+    event = ConversionEvent(
+        id=row["id"], transaction_id=row["transaction_id"], offer_id=row["offer_id"],
+        goal_id=row["goal_id"] or "", payout=row["payout"], sale_amount=row["sale_amount"],
+        currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
+        device_id=row["device_id"], occurred_at=row["occurred_at"],
+        received_at=row["received_at"],
+    )
+    return dict(event.to_message())
+
+
+def _update(c: Mapping[str, Any], state: str, reason: str | None, now: datetime, *,
+            next_attempt_at: datetime | None = None, last_status: int | None = None,
+            last_class: str | None = None) -> dict[str, Any]:
+    return {
+        "id": c["id"], "token": c["token"], "state": state, "reason": reason,
+        "next_attempt_at": next_attempt_at, "last_status": last_status,
+        "last_class": last_class, "delivered_at": now if state == repo.DELIVERED else None,
+        "updated_at": now,
+    }
+
+
+def _dead_letter_row(pb: Mapping[str, Any], offer_id: str | None, failure_class: str,
+                     last_status: int | None, now: datetime,
+                     conversion_id: str | None = None) -> dict[str, Any]:
+    row = {
+        "postback_id": pb["id"], "partner_id": pb["partner_id"], "offer_id": offer_id,
+        "failure_class": failure_class, "last_status": last_status,
+        "reason": pb["reason"] or failure_class, "attempts": pb["attempts"],
+        "created_at": now, "replayed_at": None, "replay_count": 0,
+    }
+    if conversion_id is not None:
+        row["conversion_id"] = conversion_id
+    return row

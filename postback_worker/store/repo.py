@@ -1,0 +1,338 @@
+"""Repository: every read and write the pipeline and the operators make, batched."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from postback_worker.store import schema as t
+
+# Postback states.
+PENDING = "pending"
+QUEUED = "queued"
+IN_FLIGHT = "in_flight"
+RETRY_SCHEDULED = "retry_scheduled"
+DELIVERED = "delivered"
+DEAD_LETTERED = "dead_lettered"
+SKIPPED = "skipped"
+FINAL_POSTBACK_STATES = frozenset({DELIVERED, DEAD_LETTERED, SKIPPED})
+
+_CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class Store:
+    """Thin data access over one engine; methods take an open connection where they batch."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _insert(self, table: t.Table) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        if self.dialect == "sqlite":
+            return sqlite.insert(table)
+        return insert(table)
+
+    def insert_ignore(self, conn: Connection, table: t.Table, rows: Sequence[Mapping[str, Any]],
+                      keys: Sequence[str]) -> None:
+        """INSERT ... ON CONFLICT (keys) DO NOTHING, as one executemany."""
+        if not rows:
+            return
+        stmt = self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
+        conn.execute(stmt, list(rows))
+
+    # -- offers and partners --------------------------------------------------------------
+
+    def upsert_offer(self, row: Mapping[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            stmt = self._insert(t.offers).values(**row)
+            changes = {k: stmt.excluded[k] for k in row if k not in {"id", "created_at"}}
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+
+    def upsert_partner(self, row: Mapping[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            stmt = self._insert(t.partners).values(**row)
+            changes = {k: stmt.excluded[k] for k in row if k not in {"id", "created_at"}}
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+
+    def get_offer(self, offer_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t.offers).where(t.offers.c.id == offer_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def get_partner(self, partner_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.partners).where(t.partners.c.id == partner_id)
+            ).mappings().first()
+        return None if row is None else dict(row)
+
+    def list_offers(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.offers).order_by(t.offers.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def list_partners(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.partners).order_by(t.partners.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    # -- clicks ---------------------------------------------------------------------------
+
+    def insert_clicks(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            self.insert_ignore(conn, t.clicks, rows, ["transaction_id"])
+
+    def clicks_by_transaction(self, conn: Connection,
+                              transaction_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for part in _chunks(list(set(transaction_ids))):
+            for row in conn.execute(
+                select(t.clicks).where(t.clicks.c.transaction_id.in_(part))
+            ).mappings():
+                found[row["transaction_id"]] = dict(row)
+        return found
+
+    # -- conversions ----------------------------------------------------------------------
+
+    def insert_conversions(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.insert_ignore(conn, t.conversions, rows, ["id"])
+
+    def unprocessed_conversions(self, conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for part in _chunks(list(ids)):
+            stmt = select(t.conversions).where(
+                t.conversions.c.id.in_(part), t.conversions.c.state == "received"
+            )
+            if self.dialect == "postgresql":
+                # Two workers holding the same message take turns on these rows.
+                stmt = stmt.with_for_update()
+            out.extend(dict(r) for r in conn.execute(stmt).mappings())
+        out.sort(key=lambda r: (r["received_at"], r["id"]))
+        return out
+
+    def claim_keys(self, conn: Connection, keys: Mapping[str, str]) -> dict[str, str]:
+        """Insert dedupe keys (key -> conversion id); return the owner of each key."""
+        rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
+        self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
+        owners: dict[str, str] = {}
+        for part in _chunks(list(keys)):
+            for key, owner in conn.execute(
+                select(t.conversion_keys.c.key, t.conversion_keys.c.conversion_id).where(
+                    t.conversion_keys.c.key.in_(part)
+                )
+            ):
+                owners[key] = owner
+        return owners
+
+    def set_conversion_states(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """rows: {id, state, reason, offer_id, aff_id, processed_at}."""
+        if not rows:
+            return
+        stmt = (
+            update(t.conversions)
+            .where(t.conversions.c.id == bindparam("b_id"))
+            .values(
+                state=bindparam("b_state"),
+                reason=bindparam("b_reason"),
+                offer_id=bindparam("b_offer_id"),
+                aff_id=bindparam("b_aff_id"),
+                processed_at=bindparam("b_processed_at"),
+            )
+        )
+        conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
+
+    def get_conversion(self, conversion_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.conversions).where(t.conversions.c.id == conversion_id)
+            ).mappings().first()
+        return None if row is None else dict(row)
+
+    def stuck_conversions(self, older_than: datetime, limit: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.conversions)
+                .where(t.conversions.c.state == "received", t.conversions.c.received_at < older_than)
+                .order_by(t.conversions.c.received_at)
+                .limit(limit)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def conversion_state_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.conversions.c.state, func.count()).group_by(t.conversions.c.state)
+            ).all()
+        return {state: int(n) for state, n in rows}
+
+    # -- postbacks ------------------------------------------------------------------------
+
+    def insert_postbacks(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id"])
+
+    def _claimable(self, now: datetime) -> Any:
+        pb = t.postbacks.c
+        return or_(
+            pb.state.in_([PENDING, QUEUED]),
+            and_(pb.state == RETRY_SCHEDULED, pb.next_attempt_at <= now),
+            and_(pb.state == IN_FLIGHT, pb.lease_until < now),
+        )
+
+    def claim(self, *, now: datetime, lease_until: datetime, token: str,
+              ids: Sequence[str] = (), conversion_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Atomically take the claimable postbacks among `ids` / of `conversion_ids`."""
+        pb = t.postbacks.c
+        claimed: list[dict[str, Any]] = []
+        with self.engine.begin() as conn:
+            for column, values in ((pb.id, ids), (pb.conversion_id, conversion_ids)):
+                for part in _chunks(list(values)):
+                    stmt = (
+                        update(t.postbacks)
+                        .where(column.in_(part), self._claimable(now))
+                        .values(state=IN_FLIGHT, lease_until=lease_until, lease_token=token,
+                                last_attempt_at=now, updated_at=now,
+                                first_attempt_at=func.coalesce(pb.first_attempt_at, now))
+                        .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
+                                   pb.attempts, pb.first_attempt_at, pb.received_at)
+                    )
+                    claimed.extend(dict(r) for r in conn.execute(stmt).mappings())
+        return claimed
+
+    def finish(self, *, updates: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]],
+               dead_letters: Sequence[Mapping[str, Any]]) -> int:
+        """Record attempts and move claimed postbacks to their next state (only under our lease).
+
+        Returns how many postback rows were updated (fewer if a lease was lost).
+        """
+        pb = t.postbacks.c
+        with self.engine.begin() as conn:
+            if attempts:
+                conn.execute(insert(t.attempts), list(attempts))
+            changed = 0
+            if updates:
+                stmt = (
+                    update(t.postbacks)
+                    .where(pb.id == bindparam("b_id"), pb.lease_token == bindparam("b_token"))
+                    .values(
+                        state=bindparam("b_state"),
+                        reason=bindparam("b_reason"),
+                        attempts=pb.attempts + 1,
+                        next_attempt_at=bindparam("b_next_attempt_at"),
+                        lease_until=None,
+                        lease_token=None,
+                        last_status=bindparam("b_last_status"),
+                        last_class=bindparam("b_last_class"),
+                        delivered_at=bindparam("b_delivered_at"),
+                        updated_at=bindparam("b_updated_at"),
+                    )
+                )
+                res = conn.execute(stmt, [{"b_" + k: v for k, v in u.items()} for u in updates])
+                changed = (
+                    res.rowcount if conn.dialect.supports_sane_multi_rowcount else len(updates)
+                )
+            if dead_letters:
+                stmt_dl = self._insert(t.dead_letters)
+                stmt_dl = stmt_dl.on_conflict_do_update(
+                    index_elements=["postback_id"],
+                    set_={
+                        "failure_class": stmt_dl.excluded.failure_class,
+                        "last_status": stmt_dl.excluded.last_status,
+                        "reason": stmt_dl.excluded.reason,
+                        "attempts": stmt_dl.excluded.attempts,
+                        "created_at": stmt_dl.excluded.created_at,
+                    },
+                )
+                conn.execute(stmt_dl, list(dead_letters))
+        return changed
+
+    def dead_letter_now(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Dead letters for postbacks that never got an HTTP attempt (template errors)."""
+        if rows:
+            stmt = self._insert(t.dead_letters).on_conflict_do_nothing(
+                index_elements=["postback_id"]
+            )
+            conn.execute(stmt, list(rows))
+
+    def sweep_due(self, *, now: datetime, stale_pending_before: datetime, requeue_at: datetime,
+                  limit: int) -> list[str]:
+        """Mark due postbacks `queued` (skipping rows another sweeper holds) and return their ids."""
+        pb = t.postbacks.c
+        due = or_(
+            and_(pb.state.in_([RETRY_SCHEDULED, QUEUED]), pb.next_attempt_at <= now),
+            and_(pb.state == IN_FLIGHT, pb.lease_until < now),
+            and_(pb.state == PENDING, pb.created_at < stale_pending_before),
+        )
+        inner = (
+            select(pb.id).where(due).order_by(pb.next_attempt_at).limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        with self.engine.begin() as conn:
+            ids = [r[0] for r in conn.execute(inner)]
+            if not ids:
+                return []
+            for part in _chunks(ids):
+                conn.execute(
+                    update(t.postbacks)
+                    .where(pb.id.in_(part), due)
+                    .values(state=QUEUED, next_attempt_at=requeue_at, lease_until=None,
+                            lease_token=None, updated_at=now)
+                )
+        return ids
+
+    def postbacks_for(self, conversion_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.postbacks)
+                .where(t.postbacks.c.conversion_id == conversion_id)
+                .order_by(t.postbacks.c.partner_id)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def attempts_for(self, postback_ids: Sequence[str]) -> list[dict[str, Any]]:
+        if not postback_ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.attempts)
+                .where(t.attempts.c.postback_id.in_(list(postback_ids)))
+                .order_by(t.attempts.c.started_at, t.attempts.c.id)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def postback_state_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.postbacks.c.state, func.count()).group_by(t.postbacks.c.state)
+            ).all()
+        return {state: int(n) for state, n in rows}
+
+    def retry_backlog(self) -> tuple[int, datetime | None]:
+        pb = t.postbacks.c
+        with self.engine.connect() as conn:
+            n, oldest = conn.execute(
+                select(func.count(), func.min(pb.next_attempt_at)).where(
+                    pb.state.in_([RETRY_SCHEDULED, QUEUED])
+                )
+            ).one()
+        if oldest is not None and oldest.tzinfo is None:
+            from datetime import UTC
+
+            oldest = oldest.replace(tzinfo=UTC)
+        return int(n), oldest
+
+
+def lease_deadline(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)

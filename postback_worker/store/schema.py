@@ -1,0 +1,211 @@
+"""Tables: one schema for PostgreSQL and SQLite (Alembic migrations follow it)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+offers = Table(
+    "offers",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("campaign_type", String(20), nullable=False),
+    Column("lifespan_days", Integer, nullable=False),
+    Column("landing_url", Text, nullable=True),
+    Column("allow_multiple", Boolean, nullable=False, default=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+partners = Table(
+    "partners",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("postback_url", Text, nullable=False),
+    Column("method", String(8), nullable=False, default="GET"),
+    Column("timeout", Float, nullable=False, default=10.0),
+    Column("success_check", String(200), nullable=True),
+    # Comma-separated conversion statuses that fire this partner.
+    Column("fire_statuses", String(200), nullable=False, default="approved"),
+    Column("enabled", Boolean, nullable=False, default=True),
+    # "own": conversions of clicks with aff_id == id; "global": every attributed conversion.
+    Column("scope", String(10), nullable=False, default="own"),
+    # For global partners: comma-separated offer ids (empty: all offers).
+    Column("offer_ids", Text, nullable=True),
+    Column("max_attempts", Integer, nullable=True),
+    Column("base_delay", Float, nullable=True),
+    Column("max_delay", Float, nullable=True),
+    Column("horizon", Float, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+clicks = Table(
+    "clicks",
+    metadata,
+    Column("transaction_id", String(64), primary_key=True),
+    Column("offer_id", String(64), nullable=False),
+    Column("aff_id", String(64), nullable=False),
+    Column("aff_sub", String(255)),
+    Column("aff_sub2", String(255)),
+    Column("aff_sub3", String(255)),
+    Column("aff_sub4", String(255)),
+    Column("aff_sub5", String(255)),
+    Column("source", String(255)),
+    Column("ip", String(45)),
+    Column("device_id", String(255)),
+    Column("user_agent", Text),
+    Column("clicked_at", UTCDateTime, nullable=False),
+    Index(None, "offer_id", "clicked_at"),
+)
+
+conversions = Table(
+    "conversions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("transaction_id", String(255), nullable=False, index=True),
+    Column("offer_id", String(64)),
+    Column("aff_id", String(64)),
+    Column("goal_id", String(64), nullable=False, default=""),
+    Column("payout", String(40)),
+    Column("sale_amount", String(40)),
+    Column("currency", String(3)),
+    Column("status", String(32), nullable=False),
+    Column("adv_sub", String(255)),
+    Column("ip", String(45)),
+    Column("device_id", String(255)),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("reason", Text),
+    Column("processed_at", UTCDateTime),
+    Index(None, "state", "received_at"),
+    Index(None, "offer_id", "received_at"),
+)
+
+# One row per (offer, transaction, goal) that was attributed: the race-safe duplicate check.
+conversion_keys = Table(
+    "conversion_keys",
+    metadata,
+    Column("key", String(400), primary_key=True),
+    Column("conversion_id", String(64), nullable=False),
+)
+
+postbacks = Table(
+    "postbacks",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("conversion_id", String(64), ForeignKey("conversions.id"), nullable=False),
+    Column("partner_id", String(64), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("method", String(8), nullable=False),
+    # pending, queued, in_flight, retry_scheduled, delivered, dead_lettered, skipped
+    Column("state", String(20), nullable=False),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    Column("lease_until", UTCDateTime),
+    Column("lease_token", String(32)),
+    Column("first_attempt_at", UTCDateTime),
+    Column("last_attempt_at", UTCDateTime),
+    Column("last_status", Integer),
+    Column("last_class", String(20)),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    Column("triggered_by", String(200)),
+    UniqueConstraint("conversion_id", "partner_id"),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "partner_id", "created_at"),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("postback_id", String(64), ForeignKey("postbacks.id"), nullable=False, index=True),
+    Column("attempt_no", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("status_code", Integer),
+    Column("failure_class", String(20), nullable=False),
+    Column("error", Text),
+    Column("response_excerpt", Text),
+    Column("worker", String(200)),
+    Column("is_test", Boolean, nullable=False, default=False),
+    Index(None, "started_at"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("postback_id", String(64), ForeignKey("postbacks.id"), primary_key=True),
+    Column("partner_id", String(64), nullable=False),
+    Column("offer_id", String(64)),
+    Column("failure_class", String(20), nullable=False),
+    Column("last_status", Integer),
+    Column("reason", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("replayed_at", UTCDateTime),
+    Column("replay_count", Integer, nullable=False, default=0),
+    Index(None, "partner_id", "created_at"),
+    Index(None, "failure_class", "created_at"),
+)

@@ -1,0 +1,118 @@
+"""Celery application factory, queues and beat schedule.
+
+Run with the standard commands, e.g.::
+
+    celery -A postback_worker.worker.app worker -Q conversions,retries,replay,maintenance
+    celery -A postback_worker.worker.app beat
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from postback_worker.settings import Settings
+from postback_worker.worker.queues import (
+    CONVERSIONS,
+    MAINTENANCE,
+    QUEUES,
+    RETRIES,
+    TASK_DELIVER,
+    TASK_PROCESS,
+    TASK_REQUEUE_STUCK,
+    TASK_SWEEP,
+)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+        # A message is acknowledged only after its batch is saved; a worker killed mid-batch
+        # leaves it unacknowledged and Redis hands it out again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": CONVERSIONS,
+        "task_queues": [Queue(q) for q in QUEUES],
+        "task_routes": {
+            TASK_PROCESS: {"queue": CONVERSIONS},
+            TASK_DELIVER: {"queue": RETRIES},
+            TASK_SWEEP: {"queue": MAINTENANCE},
+            TASK_REQUEUE_STUCK: {"queue": MAINTENANCE},
+        },
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "beat_schedule": {
+            "sweep-due-postbacks": {
+                "task": TASK_SWEEP,
+                "schedule": settings.sweep_interval,
+                "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.sweep_interval * 5)},
+            },
+            "requeue-stuck-conversions": {
+                "task": TASK_REQUEUE_STUCK,
+                "schedule": max(30.0, settings.stuck_conversion_after / 2),
+                "options": {"queue": MAINTENANCE},
+            },
+        },
+    }
+
+
+class Services:
+    """Per-process resources (database engine, HTTP pools), built lazily after fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._pipeline: Any = None
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._pipeline = build_pipeline(self.settings)
+                    self._pid = os.getpid()
+        return self._pipeline
+
+
+def build_pipeline(settings: Settings) -> Any:
+    from postback_worker.delivery.sender import Sender
+    from postback_worker.pipeline.processing import Pipeline
+    from postback_worker.store.db import make_engine
+    from postback_worker.store.repo import Store
+
+    store = Store(make_engine(settings.database_url))
+    sender = Sender(
+        concurrency=settings.delivery_concurrency,
+        excerpt_bytes=settings.response_excerpt_bytes,
+        user_agent=settings.user_agent,
+        allow_networks=settings.allow_networks,
+    )
+    return Pipeline(settings, store, sender)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app with the postback tasks registered; `settings` default to the environment."""
+    settings = settings or Settings.from_env()
+    app = Celery("postback_worker")
+    app.conf.update(celery_config(settings))
+    app.postback_settings = settings  # type: ignore[attr-defined]
+    app.postback_services = Services(settings)  # type: ignore[attr-defined]
+    from postback_worker.worker import tasks
+
+    tasks.register(app)
+    return app
+
+
+app = create_app()

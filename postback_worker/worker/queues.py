@@ -1,0 +1,12 @@
+"""Queue and task names shared by producers, workers and beat."""
+
+CONVERSIONS = "conversions"
+RETRIES = "retries"
+REPLAY = "replay"
+MAINTENANCE = "maintenance"
+QUEUES = (CONVERSIONS, RETRIES, REPLAY, MAINTENANCE)
+
+TASK_PROCESS = "postback_worker.process_conversions"
+TASK_DELIVER = "postback_worker.deliver_postbacks"
+TASK_SWEEP = "postback_worker.sweep"
+TASK_REQUEUE_STUCK = "postback_worker.requeue_stuck_conversions"
