@@ -86,6 +86,24 @@ class Settings:
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that make `from_env` return these settings."""
+        env = {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
+        for f in fields(self):
+            if f.name in {"database_url", "redis_url", "retry"}:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            else:
+                text = str(value)
+            env["POSTBACK_" + f.name.upper()] = text
+        for f in fields(self.retry):
+            env["POSTBACK_RETRY_" + f.name.upper()] = str(getattr(self.retry, f.name))
+        return env
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -123,6 +141,7 @@ class Settings:
             ("max_delay", float),
             ("horizon", float),
             ("max_retry_after", float),
+            ("jitter", float),
         ):
             key = "POSTBACK_RETRY_" + name.upper()
             if key in env:

@@ -15,8 +15,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +226,16 @@ class Sender:
         if len(reqs) == 1:
             return [self.send(reqs[0])]
         return list(self._pool_executor().map(self.send, reqs))
+
+    def send_iter(self, reqs: Sequence[PostbackRequest]) -> Iterator[tuple[int, Outcome]]:
+        """Send concurrently; yield (index, outcome) as each completes."""
+        if len(reqs) == 1:
+            yield 0, self.send(reqs[0])
+            return
+        executor = self._pool_executor()
+        futures = {executor.submit(self.send, r): i for i, r in enumerate(reqs)}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
     def send(self, req: PostbackRequest) -> Outcome:
         """Send one request; never raises."""

@@ -224,70 +224,96 @@ class Pipeline:
         return claimed
 
     def _fire(self, claimed: list[dict[str, Any]], result: BatchResult) -> None:
+        """Fire claimed postbacks concurrently; save results in small batches as they arrive,
+        so a worker killed mid-batch leaves only a few fired-but-unrecorded postbacks."""
         if not claimed:
             return
         partners = {c["partner_id"]: self.catalog.partner(c["partner_id"]) for c in claimed}
-        sendable = []
-        updates: list[dict[str, Any]] = []
+        buf = _Buffer()
+        sendable: list[tuple[dict[str, Any], Partner]] = []
         now = self.clock()
         for c in claimed:
             p = partners[c["partner_id"]]
             if p is None or not p.enabled:
                 why = "partner deleted" if p is None else "partner disabled"
-                updates.append(_update(c, repo.SKIPPED, why, now))
+                buf.updates.append(_update(c, repo.SKIPPED, why, now))
                 result.count(result.postbacks, repo.SKIPPED)
             else:
-                sendable.append(c)
+                sendable.append((c, p))
         requests = [
             PostbackRequest(postback_id=c["id"], url=c["url"], method=c["method"],
-                            timeout=partners[c["partner_id"]].timeout)  # type: ignore[union-attr]
-            for c in sendable
+                            timeout=p.timeout)
+            for c, p in sendable
         ]
-        started = self.clock()
-        outcomes = self.sender.send_many(requests) if requests else []
-        now = self.clock()
-        attempts: list[dict[str, Any]] = []
-        dead: list[dict[str, Any]] = []
-        for c, outcome in zip(sendable, outcomes, strict=True):
-            partner = partners[c["partner_id"]]
-            assert partner is not None
-            failure = classify(outcome, partner.success_check)
-            attempt_no = int(c["attempts"]) + 1
-            decision = partner.policy(self.settings.retry).decide(
-                failure, attempts_made=attempt_no,
-                first_attempt_at=c["first_attempt_at"] or started, now=now,
-                retry_after=parse_retry_after(outcome.retry_after, now), rand=self.rand(),
-            )
-            text = "" if failure == FailureClass.DELIVERED else describe(outcome, failure)
-            attempts.append({
-                "postback_id": c["id"], "attempt_no": attempt_no, "started_at": started,
-                "duration_ms": round(outcome.duration_ms, 3), "url": mask_url(c["url"]),
-                "status_code": outcome.status_code, "failure_class": failure.value,
-                "error": text or None, "response_excerpt": outcome.body_excerpt,
-                "worker": self.worker_name, "is_test": False,
-            })
-            if decision.action == "delivered":
-                state, reason, next_at = repo.DELIVERED, None, None
-            elif decision.action == "retry":
-                assert decision.delay is not None
-                state, reason = repo.RETRY_SCHEDULED, f"{text}; {decision.reason}"
-                next_at = now + timedelta(seconds=decision.delay)
-            else:
-                state, reason, next_at = repo.DEAD_LETTERED, f"{text}; {decision.reason}", None
-                dead.append(_dead_letter_row(
-                    {"id": c["id"], "partner_id": c["partner_id"], "attempts": attempt_no,
-                     "reason": reason}, None, failure.value, outcome.status_code, now,
-                    conversion_id=c["conversion_id"],
-                ))
-            updates.append(_update(c, state, reason, now, next_attempt_at=next_at,
-                                   last_status=outcome.status_code, last_class=failure.value))
+        flush_every = max(1, self.settings.delivery_concurrency)
+        started = extended = self.clock()
+        unanswered = {c["id"] for c, _ in sendable}
+        for index, outcome in self.sender.send_iter(requests):
+            c, p = sendable[index]
+            unanswered.discard(c["id"])
+            state = self._record(buf, c, p, outcome, started)
             result.count(result.postbacks, state)
-        if dead:
-            self._fill_offer_ids(dead)
-        lost = len(updates) - self.store.finish(updates=updates, attempts=attempts,
-                                                dead_letters=dead)
-        if lost > 0:
-            log.warning("%d postback lease(s) expired before their result was saved", lost)
+            if len(buf.updates) >= flush_every:
+                self._flush(buf)
+                extended = self._keep_leases(unanswered, claimed[0]["token"], extended)
+        self._flush(buf)
+
+    def _keep_leases(self, ids: set[str], token: str, last: datetime) -> datetime:
+        """Renew leases once a third of their time has passed, for batches slower than a lease."""
+        now = self.clock()
+        lease = self.settings.lease_seconds
+        if ids and (now - last).total_seconds() > lease / 3:
+            self.store.extend_leases(sorted(ids), token, now + timedelta(seconds=lease))
+            return now
+        return last
+
+    def _record(self, buf: _Buffer, c: dict[str, Any], partner: Partner, outcome: Any,
+                started: datetime) -> str:
+        now = self.clock()
+        failure = classify(outcome, partner.success_check)
+        attempt_no = int(c["attempts"]) + 1
+        decision = partner.policy(self.settings.retry).decide(
+            failure, attempts_made=attempt_no,
+            first_attempt_at=c["first_attempt_at"] or started, now=now,
+            retry_after=parse_retry_after(outcome.retry_after, now), rand=self.rand(),
+        )
+        text = "" if failure == FailureClass.DELIVERED else describe(outcome, failure)
+        buf.attempts.append({
+            "postback_id": c["id"], "attempt_no": attempt_no, "started_at": started,
+            "duration_ms": round(outcome.duration_ms, 3), "url": mask_url(c["url"]),
+            "status_code": outcome.status_code, "failure_class": failure.value,
+            "error": text or None, "response_excerpt": outcome.body_excerpt,
+            "worker": self.worker_name, "is_test": False,
+        })
+        next_at = None
+        if decision.action == "delivered":
+            state, reason = repo.DELIVERED, None
+        elif decision.action == "retry":
+            assert decision.delay is not None
+            state, reason = repo.RETRY_SCHEDULED, f"{text}; {decision.reason}"
+            next_at = now + timedelta(seconds=decision.delay)
+        else:
+            state, reason = repo.DEAD_LETTERED, f"{text}; {decision.reason}"
+            buf.dead.append(_dead_letter_row(
+                {"id": c["id"], "partner_id": c["partner_id"], "attempts": attempt_no,
+                 "reason": reason}, None, failure.value, outcome.status_code, now,
+                conversion_id=c["conversion_id"],
+            ))
+        buf.updates.append(_update(c, state, reason, now, next_attempt_at=next_at,
+                                   last_status=outcome.status_code, last_class=failure.value))
+        return state
+
+    def _flush(self, buf: _Buffer) -> None:
+        if not (buf.updates or buf.attempts):
+            return
+        if buf.dead:
+            self._fill_offer_ids(buf.dead)
+        saved = self.store.finish(updates=buf.updates, attempts=buf.attempts,
+                                  dead_letters=buf.dead)
+        if saved < len(buf.updates):
+            log.warning("%d postback lease(s) expired before their result was saved",
+                        len(buf.updates) - saved)
+        buf.updates, buf.attempts, buf.dead = [], [], []
 
     def _fill_offer_ids(self, dead: list[dict[str, Any]]) -> None:
         for row in dead:
@@ -315,6 +341,13 @@ class Pipeline:
             now - timedelta(seconds=self.settings.stuck_conversion_after), self.settings.sweep_batch
         )
         return [_conversion_message(r) for r in rows]
+
+
+@dataclass
+class _Buffer:
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

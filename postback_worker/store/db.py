@@ -21,8 +21,17 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
+def normalize_url(url: str) -> str:
+    """Use psycopg2 for plain postgresql:// URLs (SQLAlchemy 2.1 would pick psycopg 3)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     """An engine tuned for the backend: WAL + busy timeout on SQLite, pre-ping on PostgreSQL."""
+    url = normalize_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
@@ -49,13 +58,13 @@ def alembic_config(url: str) -> Any:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return cfg
 
 
 @retry(
     retry=retry_if_exception_type(OperationalError),
-    wait=wait_exponential_jitter(initial=0.5, max=5),
+    wait=wait_exponential_jitter(max=5),
     stop=stop_after_delay(60),
     before_sleep=before_sleep_log(log, logging.WARNING),
     reraise=True,

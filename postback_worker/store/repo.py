@@ -120,7 +120,8 @@ class Store:
                 # Two workers holding the same message take turns on these rows.
                 stmt = stmt.with_for_update()
             out.extend(dict(r) for r in conn.execute(stmt).mappings())
-        out.sort(key=lambda r: (r["received_at"], r["id"]))
+        order = {cid: i for i, cid in enumerate(ids)}
+        out.sort(key=lambda r: order[r["id"]])
         return out
 
     def claim_keys(self, conn: Connection, keys: Mapping[str, str]) -> dict[str, str]:
@@ -257,6 +258,17 @@ class Store:
                 )
                 conn.execute(stmt_dl, list(dead_letters))
         return changed
+
+    def extend_leases(self, ids: Sequence[str], token: str, until: datetime) -> None:
+        """Keep a long batch's unanswered postbacks ours (no sweeper re-fires them meanwhile)."""
+        pb = t.postbacks.c
+        with self.engine.begin() as conn:
+            for part in _chunks(list(ids)):
+                conn.execute(
+                    update(t.postbacks)
+                    .where(pb.id.in_(part), pb.lease_token == token, pb.state == IN_FLIGHT)
+                    .values(lease_until=until)
+                )
 
     def dead_letter_now(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Dead letters for postbacks that never got an HTTP attempt (template errors)."""
