@@ -97,7 +97,8 @@ def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
     from postback_worker.store.db import current_revision
 
-    click.echo(current_revision(_store(_settings()).engine) or "none (run: postback-worker db upgrade)")
+    revision = current_revision(_store(_settings()).engine)
+    click.echo(revision or "none (run: postback-worker db upgrade)")
 
 
 def _safe_url(url: str) -> str:
@@ -279,7 +280,8 @@ def api(host: str, port: int, workers: int) -> None:
 
 
 @main.command("up")
-@click.option("--demo", is_flag=True, help="Also run the demo: offer, partners, clicks, conversions.")
+@click.option("--demo", is_flag=True,
+              help="Also run the demo: offer, partners, clicks, conversions.")
 @click.option("--exit-after-demo", is_flag=True, help="Stop everything once the demo has printed.")
 @click.option("--api-port", default=8000, show_default=True, type=int)
 @click.option("--flower-port", default=5555, show_default=True, type=int)

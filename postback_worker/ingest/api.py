@@ -40,8 +40,12 @@ def _default(value: Any) -> Any:
     raise TypeError
 
 
-def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    body = orjson.dumps(data, default=_default, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | orjson.OPT_NON_STR_KEYS)
+JSON_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | orjson.OPT_NON_STR_KEYS
+
+
+def json_response(data: Any, status: int = 200,
+                  headers: Mapping[str, str] | None = None) -> Response:
+    body = orjson.dumps(data, default=_default, option=JSON_OPTIONS)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -98,7 +102,7 @@ class Api:
             return payload[key]
         return payload
 
-    async def _enqueue(self, events: list[Any]) -> Response:
+    async def _enqueue(self, events: list[Any], status: int = 202) -> Response:
         try:
             ids = await run_in_threadpool(self.producer.enqueue, events)
         except EnqueueError as exc:
@@ -108,7 +112,7 @@ class Api:
                                       "were queued; resend the rest with the same ids",
                                       headers={"Retry-After": "5"})
             return unavailable("the queue (Redis)")
-        return json_response({"accepted": len(ids), "ids": ids}, 202)
+        return json_response({"accepted": len(ids), "ids": ids}, status)
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -173,7 +177,7 @@ class Api:
             events = self.producer.validate([params], allow_unknown=True)
         except ValidationError as exc:
             return error_response(422, "invalid conversion", exc.errors)
-        return await self._enqueue(events)
+        return await self._enqueue(events, 200)
 
     async def conversions(self, request: Request) -> Response:
         payload = self._items(await self._json(request), "events")

@@ -187,14 +187,15 @@ class Pipeline:
             return row
         if not fires_on(d.conv["status"], partner.fire_statuses):
             fires = ", ".join(partner.fire_statuses) or "nothing"
+            status = d.conv["status"]
             row.update(
                 state=repo.SKIPPED, next_attempt_at=None,
-                reason=f"status {d.conv['status']!r} does not fire this partner (fires on: {fires})",
+                reason=f"status {status!r} does not fire this partner (fires on: {fires})",
             )
             return row
         values = macro_values(
-            conversion={**d.conv, "offer_id": d.offer_id}, click=click, postback_id=pid, now=now,
-            random_value=secrets.token_hex(8),
+            conversion={**d.conv, "offer_id": d.offer_id}, click=click, postback_id=pid,
+            now=now, random_value=secrets.token_hex(8),
         )
         try:
             row["url"] = render(partner.postback_url, values)

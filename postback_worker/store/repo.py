@@ -166,7 +166,8 @@ class Store:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(t.conversions)
-                .where(t.conversions.c.state == "received", t.conversions.c.received_at < older_than)
+                .where(t.conversions.c.state == "received",
+                       t.conversions.c.received_at < older_than)
                 .order_by(t.conversions.c.received_at)
                 .limit(limit)
             ).mappings().all()
@@ -280,7 +281,7 @@ class Store:
 
     def sweep_due(self, *, now: datetime, stale_pending_before: datetime, requeue_at: datetime,
                   limit: int) -> list[str]:
-        """Mark due postbacks `queued` (skipping rows another sweeper holds) and return their ids."""
+        """Mark due postbacks `queued` (skipping rows another sweeper holds); return their ids."""
         pb = t.postbacks.c
         due = or_(
             and_(pb.state.in_([RETRY_SCHEDULED, QUEUED]), pb.next_attempt_at <= now),

@@ -11,7 +11,6 @@ from alembic import op
 
 import postback_worker.store.schema
 
-
 revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None

@@ -1,0 +1,104 @@
+"""The `postback-worker` command line against a real database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import add_click, add_offer, add_partner, conversion, messages
+from partner import PartnerServer
+from sqlalchemy import inspect
+
+from postback_worker.cli import main
+from postback_worker.delivery.sender import Sender
+from postback_worker.pipeline.processing import Pipeline
+from postback_worker.settings import Settings
+from postback_worker.store.db import make_engine
+from postback_worker.store.repo import Store
+
+
+@pytest.fixture()
+def cli(store: Store, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    return CliRunner()
+
+
+def test_offers(cli: CliRunner) -> None:
+    r = cli.invoke(main, ["offers", "add", "--id", "o1", "--campaign-type", "financial"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == "offer o1: financial, lifespan 120 days"
+    r = cli.invoke(main, ["offers", "add", "--id", "o2", "--lifespan-days", "45"])
+    assert "ecommerce, lifespan 45 days" in r.output
+    r = cli.invoke(main, ["offers", "list"])
+    lines = r.output.splitlines()
+    assert lines[0].split()[:4] == ["ID", "NAME", "CAMPAIGN_TYPE", "LIFESPAN_DAYS"]
+    assert [ln.split()[:4] for ln in lines[1:]] == [["o1", "o1", "financial", "120"],
+                                                   ["o2", "o2", "ecommerce", "45"]]
+    r = cli.invoke(main, ["offers", "list", "--format", "json"])
+    assert [o["id"] for o in json.loads(r.output)] == ["o1", "o2"]
+    r = cli.invoke(main, ["offers", "add", "--id", "bad id"])
+    assert r.exit_code == 2 and "error: id:" in r.output
+    r = cli.invoke(main, ["offers", "add", "--id", "o3", "--campaign-type", "crypto"])
+    assert r.exit_code == 2 and "Invalid value for '--campaign-type'" in r.output
+
+
+def test_partners(cli: CliRunner) -> None:
+    r = cli.invoke(main, ["partners", "add", "--id", "p1", "--url",
+                          "https://p.example/pb?tid={transaction_id}&token=abc",
+                          "--fire-on", "approved,pending", "--max-attempts", "3"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == (
+        "partner p1 (enabled): GET https://p.example/pb?tid={transaction_id}&token=***")
+    r = cli.invoke(main, ["partners", "add", "--id", "p2", "--url",
+                          "p.example/pb?tid=#tid#&x={aff_sub9}"])
+    assert r.exit_code == 2
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error: postback_url:")]
+    assert len(errors) >= 3, r.output
+    r = cli.invoke(main, ["partners", "list", "--format", "json"])
+    (p,) = json.loads(r.output)
+    assert (p["id"], p["fire_statuses"], p["max_attempts"]) == ("p1", "approved,pending", 3)
+    assert "abc" not in r.output
+
+
+def test_show(cli: CliRunner, store: Store, settings: Settings, partner: PartnerServer) -> None:
+    add_offer(store)
+    add_partner(store, "p1", partner.url)
+    add_click(store, "tx1")
+    partner.set_script([503])
+    event = conversion("tx1", payout="4.20")
+    with Sender(allow_networks=settings.allow_networks) as sender:
+        Pipeline(settings, store, sender).process_conversions(messages(event))
+    r = cli.invoke(main, ["show", event.id])
+    assert r.exit_code == 0, r.output
+    assert f"conversion {event.id}: attributed" in r.output
+    assert "-> partner p1: retry_scheduled after 1 attempt(s)" in r.output
+    assert "status 503 partner_5xx" in r.output
+    r = cli.invoke(main, ["show", event.id, "--format", "json"])
+    detail = json.loads(r.output)
+    assert detail["postbacks"][0]["attempts_log"][0]["status_code"] == 503
+    r = cli.invoke(main, ["show", "cv_nope"])
+    assert r.exit_code == 1 and "no conversion 'cv_nope'" in r.output
+
+
+def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    runner = CliRunner()
+    r = runner.invoke(main, ["db", "current"])
+    assert "none (run: postback-worker db upgrade)" in r.output
+    r = runner.invoke(main, ["db", "upgrade"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["db", "current"])
+    assert r.output.strip() == "0001"
+    tables = set(inspect(make_engine(url)).get_table_names())
+    assert {"offers", "partners", "clicks", "conversions", "postbacks", "attempts",
+            "dead_letters", "conversion_keys"} <= tables
+
+
+def test_bad_setting_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTBACK_LEASE_SECONDS", "soon")
+    r = CliRunner().invoke(main, ["offers", "list"])
+    assert r.exit_code == 2 and "POSTBACK_LEASE_SECONDS" in r.output

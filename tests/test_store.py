@@ -1,0 +1,58 @@
+"""Schema and migrations: one schema for PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from partner import PartnerServer
+
+from postback_worker.delivery.sender import Sender
+from postback_worker.pipeline.processing import Pipeline
+from postback_worker.settings import Settings
+from postback_worker.store.db import make_engine, upgrade
+from postback_worker.store.repo import Store
+from postback_worker.store.schema import metadata
+
+
+def test_migrations_match_the_tables(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+
+
+@pytest.fixture()
+def sqlite_store(tmp_path: Path) -> Store:
+    url = f"sqlite:///{tmp_path / 'pbw.db'}"
+    upgrade(url)
+    return Store(make_engine(url))
+
+
+def test_pipeline_on_sqlite(sqlite_store: Store, settings: Settings,
+                            partner: PartnerServer) -> None:
+    """The embedded default runs the same pipeline: claim, retry, sweep, deliver."""
+    store = sqlite_store
+    add_offer(store, "o1", "lead_gen")
+    add_partner(store, "p1", partner.url)
+    add_click(store, "tx1")
+    add_click(store, "tx-old", clicked_at=NOW - timedelta(days=15))
+    partner.set_script([503])
+    now = [NOW]
+    with Sender(allow_networks=settings.allow_networks) as sender:
+        pipeline = Pipeline(settings.with_overrides(database_url=str(store.engine.url)), store,
+                            sender, clock=lambda: now[0], rand=lambda: 0.0)
+        a, b = conversion("tx1"), conversion("tx-old")
+        pipeline.process_conversions(messages(a, b))
+        pipeline.process_conversions(messages(a, b))
+        (pb,) = store.postbacks_for(a.id)
+        assert pb["state"] == "retry_scheduled"
+        assert pb["next_attempt_at"] == NOW + timedelta(seconds=0.1)
+        now[0] += timedelta(seconds=1)
+        pipeline.deliver(pipeline.sweep())
+    assert store.postbacks_for(a.id)[0]["state"] == "delivered"
+    assert store.get_conversion(b.id)["state"] == "expired_click"  # type: ignore[index]
+    assert partner.count() == 2
