@@ -3,6 +3,7 @@
 PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432, else an embedded one.
 Redis: TEST_REDIS_URL, else 127.0.0.1:6379, else a local redis-server started for the run.
 Each run gets its own PostgreSQL database and its own Redis database number.
+TEST_EMBEDDED=1 ignores running servers and starts both (what a fresh machine does).
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
+EMBEDDED = os.environ.get("TEST_EMBEDDED") == "1"
+
+
 def _postgres_server(tmp: Path) -> tuple[str, Any]:
+    if EMBEDDED:
+        return devservices.ensure_postgres(None, tmp / "pg")
     url = os.environ.get("TEST_DATABASE_URL")
     candidates = [url] if url else [
         "postgresql://postgres@127.0.0.1:5432/postgres",
@@ -85,6 +91,8 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if EMBEDDED:
+        url = f"redis://127.0.0.1:{devservices.free_port()}/0"
     url, proc = devservices.ensure_redis(url, tmp_path_factory.mktemp("redis"))
     base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
     db = int(os.environ.get("TEST_REDIS_DB", "9"))
