@@ -115,11 +115,12 @@ def _run(api: str, partner: DemoPartner, timeout: float) -> bool:
                         for p in d["postbacks"]) or "-"
         for p in d["postbacks"]:
             counts[p["state"]] += 1
-        rows.append((cid, c["state"], (c["reason"] or "")[:70], pbs))
+        rows.append((cid, c["state"], c["reason"] or "", pbs))
     click.echo("")
     for cid, state, reason, pbs in rows:
-        click.echo(f"{cid}  {state:<15} {reason}")
-        click.echo(f"{'':29}postbacks: {pbs}")
+        click.echo(f"{cid}  {state}")
+        click.echo(f"    why:       {reason}")
+        click.echo(f"    postbacks: {pbs}")
     click.echo("")
     click.echo(f"postbacks delivered: {counts['delivered']}, skipped: {counts['skipped']}, "
                f"dead-lettered: {counts['dead_lettered']}, "

@@ -28,6 +28,7 @@ from postback_worker.ops.config import parse_offer, parse_partner
 from postback_worker.ops.lookup import conversion_detail
 from postback_worker.producer import EnqueueError, Producer
 from postback_worker.settings import Settings
+from postback_worker.store import schema
 from postback_worker.store.db import make_engine
 from postback_worker.store.repo import Store
 
@@ -199,27 +200,24 @@ class Api:
                                   "not stored yet)")
         return json_response(detail)
 
-    async def offers(self, request: Request) -> Response:
+    async def _catalog(self, request: Request, kind: str, table: Any,
+                       parse: Callable[[Any, datetime], dict[str, Any]]) -> Response:
         self._require_admin(request)
         if request.method == "GET":
-            return json_response({"offers": await run_in_threadpool(self.store.list_offers)})
+            rows = await run_in_threadpool(self.store.list_rows, table)
+            return json_response({kind + "s": rows})
         try:
-            row = parse_offer(await self._json(request), self.clock())
+            row = parse(await self._json(request), self.clock())
         except ValidationError as exc:
-            return error_response(422, "invalid offer", exc.errors)
-        await run_in_threadpool(self.store.upsert_offer, row)
-        return json_response(await run_in_threadpool(self.store.get_offer, row["id"]), 201)
+            return error_response(422, f"invalid {kind}", exc.errors)
+        await run_in_threadpool(self.store.upsert_row, table, row)
+        return json_response(await run_in_threadpool(self.store.get_row, table, row["id"]), 201)
+
+    async def offers(self, request: Request) -> Response:
+        return await self._catalog(request, "offer", schema.offers, parse_offer)
 
     async def partners(self, request: Request) -> Response:
-        self._require_admin(request)
-        if request.method == "GET":
-            return json_response({"partners": await run_in_threadpool(self.store.list_partners)})
-        try:
-            row = parse_partner(await self._json(request), self.clock())
-        except ValidationError as exc:
-            return error_response(422, "invalid partner", exc.errors)
-        await run_in_threadpool(self.store.upsert_partner, row)
-        return json_response(await run_in_threadpool(self.store.get_partner, row["id"]), 201)
+        return await self._catalog(request, "partner", schema.partners, parse_partner)
 
 
 class _HttpError(Exception):

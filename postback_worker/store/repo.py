@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postback_worker.store import schema as t
@@ -38,14 +38,14 @@ class Store:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _insert(self, table: t.Table) -> Any:
+    def _insert(self, table: Table) -> Any:
         if self.dialect == "postgresql":
             return postgresql.insert(table)
         if self.dialect == "sqlite":
             return sqlite.insert(table)
         return insert(table)
 
-    def insert_ignore(self, conn: Connection, table: t.Table, rows: Sequence[Mapping[str, Any]],
+    def insert_ignore(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
                       keys: Sequence[str]) -> None:
         """INSERT ... ON CONFLICT (keys) DO NOTHING, as one executemany."""
         if not rows:
@@ -55,39 +55,40 @@ class Store:
 
     # -- offers and partners --------------------------------------------------------------
 
-    def upsert_offer(self, row: Mapping[str, Any]) -> None:
+    def upsert_row(self, table: Table, row: Mapping[str, Any]) -> None:
+        """Insert or update an offer or partner by id (created_at kept)."""
         with self.engine.begin() as conn:
-            stmt = self._insert(t.offers).values(**row)
+            stmt = self._insert(table).values(**row)
             changes = {k: stmt.excluded[k] for k in row if k not in {"id", "created_at"}}
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+
+    def get_row(self, table: Table, row_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table).where(table.c.id == row_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def list_rows(self, table: Table) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(table).order_by(table.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def upsert_offer(self, row: Mapping[str, Any]) -> None:
+        self.upsert_row(t.offers, row)
 
     def upsert_partner(self, row: Mapping[str, Any]) -> None:
-        with self.engine.begin() as conn:
-            stmt = self._insert(t.partners).values(**row)
-            changes = {k: stmt.excluded[k] for k in row if k not in {"id", "created_at"}}
-            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+        self.upsert_row(t.partners, row)
 
     def get_offer(self, offer_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(t.offers).where(t.offers.c.id == offer_id)).mappings().first()
-        return None if row is None else dict(row)
+        return self.get_row(t.offers, offer_id)
 
     def get_partner(self, partner_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(t.partners).where(t.partners.c.id == partner_id)
-            ).mappings().first()
-        return None if row is None else dict(row)
+        return self.get_row(t.partners, partner_id)
 
     def list_offers(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(t.offers).order_by(t.offers.c.id)).mappings().all()
-        return [dict(r) for r in rows]
+        return self.list_rows(t.offers)
 
     def list_partners(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(t.partners).order_by(t.partners.c.id)).mappings().all()
-        return [dict(r) for r in rows]
+        return self.list_rows(t.partners)
 
     # -- clicks ---------------------------------------------------------------------------
 
