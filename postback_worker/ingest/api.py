@@ -78,25 +78,26 @@ class Api:
     async def _json(self, request: Request) -> Any:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.settings.max_request_bytes:
-            raise _HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+            raise HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
                                   "bytes; split the batch")
         body = await request.body()
         if len(body) > self.settings.max_request_bytes:
-            raise _HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+            raise HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
                                   "bytes; split the batch")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise _HttpError(400, "request body is not valid JSON",
+            raise HttpError(400, "request body is not valid JSON",
                              [FieldError("body", str(exc))]) from exc
 
-    def _require_admin(self, request: Request) -> None:
+    def require(self, request: Request, scope: str = "admin") -> None:
+        """Raise a 401 unless the request carries a credential with `scope`."""
         token = self.settings.admin_token
         if not token:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise _HttpError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
+            raise HttpError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
 
     def _items(self, payload: Any, key: str) -> Any:
         if isinstance(payload, dict) and key in payload and len(payload) == 1:
@@ -202,7 +203,7 @@ class Api:
 
     async def _catalog(self, request: Request, kind: str, table: Any,
                        parse: Callable[[Any, datetime], dict[str, Any]]) -> Response:
-        self._require_admin(request)
+        self.require(request, "admin")
         if request.method == "GET":
             rows = await run_in_threadpool(self.store.list_rows, table)
             return json_response({kind + "s": rows})
@@ -220,7 +221,7 @@ class Api:
         return await self._catalog(request, "partner", schema.partners, parse_partner)
 
 
-class _HttpError(Exception):
+class HttpError(Exception):
     def __init__(self, status: int, message: str, errors: list[FieldError] | None = None):
         super().__init__(message)
         self.status = status
@@ -237,7 +238,7 @@ def _click_row(c: Any) -> dict[str, Any]:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, _HttpError)
+    assert isinstance(exc, HttpError)
     return error_response(exc.status, str(exc), exc.errors)
 
 
@@ -263,8 +264,12 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/v1/offers", api.offers, methods=["GET", "POST"]),
         Route("/v1/partners", api.partners, methods=["GET", "POST"]),
     ]
+    from postback_worker.ingest import oncall, security, visibility
+
+    for module in (oncall, visibility, security):
+        routes.extend(module.routes(api))
     app = Starlette(routes=routes, exception_handlers={
-        _HttpError: _http_error, OperationalError: _db_error,
+        HttpError: _http_error, OperationalError: _db_error,
     })
     app.state.api = api
     return app

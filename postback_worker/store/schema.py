@@ -93,6 +93,29 @@ partners = Table(
     Column("horizon", Float, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Manual pause: postbacks wait (nothing is dropped) until resumed.
+    Column("paused", Boolean, nullable=False, default=False, server_default="0"),
+    Column("paused_at", UTCDateTime),
+    Column("paused_reason", Text),
+    # Requests per second and requests at once, across all workers (None: unlimited).
+    Column("rate_limit", Float),
+    Column("max_concurrency", Integer),
+    # Optional HMAC-SHA256 request signing; the secret is never shown or exported.
+    Column("hmac_secret", Text),
+    Column("signature_header", String(100)),
+)
+
+# Every saved version of an offer or partner (secrets redacted), for audits and bundles.
+config_history = Table(
+    "config_history",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("kind", String(20), nullable=False),
+    Column("object_id", String(64), nullable=False),
+    Column("changed_at", UTCDateTime, nullable=False),
+    Column("changed_by", String(200)),
+    Column("snapshot", Text, nullable=False),
+    Index(None, "kind", "object_id", "changed_at"),
 )
 
 clicks = Table(
@@ -134,6 +157,7 @@ conversions = Table(
     Column("state", String(20), nullable=False),
     Column("reason", Text),
     Column("processed_at", UTCDateTime),
+    Column("reattributed_at", UTCDateTime),
     Index(None, "state", "received_at"),
     Index(None, "offer_id", "received_at"),
 )
@@ -208,4 +232,53 @@ dead_letters = Table(
     Column("replay_count", Integer, nullable=False, default=0),
     Index(None, "partner_id", "created_at"),
     Index(None, "failure_class", "created_at"),
+)
+
+# One row per replay run (dead-letter replay or re-attribution), with its tally.
+replay_runs = Table(
+    "replay_runs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("triggered_by", String(200), nullable=False),
+    Column("filters", Text, nullable=False),
+    Column("dry_run", Boolean, nullable=False),
+    Column("selected", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("delivered", Integer),
+    Column("failed", Integer),
+    Column("pending", Integer),
+)
+
+# Alerts: one row per episode (fires once when it starts, resolves once when it clears).
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(200), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("partner_id", String(64)),
+    Column("severity", String(10), nullable=False),
+    Column("state", String(10), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("details", Text),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("resolved_at", UTCDateTime),
+    Column("last_evaluated_at", UTCDateTime),
+    Index(None, "key", "state"),
+    Index(None, "started_at"),
+)
+
+# API keys: only a hash is stored; scopes such as "ingest", "admin".
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(128), nullable=False, unique=True),
+    Column("scopes", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("last_used_at", UTCDateTime),
+    Column("revoked_at", UTCDateTime),
 )

@@ -1,78 +1,24 @@
-"""`postback-worker` command line."""
+"""Core commands: database, offers, partners, show, api, up."""
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
+from postback_worker.cli import main
+from postback_worker.cli.output import (
+    FORMAT,
+    cell,
+    fail_validation,
+    load_settings,
+    open_store,
+    print_json,
+    print_table,
+)
 from postback_worker.domain.events import ValidationError
-from postback_worker.settings import Settings, SettingsError
-
-
-def _settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except SettingsError as exc:
-        raise click.UsageError(f"bad setting: {exc}") from exc
-
-
-def _store(settings: Settings) -> Any:
-    from postback_worker.store.db import make_engine
-    from postback_worker.store.repo import Store
-
-    return Store(make_engine(settings.database_url))
-
-
-def _fail_validation(exc: ValidationError) -> None:
-    for e in exc.errors:
-        click.echo(f"error: {e.field}: {e.message}", err=True)
-    sys.exit(2)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(value)
-
-
-def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, default=_json_default, indent=2))
-
-
-FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-                      show_default=True, help="Output format.")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Deliver affiliate postbacks reliably (Celery + Redis + PostgreSQL).
-
-    Settings come from the environment: DATABASE_URL, REDIS_URL and POSTBACK_* variables.
-    """
-
 
 # -- db --------------------------------------------------------------------------------------
 
@@ -87,7 +33,7 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations to DATABASE_URL."""
     from postback_worker.store.db import upgrade
 
-    settings = _settings()
+    settings = load_settings()
     upgrade(settings.database_url, revision)
     click.echo(f"database at {_safe_url(settings.database_url)} is at revision {revision}")
 
@@ -97,7 +43,7 @@ def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
     from postback_worker.store.db import current_revision
 
-    revision = current_revision(_store(_settings()).engine)
+    revision = current_revision(open_store(load_settings()).engine)
     click.echo(revision or "none (run: postback-worker db upgrade)")
 
 
@@ -138,9 +84,9 @@ def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_day
     try:
         row = parse_offer(data, datetime.now(UTC))
     except ValidationError as exc:
-        _fail_validation(exc)
+        fail_validation(exc)
         return
-    _store(_settings()).upsert_offer(row)
+    open_store(load_settings()).upsert_offer(row)
     click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} days")
 
 
@@ -148,7 +94,7 @@ def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_day
 @FORMAT
 def offers_list(fmt: str) -> None:
     """List offers."""
-    rows = _store(_settings()).list_offers()
+    rows = open_store(load_settings()).list_offers()
     if fmt == "json":
         print_json(rows)
     else:
@@ -204,9 +150,9 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
     try:
         row = parse_partner(data, datetime.now(UTC))
     except ValidationError as exc:
-        _fail_validation(exc)
+        fail_validation(exc)
         return
-    _store(_settings()).upsert_partner(row)
+    open_store(load_settings()).upsert_partner(row)
     state = "enabled" if row["enabled"] else "disabled"
     click.echo(f"partner {row['id']} ({state}): {row['method']} {_safe_url(row['postback_url'])}")
 
@@ -215,7 +161,7 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
 @FORMAT
 def partners_list(fmt: str) -> None:
     """List partners."""
-    rows = _store(_settings()).list_partners()
+    rows = open_store(load_settings()).list_partners()
     for r in rows:
         r["postback_url"] = _safe_url(r["postback_url"])
     if fmt == "json":
@@ -234,7 +180,7 @@ def show(conversion_id: str, fmt: str) -> None:
     """Show a conversion's attribution, its postbacks and every attempt."""
     from postback_worker.ops.lookup import conversion_detail
 
-    detail = conversion_detail(_store(_settings()), conversion_id)
+    detail = conversion_detail(open_store(load_settings()), conversion_id)
     if detail is None:
         click.echo(f"error: no conversion {conversion_id!r} (an event still queued is not stored "
                    "yet)", err=True)
@@ -244,11 +190,11 @@ def show(conversion_id: str, fmt: str) -> None:
         return
     c = detail["conversion"]
     click.echo(f"conversion {c['id']}: {c['state']} - {c['reason'] or ''}")
-    click.echo(f"  transaction {c['transaction_id']}  offer {_cell(c['offer_id'])}  "
-               f"affiliate {_cell(c['aff_id'])}  goal {c['goal_id'] or '-'}  "
-               f"status {c['status']}  payout {_cell(c['payout'])} {c['currency'] or ''}")
-    click.echo(f"  occurred {_cell(c['occurred_at'])}  received {_cell(c['received_at'])}  "
-               f"processed {_cell(c['processed_at'])}")
+    click.echo(f"  transaction {c['transaction_id']}  offer {cell(c['offer_id'])}  "
+               f"affiliate {cell(c['aff_id'])}  goal {c['goal_id'] or '-'}  "
+               f"status {c['status']}  payout {cell(c['payout'])} {c['currency'] or ''}")
+    click.echo(f"  occurred {cell(c['occurred_at'])}  received {cell(c['received_at'])}  "
+               f"processed {cell(c['processed_at'])}")
     if not detail["postbacks"]:
         click.echo("  no postbacks")
     for p in detail["postbacks"]:
@@ -257,10 +203,10 @@ def show(conversion_id: str, fmt: str) -> None:
                    + (f" - {p['reason']}" if p["reason"] else ""))
         click.echo(f"  {p['method']} {p['url']}")
         if p["next_attempt_at"] and p["state"] == "retry_scheduled":
-            click.echo(f"  next attempt at {_cell(p['next_attempt_at'])}")
+            click.echo(f"  next attempt at {cell(p['next_attempt_at'])}")
         for a in p["attempts_log"]:
-            click.echo(f"  #{a['attempt_no']} {_cell(a['started_at'])} {a['duration_ms']:.1f} ms "
-                       f"status {_cell(a['status_code'])} {a['failure_class']}"
+            click.echo(f"  #{a['attempt_no']} {cell(a['started_at'])} {a['duration_ms']:.1f} ms "
+                       f"status {cell(a['status_code'])} {a['failure_class']}"
                        + (f" - {a['error']}" if a["error"] else ""))
 
 
@@ -274,7 +220,7 @@ def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API with uvicorn."""
     import uvicorn
 
-    _settings()
+    load_settings()
     uvicorn.run("postback_worker.ingest.api:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level="info", access_log=False)
 
@@ -294,6 +240,3 @@ def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, data_
     sys.exit(run_stack(demo=demo or exit_after_demo, exit_after_demo=exit_after_demo,
                        api_port=api_port, flower_port=flower_port, data_dir=data_dir))
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from postback_worker.cli import main
+
+main()

@@ -1,0 +1,3 @@
+"""Commands for template validation, test-fire, audit, API keys."""
+
+from __future__ import annotations

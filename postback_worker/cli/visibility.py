@@ -1,0 +1,3 @@
+"""Commands for metrics, reports, alerts, dashboard."""
+
+from __future__ import annotations
