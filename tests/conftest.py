@@ -32,6 +32,9 @@ from postback_worker.store.schema import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+ADMIN_TOKEN = "test-admin-token"
+# Send with every API request in tests: the bootstrap admin credential (all scopes).
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
@@ -115,6 +118,7 @@ def settings(pg_url: str, redis_url: str) -> Settings:
         visibility_timeout=4,
         config_cache_seconds=0.0,
         default_timeout=2.0,
+        admin_token=ADMIN_TOKEN,
     )
 
 

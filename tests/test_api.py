@@ -12,7 +12,7 @@ import pytest
 import redis
 import requests
 import uvicorn
-from conftest import wait_until
+from conftest import ADMIN, wait_until
 from helpers import add_click, add_offer, add_partner
 from partner import PartnerServer
 
@@ -50,6 +50,11 @@ def api(serve: Callable[[Settings], str], settings: Settings, store: Store,
     return serve(settings)
 
 
+# An HTTP client that sends the bootstrap admin credential.
+admin = requests.Session()
+admin.headers.update(ADMIN)
+
+
 def queued_events(client: redis.Redis) -> list[dict[str, object]]:
     """The conversion events waiting in the Redis `conversions` queue."""
     events = []
@@ -67,34 +72,34 @@ def errors_by_field(response: requests.Response) -> dict[str, str]:
 
 
 def test_offers_and_partners(api: str) -> None:
-    r = requests.post(f"{api}/v1/offers", json={"id": "o1", "campaign_type": "b2b_saas"})
+    r = admin.post(f"{api}/v1/offers", json={"id": "o1", "campaign_type": "b2b_saas"})
     assert r.status_code == 201 and r.json()["lifespan_days"] == 90
-    r = requests.post(f"{api}/v1/offers", json={"id": "o2", "campaign_type": "financial",
+    r = admin.post(f"{api}/v1/offers", json={"id": "o2", "campaign_type": "financial",
                                                 "lifespan_days": 100})
     assert r.json()["lifespan_days"] == 100
-    r = requests.post(f"{api}/v1/offers", json={"id": "o 3", "campaign_type": "crypto",
+    r = admin.post(f"{api}/v1/offers", json={"id": "o 3", "campaign_type": "crypto",
                                                 "lifespan_days": "long", "colour": "red"})
     assert r.status_code == 422
     fields = errors_by_field(r)
     assert set(fields) == {"id", "campaign_type", "lifespan_days", "colour"}
     assert "lead_gen, ecommerce, b2b_saas, financial" in fields["campaign_type"]
-    assert [o["id"] for o in requests.get(f"{api}/v1/offers").json()["offers"]] == ["o1", "o2"]
+    assert [o["id"] for o in admin.get(f"{api}/v1/offers").json()["offers"]] == ["o1", "o2"]
 
     good = {"id": "p1", "postback_url": "https://p.example/pb?tid={transaction_id}",
             "fire_statuses": ["approved", "pending"], "success_check": "OK"}
-    r = requests.post(f"{api}/v1/partners", json=good)
+    r = admin.post(f"{api}/v1/partners", json=good)
     assert r.status_code == 201
     assert r.json()["fire_statuses"] == "approved,pending" and r.json()["enabled"] is True
     bad = {"id": "p2", "postback_url": "htp://p.example/pb?tid=[transaction_id]&x={paytout}",
            "method": "PUT"}
-    r = requests.post(f"{api}/v1/partners", json=bad)
+    r = admin.post(f"{api}/v1/partners", json=bad)
     assert r.status_code == 422
     messages = [e["message"] for e in r.json()["errors"] if e["field"] == "postback_url"]
     assert any("scheme" in m for m in messages)
     assert any("{transaction_id}" in m for m in messages)
     assert any("{payout}" in m for m in messages)
     assert errors_by_field(r)["method"] == "must be GET or POST"
-    assert [p["id"] for p in requests.get(f"{api}/v1/partners").json()["partners"]] == ["p1"]
+    assert [p["id"] for p in admin.get(f"{api}/v1/partners").json()["partners"]] == ["p1"]
 
 
 def test_click_redirects_to_landing_page(api: str, store: Store) -> None:
@@ -122,14 +127,14 @@ def test_click_redirects_to_landing_page(api: str, store: Store) -> None:
 def test_click_batch(api: str, store: Store) -> None:
     add_offer(store, "o1")
     old = (datetime.now(UTC) - timedelta(days=3)).isoformat()
-    r = requests.post(f"{api}/v1/clicks", json=[
+    r = admin.post(f"{api}/v1/clicks", json=[
         {"offer_id": "o1", "aff_id": "p1", "transaction_id": "mine-1"},
         {"offer_id": "o1", "aff_id": "p2", "clicked_at": old},
     ])
     assert r.status_code == 201
     tx = r.json()["transaction_ids"]
     assert tx[0] == "mine-1" and tx[1].startswith("tx_")
-    r = requests.post(f"{api}/v1/clicks", json=[{"offer_id": "o1", "aff_id": "p1"},
+    r = admin.post(f"{api}/v1/clicks", json=[{"offer_id": "o1", "aff_id": "p1"},
                                                 {"offer_id": "zzz", "aff_id": "p1"}])
     assert r.status_code == 422 and errors_by_field(r) == {"events[1].offer_id":
                                                            "no such offer 'zzz'"}
@@ -155,23 +160,24 @@ def test_tune_style_get_postback_enqueues(api: str, redis_client: redis.Redis) -
 def test_conversion_batch_is_all_or_nothing(api: str, redis_client: redis.Redis,
                                             settings: Settings) -> None:
     good = [{"transaction_id": f"tx{i}", "payout": 2} for i in range(3)]
-    r = requests.post(f"{api}/v1/conversions", json=good)
+    r = admin.post(f"{api}/v1/conversions", json=good)
     assert r.status_code == 202 and r.json()["accepted"] == 3
     assert len(redis_client.lrange("conversions", 0, -1)) == 1  # one message for the batch
     mixed = [{"transaction_id": "a"}, {"transaction_id": "b", "payout": "abc"},
              {"payout": 1, "ip": "999.1.1.1"}, {"transaction_id": {"x": 1}}]
-    r = requests.post(f"{api}/v1/conversions", json={"events": mixed})
+    r = admin.post(f"{api}/v1/conversions", json={"events": mixed})
     assert r.status_code == 422
     assert set(errors_by_field(r)) == {"events[1].payout", "events[2].transaction_id",
                                        "events[2].ip", "events[3].transaction_id"}
     assert len(queued_events(redis_client)) == 3  # nothing of the bad request was queued
     too_many = [{"transaction_id": "x"}] * (settings.max_batch_size + 1)
-    r = requests.post(f"{api}/v1/conversions", json=too_many)
+    r = admin.post(f"{api}/v1/conversions", json=too_many)
     assert r.status_code == 413 and "events" in errors_by_field(r)
     r = requests.post(f"{api}/v1/conversions", data=b"{not json",
-                      headers={"Content-Type": "application/json"})
+                      headers={**ADMIN, "Content-Type": "application/json"})
     assert r.status_code == 400 and "body" in errors_by_field(r)
-    r = requests.post(f"{api}/v1/conversions", data=b"x" * (settings.max_request_bytes + 1))
+    r = admin.post(f"{api}/v1/conversions",
+                      data=b"x" * (settings.max_request_bytes + 1))
     assert r.status_code == 413
     assert len(queued_events(redis_client)) == 3
 
@@ -181,7 +187,7 @@ def test_redis_down_answers_503_and_accepts_nothing(
 ) -> None:
     dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     api = serve(dead)
-    r = requests.post(f"{api}/v1/conversions", json=[{"transaction_id": "t"}], timeout=30)
+    r = admin.post(f"{api}/v1/conversions", json=[{"transaction_id": "t"}], timeout=30)
     assert r.status_code == 503
     assert r.headers["retry-after"] == "5"
     assert "nothing was accepted" in r.json()["error"]
@@ -193,16 +199,16 @@ def test_conversion_detail(api: str, store: Store, settings: Settings,
     add_partner(store, "p1", partner.url)
     add_click(store, "tx1")
     partner.set_script([503])
-    r = requests.post(f"{api}/v1/conversions", json={"transaction_id": "tx1", "payout": "3"})
+    r = admin.post(f"{api}/v1/conversions", json={"transaction_id": "tx1", "payout": "3"})
     cid = r.json()["ids"][0]
-    assert requests.get(f"{api}/v1/conversions/{cid}").status_code == 404
+    assert admin.get(f"{api}/v1/conversions/{cid}").status_code == 404
     from postback_worker.domain.events import ConversionEvent, parse_conversion
 
     event: ConversionEvent = parse_conversion({"id": cid, "transaction_id": "tx1", "payout": "3"},
                                               now=datetime.now(UTC))
     with Sender(allow_networks=settings.allow_networks) as sender:
         Pipeline(settings, store, sender).process_conversions([event.to_message()])
-    detail = requests.get(f"{api}/v1/conversions/{cid}").json()
+    detail = admin.get(f"{api}/v1/conversions/{cid}").json()
     assert detail["conversion"]["state"] == "attributed"
     (pb,) = detail["postbacks"]
     assert pb["state"] == "retry_scheduled" and pb["partner_id"] == "p1"
@@ -213,7 +219,7 @@ def test_conversion_detail(api: str, store: Store, settings: Settings,
 
 def test_admin_token(serve: Callable[[Settings], str], settings: Settings, store: Store) -> None:
     api = serve(settings.with_overrides(admin_token="s3cret"))
-    assert requests.get(f"{api}/v1/offers").status_code == 401
+    assert admin.get(f"{api}/v1/offers").status_code == 401
     ok = requests.get(f"{api}/v1/offers", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert requests.get(f"{api}/health").status_code == 200

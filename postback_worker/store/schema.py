@@ -133,7 +133,7 @@ clicks = Table(
     Column("ip", String(45)),
     Column("device_id", String(255)),
     Column("user_agent", Text),
-    Column("clicked_at", UTCDateTime, nullable=False),
+    Column("clicked_at", UTCDateTime, nullable=False, index=True),
     Index(None, "offer_id", "clicked_at"),
 )
 
@@ -153,7 +153,7 @@ conversions = Table(
     Column("ip", String(45)),
     Column("device_id", String(255)),
     Column("occurred_at", UTCDateTime, nullable=False),
-    Column("received_at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False, index=True),
     Column("state", String(20), nullable=False),
     Column("reason", Text),
     Column("processed_at", UTCDateTime),
@@ -192,7 +192,7 @@ postbacks = Table(
     Column("received_at", UTCDateTime, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
-    Column("delivered_at", UTCDateTime),
+    Column("delivered_at", UTCDateTime, index=True),
     Column("triggered_by", String(200)),
     UniqueConstraint("conversion_id", "partner_id"),
     Index(None, "state", "next_attempt_at"),

@@ -29,6 +29,11 @@ from postback_worker.worker.queues import (
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    from postback_worker.worker import tasks_oncall, tasks_retention, tasks_visibility
+
+    extra_beat: dict[str, dict[str, Any]] = {}
+    for module in (tasks_oncall, tasks_visibility, tasks_retention):
+        extra_beat.update(module.beat_schedule(settings))
     return {
         "broker_url": settings.effective_broker_url,
         "broker_connection_retry_on_startup": True,
@@ -68,6 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": max(30.0, settings.stuck_conversion_after / 2),
                 "options": {"queue": MAINTENANCE},
             },
+            **extra_beat,
         },
     }
 
@@ -114,9 +120,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.postback_settings = settings  # type: ignore[attr-defined]
     app.postback_services = Services(settings)  # type: ignore[attr-defined]
-    from postback_worker.worker import tasks
+    from postback_worker.worker import tasks, tasks_oncall, tasks_retention, tasks_visibility
 
-    tasks.register(app)
+    for module in (tasks, tasks_oncall, tasks_visibility, tasks_retention):
+        module.register(app)
     return app
 
 
