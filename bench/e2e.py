@@ -469,10 +469,10 @@ def delivered_count(svc: Services) -> int:
 
 def state_summary(svc: Services) -> dict[str, dict[str, int]]:
     with svc.store.engine.connect() as conn:
-        pb = dict(conn.execute(text(
-            "SELECT state, count(*) FROM postbacks GROUP BY state")).all())
-        cv = dict(conn.execute(text(
-            "SELECT state, count(*) FROM conversions GROUP BY state")).all())
+        pb: dict[str, int] = dict(conn.execute(text(
+            "SELECT state, count(*) FROM postbacks GROUP BY state")).tuples().all())
+        cv: dict[str, int] = dict(conn.execute(text(
+            "SELECT state, count(*) FROM conversions GROUP BY state")).tuples().all())
     return {"postbacks": {k: int(v) for k, v in pb.items()},
             "conversions": {k: int(v) for k, v in cv.items()}}
 
@@ -544,6 +544,7 @@ class Config:
     delay_ms: float
     timeout: float
     stall: float
+    ours_app: str = "postback_worker.worker.app"
 
 
 @dataclass
@@ -563,7 +564,7 @@ def ours_system(cfg: Config, svc: Services) -> System:
     env = {**os.environ, **settings.to_env()}
 
     def args(node: str) -> list[str]:
-        return [sys.executable, "-m", "celery", "-A", "postback_worker.worker.app", "worker",
+        return [sys.executable, "-m", "celery", "-A", cfg.ours_app, "worker",
                 "-Q", QUEUES, "--concurrency", str(cfg.concurrency), "-n", f"{node}@%h",
                 "-l", "warning", "--without-mingle", "--without-gossip"]
 
@@ -721,9 +722,9 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
         for label in ("ours", "naive"):
             v = med.get(label, {}).get(key)
             cells.append(fmt.format(v) if v is not None else "-")
-        r = ratios.get(key)
+        ratio = ratios.get(key)
         lines.append(f"{title:<{w}} {cells[0]:>15} {cells[1]:>15} "
-                     f"{(f'{r:.2f}' if r is not None else '-'):>8}")
+                     f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8}")
     lines.append("")
     for s in systems:
         lines.append(f"{s.label} per run:")
@@ -775,6 +776,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--redis-url", default=os.environ.get(
         "BENCH_REDIS_URL", "redis://127.0.0.1:6379/12"),
         help="Redis database used (FLUSHDB before every run)")
+    ap.add_argument("--ours-app", default="postback_worker.worker.app",
+                    help="Celery app module for ours (to A/B a patched build; must be importable)")
     ap.add_argument("--timeout", type=float, default=600.0, help="max seconds per run")
     ap.add_argument("--stall", type=float, default=60.0,
                     help="fail a run after this many seconds without a new delivery")
@@ -789,11 +792,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Also when started in the background by a shell that ignores SIGINT for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGHUP, _on_sigterm)
     cfg = Config(n=args.conversions, naive_n=args.naive_conversions, runs=args.runs,
                  workers=args.workers, concurrency=args.concurrency,
-                 delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall)
+                 delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall,
+                 ours_app=args.ours_app)
     if not devservices.postgres_answers(args.pg_url):
         raise BenchError(f"PostgreSQL at {args.pg_url} does not answer")
     if not devservices.redis_answers(args.redis_url):
@@ -829,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": cfg.workers, "concurrency": cfg.concurrency,
             "partner": partner.kind, "partner_delay_ms": cfg.delay_ms,
             "batch_per_message_ours": BATCH, "redis_url": args.redis_url,
+            "ours_app": cfg.ours_app,
         }
         out = report(meta, systems)
         if args.json:

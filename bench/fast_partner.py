@@ -124,16 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     args = ap.parse_args(argv)
+    coro = serve(args.host, args.port, args.delay_ms / 1000.0)
     try:
-        import uvloop  # type: ignore[import-not-found]
-
-        run = uvloop.run
-        kind = "uvloop"
+        import uvloop
     except ImportError:
-        run = asyncio.run
-        kind = "asyncio"
-    print(f"LOOP {kind}", flush=True)
-    run(serve(args.host, args.port, args.delay_ms / 1000.0))
+        print("LOOP asyncio", flush=True)
+        asyncio.run(coro)
+    else:
+        print("LOOP uvloop", flush=True)
+        uvloop.run(coro)
     return 0
 
 
