@@ -47,15 +47,21 @@ class DemoPartner:
         self.server.shutdown()
 
 
+# Sends the stack's bootstrap admin token (set by run_demo); the API needs a credential.
+_http = requests.Session()
+
+
 def _post(api: str, path: str, body: Any) -> Any:
-    r = requests.post(f"{api}{path}", json=body, timeout=10)
+    r = _http.post(f"{api}{path}", json=body, timeout=10)
     if r.status_code >= 400:
         raise click.ClickException(f"POST {path} answered {r.status_code}: {r.text}")
     return r.json()
 
 
-def run_demo(api: str, timeout: float = 90.0) -> bool:
+def run_demo(api: str, timeout: float = 90.0, token: str = "") -> bool:
     """Create an offer and partners, record clicks, send conversions, print what happened."""
+    if token:
+        _http.headers["Authorization"] = f"Bearer {token}"
     partner = DemoPartner()
     try:
         return _run(api, partner, timeout)
@@ -139,7 +145,7 @@ def _wait_final(api: str, ids: list[str], timeout: float) -> dict[str, Any]:
     details: dict[str, Any] = {}
     while time.monotonic() < deadline:
         for cid in ids:
-            r = requests.get(f"{api}/v1/conversions/{cid}", timeout=10)
+            r = _http.get(f"{api}/v1/conversions/{cid}", timeout=10)
             if r.status_code == 200:
                 details[cid] = r.json()
         done = len(details) == len(ids) and all(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
     env.setdefault("DATABASE_URL", f"sqlite:///{root / 'postback-worker.db'}")
     # The demo partner listens on loopback, which outbound requests refuse unless allowlisted.
     env.setdefault("POSTBACK_ALLOW_NETWORKS", "127.0.0.0/8,::1/128")
+    # Every API endpoint but /click and /health needs a credential: a bootstrap admin token.
+    env.setdefault("POSTBACK_ADMIN_TOKEN", secrets.token_urlsafe(18))
     for port, flag in ((api_port, "--api-port"), (flower_port, "--flower-port")):
         if not port_is_free(port):
             raise click.ClickException(f"port {port} is in use; choose another with {flag}")
@@ -102,17 +105,19 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
                                         "-n", "worker@%h", "-l", "info"])
         stack.start("beat", celery + ["beat", "-l", "info",
                                       "-s", str(root / "celerybeat-schedule")])
-        stack.start("flower", celery + ["flower", "--address=127.0.0.1",
-                                        f"--port={flower_port}"])
+        # Development: Flower on loopback only; open unless POSTBACK_FLOWER_BASIC_AUTH is set.
+        stack.start("flower", [py, "-m", "postback_worker.cli", "flower", "--dev",
+                               "--address=127.0.0.1", f"--port={flower_port}"])
         api_url = f"http://127.0.0.1:{api_port}"
         _wait_http(f"{api_url}/health", stack)
         _wait_http(f"http://127.0.0.1:{flower_port}/healthcheck", stack)
-        click.echo(f"\nAPI     {api_url}   (try {api_url}/v1/offers)")
+        click.echo(f"\nAPI     {api_url}   (try: curl -H 'Authorization: Bearer "
+                   f"{env['POSTBACK_ADMIN_TOKEN']}' {api_url}/v1/offers)")
         click.echo(f"Flower  http://127.0.0.1:{flower_port}\n")
         if demo:
             from postback_worker.demo import run_demo
 
-            ok = run_demo(api_url)
+            ok = run_demo(api_url, token=env["POSTBACK_ADMIN_TOKEN"])
             if exit_after_demo:
                 return 0 if ok else 1
         click.echo("Running. Press Ctrl-C to stop.")

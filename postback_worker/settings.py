@@ -70,10 +70,90 @@ class Settings:
     # Conversions received but not processed after this many seconds are enqueued again.
     stuck_conversion_after: int = 600
 
-    # Admin API token; empty means admin endpoints are open (development only).
+    # Bootstrap ("break-glass") admin API token, accepted with every scope. Empty: only API
+    # keys from `postback-worker keys create` are accepted (every endpoint but /click, /health,
+    # /healthz and the advertiser /postback needs one).
     admin_token: str = ""
+    # Seconds an API key check is cached in the API process (a revoked key stops working after).
+    api_key_cache_seconds: float = 5.0
+    # Hours a rotated-out partner signing secret keeps signing (a second signature is sent).
+    signing_grace_hours: float = 72.0
+    # Configuration audit thresholds (`postback-worker audit`).
+    audit_silent_days: int = 7
+    audit_paused_days: int = 7
+    audit_failure_rate: float = 0.25
+    audit_expired_share: float = 0.05
+    audit_stale_days: int = 90
     # Lifetime of cached offers/partners in a worker process.
     config_cache_seconds: float = 5.0
+
+    # -- data retention (beat task purge-expired-data) --
+    # Days clicks are kept; never less than the longest offer lifespan (a shorter value is
+    # clipped to it, with a warning), so a late conversion still finds its click.
+    click_retention_days: int = 180
+    # Days attempt records are kept (by attempt time).
+    attempt_retention_days: int = 90
+    # Days delivered postbacks (and their attempts) are kept after delivery.
+    delivered_retention_days: int = 90
+    # Rows deleted per statement (each its own short transaction) and statements per table per
+    # run; what is left is purged by the next run.
+    retention_batch: int = 1000
+    retention_max_batches: int = 100
+    # Seconds between purge runs (beat).
+    retention_interval: float = 3600.0
+
+    # -- visibility (metrics, alerts, dashboard, Flower) --
+    # Bearer token Prometheus sends to GET /metrics (empty: the admin credential is required).
+    metrics_token: str = ""
+    # Seconds of attempts/deliveries the /metrics histograms cover (a sliding window).
+    metrics_window_seconds: int = 3600
+    # Alert evaluation: how often (beat), over which sliding window, and the thresholds.
+    alert_interval: float = 60.0
+    alert_window_seconds: int = 900
+    # Partner failure rate (failed / all attempts) that fires an alert, and the minimum volume.
+    alert_failure_rate: float = 0.05
+    alert_min_volume: int = 20
+    # Hysteresis: an open alert resolves only once its figure is below threshold * this ratio.
+    alert_clear_ratio: float = 0.5
+    # New dead letters within the window that fire the "dead letters growing" alert.
+    alert_dead_letter_growth: int = 10
+    # Seconds a due retry may wait unclaimed before the "retry backlog" alert fires.
+    alert_retry_overdue_seconds: int = 600
+    # Lost conversions (expired / unknown click) share per offer, and the minimum volume.
+    alert_lost_rate: float = 0.05
+    alert_lost_min_volume: int = 20
+    # Slack-compatible incoming webhook ({"text": ...}) for alerts; empty: log only.
+    alert_webhook_url: str = ""
+    # Key that signs dashboard links and sessions (empty: the admin token is used).
+    dashboard_secret: str = ""
+    # Flower: basic auth "user:password" pairs, or OAuth (Flower's auth provider class, a
+    # regex of allowed e-mails, client key/secret and redirect URI). Outside development one
+    # of the two is required; `postback-worker flower --dev` may run open on loopback only.
+    flower_basic_auth: tuple[str, ...] = ()
+    flower_auth_provider: str = ""
+    flower_auth: str = ""
+    flower_oauth2_key: str = ""
+    flower_oauth2_secret: str = ""
+    flower_oauth2_redirect_uri: str = ""
+
+    # On-call guardrails (per partner, shared by every worker through Redis).
+    # Circuit breaker: opens when, within breaker_window seconds, at least breaker_min_attempts
+    # attempts were made and at least breaker_failure_ratio of them failed with retryable classes.
+    breaker_enabled: bool = True
+    breaker_min_attempts: int = 20
+    breaker_failure_ratio: float = 0.5
+    breaker_window: float = 60.0
+    # Seconds an open circuit waits before one probe; doubles after each failed probe, capped.
+    breaker_cooldown: float = 5.0
+    breaker_max_cooldown: float = 300.0
+    # A probe not answered within this many seconds may be replaced by another probe.
+    breaker_probe_timeout: float = 30.0
+    # Over a partner's rate limit or concurrency cap, postbacks wait about this long.
+    guard_wait: float = 1.0
+    # Postbacks of a paused partner are looked at again this often (resume releases them at once).
+    pause_recheck: float = 30.0
+    # Dead-letter replay: default postbacks per second.
+    replay_rate: float = 10.0
 
     @property
     def effective_broker_url(self) -> str:

@@ -141,9 +141,9 @@ def test_click_batch(api: str, store: Store) -> None:
 
 
 def test_tune_style_get_postback_enqueues(api: str, redis_client: redis.Redis) -> None:
-    r = requests.get(f"{api}/postback", params={"transaction_id": "tx1", "payout": "1.5",
-                                                "goal_id": "g", "adv_sub": "order-9",
-                                                "status": "approved", "cachebuster": "123"})
+    r = admin.get(f"{api}/postback", params={"transaction_id": "tx1", "payout": "1.5",
+                                             "goal_id": "g", "adv_sub": "order-9",
+                                             "status": "approved", "cachebuster": "123"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["accepted"] == 1
@@ -151,7 +151,7 @@ def test_tune_style_get_postback_enqueues(api: str, redis_client: redis.Redis) -
     assert event["id"] == body["ids"][0]
     assert (event["transaction_id"], event["payout"], event["goal_id"], event["adv_sub"]) == (
         "tx1", "1.5", "g", "order-9")
-    r = requests.get(f"{api}/postback", params={"payout": "ten"})
+    r = admin.get(f"{api}/postback", params={"payout": "ten"})
     assert r.status_code == 422
     assert set(errors_by_field(r)) == {"transaction_id", "payout"}
     assert len(queued_events(redis_client)) == 1

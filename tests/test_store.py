@@ -56,3 +56,19 @@ def test_pipeline_on_sqlite(sqlite_store: Store, settings: Settings,
     assert store.postbacks_for(a.id)[0]["state"] == "delivered"
     assert store.get_conversion(b.id)["state"] == "expired_click"  # type: ignore[index]
     assert partner.count() == 2
+
+
+def test_every_saved_configuration_is_kept_redacted(store: Store) -> None:
+    from helpers import add_partner
+
+    add_partner(store, "p1", "https://p.example", path="/pb", timeout=5)
+    store.upsert_partner({**store.get_partner("p1"),  # type: ignore[dict-item]
+                          "timeout": 7.0, "hmac_secret": "sekrit-1"})
+    history = store.config_history("partner", "p1")
+    assert len(history) == 2
+    import json
+
+    first, second = (json.loads(h["snapshot"]) for h in history)
+    assert (first["timeout"], second["timeout"]) == (5.0, 7.0)
+    assert second["hmac_secret"] == "(set, not shown)"
+    assert "sekrit-1" not in "".join(h["snapshot"] for h in history)

@@ -161,9 +161,9 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
 @FORMAT
 def partners_list(fmt: str) -> None:
     """List partners."""
-    rows = open_store(load_settings()).list_partners()
-    for r in rows:
-        r["postback_url"] = _safe_url(r["postback_url"])
+    from postback_worker.ops.config import redact_partner
+
+    rows = [redact_partner(r) for r in open_store(load_settings()).list_partners()]
     if fmt == "json":
         print_json(rows)
     else:

@@ -1,3 +1,229 @@
-"""Commands for template validation, test-fire, audit, API keys."""
+"""Commands for template validation, test-fire, signing, security tokens, audit and API keys."""
 
 from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime, timedelta
+
+import click
+
+from postback_worker.cli import main
+from postback_worker.cli.core import offers, partners
+from postback_worker.cli.output import (
+    FORMAT,
+    cell,
+    fail_validation,
+    load_settings,
+    open_store,
+    print_json,
+    print_table,
+)
+from postback_worker.domain.events import ValidationError
+from postback_worker.domain.masking import mask_url
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _partner_row(partner_id: str) -> dict[str, object]:
+    row = open_store(load_settings()).get_partner(partner_id)
+    if row is None:
+        _fail(f"no partner {partner_id!r}")
+    assert row is not None
+    return dict(row)
+
+
+# -- partners validate / test / signing ------------------------------------------------------
+
+@partners.command("validate")
+@click.argument("partner_id", required=False)
+@click.option("--url", help="Validate this template instead of a saved partner's.")
+@click.option("--no-dns", is_flag=True, help="Do not check that the host resolves.")
+@FORMAT
+def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt: str) -> None:
+    """Check a postback template; exit code 1 when it has errors (warnings do not count)."""
+    from postback_worker.ops.config import template_report
+
+    if bool(partner_id) == bool(url):
+        _fail("give a partner ID or --url URL (one of them)")
+    template = url if url is not None else str(_partner_row(str(partner_id))["postback_url"])
+    problems = template_report(template, dns=not no_dns)
+    errors = sum(p.severity == "error" for p in problems)
+    if fmt == "json":
+        print_json({"partner_id": partner_id, "url": mask_url(template), "valid": errors == 0,
+                    "problems": [p.to_dict() for p in problems]})
+    else:
+        shown = mask_url(template)
+        click.echo(shown)
+        for p in problems:
+            if shown == template and "\n" not in template[:p.position]:
+                click.echo(" " * p.position + "^")
+            click.echo(f"{p.severity}: {p.describe()}")
+        click.echo(f"{errors} error(s), {len(problems) - errors} warning(s)"
+                   if problems else "template OK")
+    if errors:
+        sys.exit(1)
+
+
+@partners.command("test")
+@click.argument("partner_id")
+@click.option("--transaction-id", help="Use this transaction id instead of a sample.")
+@click.option("--payout", help="Use this payout instead of 1.00.")
+@click.option("--fire", is_flag=True,
+              help="Send it once (recorded as a test attempt, never counted in reports).")
+@FORMAT
+def partners_test(partner_id: str, transaction_id: str | None, payout: str | None, fire: bool,
+                  fmt: str) -> None:
+    """Render a partner's postback with sample values; with --fire, send it and explain."""
+    from postback_worker.delivery.sender import Sender
+    from postback_worker.ops.testfire import run_test_fire
+
+    settings = load_settings()
+    store = open_store(settings)
+    row = _partner_row(partner_id)
+    with Sender(concurrency=1, excerpt_bytes=settings.response_excerpt_bytes,
+                user_agent=settings.user_agent, allow_networks=settings.allow_networks) as sender:
+        report = run_test_fire(store, row, _now(), sender=sender, fire=fire,
+                               transaction_id=transaction_id, payout=payout, clock=_now)
+    if fmt == "json":
+        print_json(report.to_dict())
+    else:
+        click.echo(f"{report.method} {report.url}")
+        if report.signed:
+            click.echo("signed: yes (X-Postback-Timestamp and signature headers)")
+        for problem in report.problems:
+            click.echo(f"error: {problem}")
+        if report.fired:
+            click.echo(f"status:   {cell(report.status_code)}")
+            click.echo(f"duration: {report.duration_ms} ms")
+            click.echo(f"response: {' '.join((report.response_excerpt or '').split())[:200]}")
+            click.echo(f"class:    {report.failure_class} - {report.outcome}")
+            if report.cause:
+                click.echo(f"cause:    {report.cause}")
+            click.echo(f"advice:   {report.advice}")
+            click.echo(f"recorded as test attempt of postback {report.postback_id}")
+        elif not report.problems:
+            click.echo("not sent (add --fire to send it once)")
+    if report.problems or (report.fired and report.failure_class != "delivered"):
+        sys.exit(1)
+
+
+@partners.command("signing")
+@click.argument("partner_id")
+@click.option("--enable", "action", flag_value="enable", help="Start signing (new secret).")
+@click.option("--rotate", "action", flag_value="rotate",
+              help="New secret; the old one also signs during the grace period.")
+@click.option("--disable", "action", flag_value="disable", help="Stop signing.")
+@click.option("--header", help="Signature header name (default X-Postback-Signature).")
+def partners_signing(partner_id: str, action: str | None, header: str | None) -> None:
+    """Enable, rotate or disable HMAC-SHA256 signing; a new secret is printed once."""
+    from postback_worker.ops.config import change_signing
+
+    if action is None:
+        _fail("choose --enable, --rotate or --disable")
+    settings = load_settings()
+    try:
+        secret, summary = change_signing(open_store(settings), partner_id, str(action), _now(),
+                                         timedelta(hours=settings.signing_grace_hours), header)
+    except ValidationError as exc:
+        fail_validation(exc)
+        return
+    except LookupError:
+        _fail(f"no partner {partner_id!r}")
+        return
+    click.echo(summary)
+    if secret:
+        click.echo(f"secret (shown once, give it to the partner): {secret}")
+
+
+@offers.command("token")
+@click.argument("offer_id")
+def offers_token(offer_id: str) -> None:
+    """Create (or replace) the offer's security token for the advertiser GET /postback."""
+    from postback_worker.ops.config import set_offer_token
+
+    token = set_offer_token(open_store(load_settings()), offer_id, _now())
+    if token is None:
+        _fail(f"no offer {offer_id!r}")
+    click.echo(f"security token for offer {offer_id} (shown once; the previous one stops "
+               f"working): {token}")
+    click.echo(f"advertiser URL: /postback?offer_id={offer_id}&transaction_id=TRANSACTION_ID"
+               f"&security_token={token}")
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+@main.command("audit")
+@FORMAT
+def audit(fmt: str) -> None:
+    """Check every offer and partner (quarterly review); exit code 1 when there are errors."""
+    from postback_worker.ops.audit import run_audit
+
+    settings = load_settings()
+    report = run_audit(open_store(settings), settings, _now())
+    if fmt == "json":
+        print_json(report.to_dict())
+    else:
+        counts = report.counts()
+        click.echo(f"audit of {report.offers} offer(s) and {report.partners} partner(s): "
+                   f"{counts['error']} error(s), {counts['warning']} warning(s), "
+                   f"{counts['info']} note(s)")
+        if report.findings:
+            print_table([f.to_dict() for f in report.findings],
+                        ["severity", "kind", "object_id", "check", "message"])
+    if report.errors:
+        sys.exit(1)
+
+
+# -- API keys --------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """API keys (scopes: ingest, admin); only their hashes are stored."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what uses the key.")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["ingest", "admin"]), help="Repeat for several scopes.")
+def keys_create(name: str, scopes: tuple[str, ...]) -> None:
+    """Create a key and print it once."""
+    from postback_worker.ops.apikeys import ApiKeyError, create_key
+
+    try:
+        key_id, key = create_key(open_store(load_settings()).engine, name, scopes, _now())
+    except ApiKeyError as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"key {key_id} ({', '.join(sorted(set(scopes)))}) created; shown once:")
+    click.echo(key)
+
+
+@keys.command("list")
+@FORMAT
+def keys_list(fmt: str) -> None:
+    """List keys (never the keys themselves)."""
+    from postback_worker.ops.apikeys import list_keys
+
+    rows = list_keys(open_store(load_settings()).engine)
+    if fmt == "json":
+        print_json(rows)
+    else:
+        print_table(rows, ["id", "name", "scopes", "created_at", "last_used_at", "revoked_at"])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key (API processes stop accepting it within POSTBACK_API_KEY_CACHE_SECONDS)."""
+    from postback_worker.ops.apikeys import revoke_key
+
+    if not revoke_key(open_store(load_settings()).engine, key_id, _now()):
+        _fail(f"no active key {key_id!r}")
+    click.echo(f"key {key_id} revoked")

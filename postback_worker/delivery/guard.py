@@ -81,7 +81,8 @@ def _classify(addr: IPAddress) -> str | None:
 def check_address(ip: str, allow_networks: Sequence[str] = ()) -> str | None:
     """Why `ip` must not be contacted (e.g. "private address"), or None when it may be.
 
-    IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are judged as the IPv4 address they carry.
+    IPv6 addresses that lead to an IPv4 address (IPv4-mapped ::ffff:a.b.c.d, 6to4 2002::/16,
+    NAT64 64:ff9b::/96) are judged as that IPv4 address; site-local fec0::/10 is refused.
     An address inside one of `allow_networks` (CIDR strings) is always allowed.
     """
     try:
@@ -91,12 +92,29 @@ def check_address(ip: str, allow_networks: Sequence[str] = ()) -> str | None:
     nets = parse_networks(tuple(allow_networks))
     if _in_networks(addr, nets):
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        mapped = addr.ipv4_mapped
-        if _in_networks(mapped, nets):
-            return None
-        addr = mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.is_site_local:
+            return "site-local address"
+        embedded = _embedded_ipv4(addr)
+        if embedded is not None:
+            if _in_networks(embedded, nets):
+                return None
+            addr = embedded
     return _classify(addr)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to: IPv4-mapped, 6to4 or NAT64 (64:ff9b::/96)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr in _NAT64:
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
 
 
 def blocked_message(ip: str, reason: str) -> str:

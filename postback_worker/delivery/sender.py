@@ -79,6 +79,17 @@ def _parse_target(req: PostbackRequest) -> _Target:
     return _Target(scheme, host, port, authority, u.request_uri, None, u.auth)
 
 
+def wire_payload(req: PostbackRequest) -> str:
+    """What a signature covers: the request target as sent (GET) or the body (POST).
+
+    Raises InvalidURL for a URL that cannot be sent.
+    """
+    target = _parse_target(req)
+    if target.body is not None:
+        return target.body.decode()
+    return target.request_uri
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -1,4 +1,10 @@
-"""HTTP API: clicks, conversions (TUNE-style GET and JSON batches), admin for offers/partners."""
+"""HTTP API: clicks, conversions (TUNE-style GET and JSON batches), admin for offers/partners.
+
+Authentication: `Authorization: Bearer <API key>` (keys with scopes `ingest` or `admin`, see
+ops/apikeys.py), or the bootstrap admin token (settings.admin_token, break-glass: every scope).
+Public: /click (tracking links), /health, /healthz, /openapi.json; the advertiser GET /postback
+takes the offer's `security_token` instead of a key.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +30,15 @@ from postback_worker.domain.events import (
     parse_click,
 )
 from postback_worker.domain.macros import TemplateError, render
-from postback_worker.ops.config import parse_offer, parse_partner
+from postback_worker.ops.apikeys import KeyChecker, Principal
+from postback_worker.ops.config import (
+    check_offer_token,
+    parse_offer,
+    parse_partner,
+    redact_offer,
+    redact_partner,
+    template_report,
+)
 from postback_worker.ops.lookup import conversion_detail
 from postback_worker.producer import EnqueueError, Producer
 from postback_worker.settings import Settings
@@ -72,6 +86,7 @@ class Api:
         self.store = store
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.keys = KeyChecker(store.engine, settings.api_key_cache_seconds, clock=self.clock)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -90,14 +105,23 @@ class Api:
             raise HttpError(400, "request body is not valid JSON",
                              [FieldError("body", str(exc))]) from exc
 
-    def require(self, request: Request, scope: str = "admin") -> None:
-        """Raise a 401 unless the request carries a credential with `scope`."""
+    def require(self, request: Request, scope: str = "admin") -> Principal:
+        """The caller, if it holds a credential with `scope`; otherwise a 401 or 403."""
+        given = _bearer(request)
         token = self.settings.admin_token
-        if not token:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HttpError(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
+        if token and given and hmac.compare_digest(given.encode(), token.encode()):
+            return BOOTSTRAP_ADMIN
+        if not given:
+            raise HttpError(401, "this endpoint needs 'Authorization: Bearer <API key>' "
+                                 "(create one with: postback-worker keys create)",
+                            headers={"WWW-Authenticate": "Bearer"})
+        principal = self.keys.check(given)
+        if principal is None:
+            raise HttpError(401, "unknown or revoked API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+        if not principal.allows(scope):
+            raise HttpError(403, f"this API key lacks the {scope!r} scope")
+        return principal
 
     def _items(self, payload: Any, key: str) -> Any:
         if isinstance(payload, dict) and key in payload and len(payload) == 1:
@@ -120,6 +144,11 @@ class Api:
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
+
+    async def openapi(self, request: Request) -> Response:
+        from postback_worker.ingest.openapi import document
+
+        return json_response(document())
 
     async def click(self, request: Request) -> Response:
         params = dict(request.query_params)
@@ -152,6 +181,7 @@ class Api:
         return RedirectResponse(target, status_code=302)
 
     async def create_clicks(self, request: Request) -> Response:
+        self.require(request, "ingest")
         payload = self._items(await self._json(request), "clicks")
         now = self.clock()
         try:
@@ -173,8 +203,18 @@ class Api:
                               "transaction_ids": [c.transaction_id for c in clicks]}, 201)
 
     async def postback(self, request: Request) -> Response:
-        """TUNE-style conversion URL: GET /postback?transaction_id=..&payout=.."""
+        """TUNE-style conversion URL: GET /postback?transaction_id=..&payout=..&security_token=..
+
+        Advertisers authenticate with the offer's security token; backends may send a key.
+        """
         params = dict(request.query_params)
+        token = params.pop("security_token", None)
+        if token is None or _bearer(request):
+            self.require(request, "ingest")
+        else:
+            problem = await run_in_threadpool(check_offer_token, self.store, params, token)
+            if problem is not None:
+                return error_response(403, problem, [FieldError("security_token", problem)])
         try:
             events = self.producer.validate([params], allow_unknown=True)
         except ValidationError as exc:
@@ -182,6 +222,7 @@ class Api:
         return await self._enqueue(events, 200)
 
     async def conversions(self, request: Request) -> Response:
+        self.require(request, "ingest")
         payload = self._items(await self._json(request), "events")
         items = payload if isinstance(payload, list) else [payload]
         if len(items) > self.settings.max_batch_size:
@@ -194,6 +235,7 @@ class Api:
         return await self._enqueue(events)
 
     async def conversion(self, request: Request) -> Response:
+        self.require(request, "admin")
         cid = request.path_params["conversion_id"]
         detail = await run_in_threadpool(conversion_detail, self.store, cid)
         if detail is None:
@@ -202,30 +244,53 @@ class Api:
         return json_response(detail)
 
     async def _catalog(self, request: Request, kind: str, table: Any,
-                       parse: Callable[[Any, datetime], dict[str, Any]]) -> Response:
+                       parse: Callable[[Any, datetime], dict[str, Any]],
+                       redact: Callable[[dict[str, Any]], dict[str, Any]]) -> Response:
         self.require(request, "admin")
         if request.method == "GET":
             rows = await run_in_threadpool(self.store.list_rows, table)
-            return json_response({kind + "s": rows})
+            return json_response({kind + "s": [redact(r) for r in rows]})
+        payload = await self._json(request)
+        if not isinstance(payload, dict):
+            return error_response(422, f"invalid {kind}",
+                                  [FieldError("body", f"must be a JSON object (one {kind})")])
         try:
-            row = parse(await self._json(request), self.clock())
+            row = parse(payload, self.clock())
         except ValidationError as exc:
             return error_response(422, f"invalid {kind}", exc.errors)
         await run_in_threadpool(self.store.upsert_row, table, row)
-        return json_response(await run_in_threadpool(self.store.get_row, table, row["id"]), 201)
+        stored = await run_in_threadpool(self.store.get_row, table, row["id"])
+        saved = redact(stored or row)
+        if kind == "partner":
+            saved["warnings"] = [p.to_dict() for p in template_report(row["postback_url"])
+                                 if p.severity == "warning"]
+        return json_response(saved, 201)
 
     async def offers(self, request: Request) -> Response:
-        return await self._catalog(request, "offer", schema.offers, parse_offer)
+        return await self._catalog(request, "offer", schema.offers, parse_offer, redact_offer)
 
     async def partners(self, request: Request) -> Response:
-        return await self._catalog(request, "partner", schema.partners, parse_partner)
+        return await self._catalog(request, "partner", schema.partners, parse_partner,
+                                   redact_partner)
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, errors: list[FieldError] | None = None):
+    def __init__(self, status: int, message: str, errors: list[FieldError] | None = None,
+                 headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.errors = errors
+        self.headers = headers
+
+
+# The bootstrap admin token's identity (break-glass: every scope).
+BOOTSTRAP_ADMIN = Principal("bootstrap-admin", frozenset({"admin", "ingest"}))
+
+
+def _bearer(request: Request) -> str:
+    value = request.headers.get("authorization", "")
+    scheme, _, credential = value.partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" else ""
 
 
 def _click_row(c: Any) -> dict[str, Any]:
@@ -239,7 +304,7 @@ def _click_row(c: Any) -> dict[str, Any]:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)
-    return error_response(exc.status, str(exc), exc.errors)
+    return error_response(exc.status, str(exc), exc.errors, exc.headers)
 
 
 async def _db_error(request: Request, exc: Exception) -> Response:
@@ -256,6 +321,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     api = Api(settings, store, producer)
     routes = [
         Route("/health", api.health),
+        Route("/healthz", api.health),
+        Route("/openapi.json", api.openapi),
         Route("/click", api.click),
         Route("/postback", api.postback),
         Route("/v1/clicks", api.create_clicks, methods=["POST"]),

@@ -1,14 +1,396 @@
-"""HTTP routes for dead letters, replay, re-attribution, partner health, support bundles."""
+"""HTTP routes for dead letters, replay, re-attribution, partner health, support bundles.
+
+Every route needs the admin scope.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import io
+import tarfile
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from starlette.routing import BaseRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from postback_worker.domain.events import FieldError, ValidationError
+from postback_worker.ops import deadletters as dlq_ops
+from postback_worker.ops.deadletters import Filter
 
 if TYPE_CHECKING:
     from postback_worker.ingest.api import Api
 
+FILTER_FIELDS = ("partner_id", "offer_id", "failure_class", "since", "until", "last_status")
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _OnCall:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self._enqueue: Any = None
+        self._redis: Any = None
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.api.clock().astimezone(UTC)
+
+    def enqueue(self) -> Any:
+        if self._enqueue is None:
+            from postback_worker.ops.replay import celery_enqueue
+
+            self._enqueue = celery_enqueue(self.api.settings)
+        return self._enqueue
+
+    def redis(self) -> Any:
+        if self._redis is None:
+            from postback_worker.pipeline.guardrails import make_redis
+
+            self._redis = make_redis(self.api.settings.redis_url)
+        return self._redis
+
+    async def body(self, request: Request) -> dict[str, Any]:
+        from postback_worker.ingest.api import HttpError
+
+        raw = await self.api._json(request) if await request.body() else {}
+        if not isinstance(raw, dict):
+            raise HttpError(422, "invalid request", [FieldError("body", "must be an object")])
+        return raw
+
+    def filt(self, data: dict[str, Any], extra: set[str]) -> Filter:
+        unknown = [k for k in data if k not in FILTER_FIELDS and k not in extra]
+        picked = {k: v for k, v in data.items() if k in FILTER_FIELDS}
+        errors = [FieldError(k, "unknown field") for k in unknown]
+        try:
+            filt = Filter.parse(picked, self.now())
+        except ValidationError as exc:
+            errors = exc.errors + errors
+            filt = Filter()
+        if errors:
+            raise ValidationError(errors)
+        return filt
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def list(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        q = dict(request.query_params)
+        errors: list[FieldError] = []
+        paging = {}
+        for name, default, high in (("limit", 50, 1000), ("offset", 0, 10**9)):
+            try:
+                paging[name] = int(q.pop(name, default))
+                if not 0 <= paging[name] <= high or (name == "limit" and paging[name] < 1):
+                    raise ValueError
+            except ValueError:
+                errors.append(FieldError(name, f"must be a whole number up to {high}"))
+        try:
+            filt = self.filt(q, set())
+        except ValidationError as exc:
+            errors = exc.errors + errors
+        if errors:
+            return _invalid("invalid dead-letter query", errors)
+        rows, total = await run_in_threadpool(
+            dlq_ops.list_dead_letters, self.api.store, filt, limit=paging["limit"],
+            offset=paging["offset"])
+        nxt = paging["offset"] + len(rows)
+        return _json({"dead_letters": rows, "total": total, "limit": paging["limit"],
+                      "offset": paging["offset"], "next_offset": nxt if nxt < total else None})
+
+    async def stats(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        try:
+            filt = self.filt(dict(request.query_params), set())
+        except ValidationError as exc:
+            return _invalid("invalid dead-letter query", exc.errors)
+        return _json(await run_in_threadpool(dlq_ops.stats, self.api.store, filt))
+
+    async def show(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        pid = request.path_params["postback_id"]
+        detail = await run_in_threadpool(dlq_ops.show, self.api.store, pid)
+        if detail is None:
+            return _error(404, f"no postback {pid!r}")
+        return _json(detail)
+
+    async def replay(self, request: Request) -> Response:
+        key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
+        from postback_worker.ops import replay
+
+        data = await self.body(request)
+        extra = {"dry_run", "rate", "limit", "triggered_by"}
+        errors: list[FieldError] = []
+        try:
+            filt = self.filt(data, extra)
+        except ValidationError as exc:
+            errors += exc.errors
+            filt = Filter()
+        rate = self.api.settings.replay_rate
+        if data.get("rate") is not None:
+            try:
+                rate = replay.parse_rate(str(data["rate"]))
+            except ValueError as exc:
+                errors.append(FieldError("rate", str(exc)))
+        limit = data.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
+                                  or limit < 1):
+            errors.append(FieldError("limit", "must be a whole number of at least 1"))
+        dry_run = data.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            errors.append(FieldError("dry_run", "must be true or false"))
+        who = _who(data, errors, key)
+        if errors:
+            return _invalid("invalid replay request; nothing was replayed", errors)
+        enqueue = None if dry_run else self.enqueue()
+        run, plan = await run_in_threadpool(
+            lambda: replay.start(self.api.store, self.api.settings, filt, who=who, rate=rate,
+                                 now=self.now(), enqueue=enqueue, dry_run=dry_run, limit=limit))
+        body: dict[str, Any] = {
+            "run_id": run.id, "dry_run": dry_run, "selected": run.selected,
+            "queued": run.queued, "rate": rate, "rerendered": run.rerendered,
+            "skipped": [c.as_dict() for c in run.skipped],
+            "message": _replay_message(run, rate),
+        }
+        if dry_run:
+            body["postbacks"] = [c.as_dict() for c in plan.ready]
+        return _json(body, 200 if dry_run else 202)
+
+    async def run(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops.replay import get_run
+
+        run_id = request.path_params["run_id"]
+        row = await run_in_threadpool(get_run, self.api.store, run_id)
+        return _error(404, f"no run {run_id!r}") if row is None else _json(row)
+
+    async def purge(self, request: Request) -> Response:
+        key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
+        data = await self.body(request)
+        errors: list[FieldError] = []
+        try:
+            filt = self.filt(data, {"confirm", "triggered_by"})
+        except ValidationError as exc:
+            errors += exc.errors
+            filt = Filter()
+        if data.get("confirm") is not True:
+            errors.append(FieldError("confirm", "must be true: purging deletes dead letters "
+                                                "for good"))
+        who = _who(data, errors, key)
+        if errors:
+            return _invalid("invalid purge request; nothing was purged", errors)
+        n = await run_in_threadpool(dlq_ops.purge, self.api.store, filt, who, self.now())
+        return _json({"purged": n})
+
+    # -- re-attribution -------------------------------------------------------------------
+
+    async def reattribute(self, request: Request) -> Response:
+        key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
+        from postback_worker.ops import reattribute
+
+        data = await self.body(request)
+        known = {"offer_id", "since", "until", "dry_run", "triggered_by"}
+        errors = [FieldError(k, "unknown field") for k in data if k not in known]
+        offer_id = data.get("offer_id")
+        if not isinstance(offer_id, str) or not offer_id:
+            errors.append(FieldError("offer_id", "required"))
+        times: dict[str, datetime | None] = {"since": None, "until": None}
+        for name in times:
+            if data.get(name):
+                try:
+                    times[name] = dlq_ops.parse_time(str(data[name]), self.now())
+                except ValueError as exc:
+                    errors.append(FieldError(name, str(exc)))
+        dry_run = data.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            errors.append(FieldError("dry_run", "must be true or false"))
+        who = _who(data, errors, key)
+        if errors:
+            return _invalid("invalid re-attribution request; nothing changed", errors)
+        enqueue = None if dry_run else self.enqueue()
+        try:
+            run_id, plan, taken = await run_in_threadpool(
+                lambda: reattribute.start(self.api.store, str(offer_id), since=times["since"],
+                                          until=times["until"], who=who, now=self.now(),
+                                          enqueue=enqueue, dry_run=dry_run))
+        except reattribute.UnknownOffer:
+            return _invalid("invalid re-attribution request; nothing changed",
+                            [FieldError("offer_id", f"no offer {offer_id!r}")])
+        return _json({
+            "run_id": run_id, "dry_run": dry_run, "offer_id": offer_id,
+            "lifespan_days": plan.lifespan_days, "eligible": plan.eligible,
+            "handed_back": taken, "still_expired": plan.still_expired,
+            "unknown_click": plan.unknown_click,
+        }, 200 if dry_run else 202)
+
+    # -- partners -------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops.partner_health import health
+
+        def work() -> Any:
+            try:
+                client = self.redis()
+                client.ping()
+            except Exception:  # noqa: BLE001 - show the rest without circuit states
+                client = None
+            return health(self.api.store, self.api.settings, client, self.now())
+
+        return _json({"partners": await run_in_threadpool(work)})
+
+    async def pause(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops.partner_health import UnknownPartner, pause
+
+        data = await self.body(request)
+        errors = [FieldError(k, "unknown field") for k in data if k != "reason"]
+        reason = data.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            errors.append(FieldError("reason", "must be a string"))
+        if errors:
+            return _invalid("invalid pause request", errors)
+        pid = request.path_params["partner_id"]
+        try:
+            await run_in_threadpool(pause, self.api.store, pid, reason, self.now())
+        except UnknownPartner:
+            return _error(404, f"no partner {pid!r}")
+        return _json({"partner_id": pid, "paused": True, "reason": reason})
+
+    async def resume(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops.partner_health import UnknownPartner, resume
+
+        pid = request.path_params["partner_id"]
+        try:
+            woke = await run_in_threadpool(resume, self.api.store, self.api.settings,
+                                           self.redis(), pid, self.now())
+        except UnknownPartner:
+            return _error(404, f"no partner {pid!r}")
+        return _json({"partner_id": pid, "paused": False, "released": woke})
+
+    async def limits(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops.partner_health import UnknownPartner, set_limits
+
+        data = await self.body(request)
+        errors = [FieldError(k, "unknown field") for k in data
+                  if k not in {"rate_limit", "max_concurrency"}]
+        rate, cap = data.get("rate_limit"), data.get("max_concurrency")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
+                                 or not 0 <= rate <= 10000):
+            errors.append(FieldError("rate_limit", "must be a number of requests per second "
+                                                   "between 0 and 10000 (0 or null: none)"))
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                                or not 0 <= cap <= 10000):
+            errors.append(FieldError("max_concurrency", "must be a whole number between 0 and "
+                                                        "10000 (0 or null: none)"))
+        if errors:
+            return _invalid("invalid limits", errors)
+        pid = request.path_params["partner_id"]
+        try:
+            await run_in_threadpool(lambda: set_limits(self.api.store, pid, rate_limit=rate,
+                                                       max_concurrency=cap, now=self.now()))
+        except UnknownPartner:
+            return _error(404, f"no partner {pid!r}")
+        return _json({"partner_id": pid, "rate_limit": rate or None,
+                      "max_concurrency": cap or None})
+
+    async def bundle(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        from postback_worker.ops import bundle
+
+        pid = request.path_params["partner_id"]
+        now = self.now()
+        q = request.query_params
+        errors: list[FieldError] = []
+        bounds: dict[str, datetime] = {}
+        for name, default in (("since", "24h"), ("until", None)):
+            value = q.get(name) or default
+            try:
+                bounds[name] = dlq_ops.parse_time(value, now) if value else now
+            except ValueError as exc:
+                errors.append(FieldError(name, str(exc)))
+        if not errors and bounds["since"] > bounds["until"]:
+            errors.append(FieldError("until", "must be after since"))
+        if errors:
+            return _invalid("invalid support-bundle query", errors)
+        try:
+            files = await run_in_threadpool(bundle.collect, self.api.store, self.api.settings,
+                                            pid, bounds["since"], bounds["until"], now)
+        except bundle.UnknownPartner:
+            return _error(404, f"no partner {pid!r}")
+        name = f"support-bundle-{pid}-{now:%Y%m%dT%H%M%SZ}"
+        return Response(_targz(name, files), media_type="application/gzip", headers={
+            "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
+
+
+def _targz(base: str, files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for fname, text in sorted(files.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{base}/{fname}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _who(data: dict[str, Any], errors: list[FieldError], key: str) -> str:
+    """Who triggered it: the name given, and always the API key used."""
+    who = data.get("triggered_by")
+    if who is None:
+        return f"API key {key}"
+    if not isinstance(who, str) or not who.strip() or len(who) > 150:
+        errors.append(FieldError("triggered_by", "must be a name of 1 to 150 characters"))
+        return f"API key {key}"
+    return f"{who.strip()} (API key {key})"
+
+
+def _replay_message(run: Any, rate: float) -> str:
+    if run.selected == 0:
+        return "nothing to replay"
+    note = (f"; {run.rerendered} URL(s) rendered again with the partner's current template"
+            if run.rerendered else "")
+    if run.dry_run:
+        return f"would replay {run.selected} dead letter(s) at {rate:g}/s{note}"
+    return f"{run.queued} dead letter(s) queued on the 'replay' queue at {rate:g}/s{note}"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    from postback_worker.ingest.api import json_response
+
+    return json_response(data, status)
+
+
+def _error(status: int, message: str) -> Response:
+    from postback_worker.ingest.api import error_response
+
+    return error_response(status, message)
+
+
+def _invalid(message: str, errors: list[FieldError]) -> Response:
+    from postback_worker.ingest.api import error_response
+
+    return error_response(422, message, errors)
+
 
 def routes(api: Api) -> list[BaseRoute]:
-    return []
+    h = _OnCall(api)
+    return [
+        Route("/v1/dead-letters", h.list, methods=["GET"]),
+        Route("/v1/dead-letters/stats", h.stats, methods=["GET"]),
+        Route("/v1/dead-letters/replay", h.replay, methods=["POST"]),
+        Route("/v1/dead-letters/purge", h.purge, methods=["POST"]),
+        Route("/v1/dead-letters/{postback_id}", h.show, methods=["GET"]),
+        Route("/v1/replay-runs/{run_id}", h.run, methods=["GET"]),
+        Route("/v1/reattribute", h.reattribute, methods=["POST"]),
+        Route("/v1/partners/health", h.health, methods=["GET"]),
+        Route("/v1/partners/{partner_id}/pause", h.pause, methods=["POST"]),
+        Route("/v1/partners/{partner_id}/resume", h.resume, methods=["POST"]),
+        Route("/v1/partners/{partner_id}/limits", h.limits, methods=["POST"]),
+        Route("/v1/partners/{partner_id}/support-bundle", h.bundle, methods=["GET"]),
+    ]

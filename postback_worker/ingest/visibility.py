@@ -1,14 +1,254 @@
-"""HTTP routes for metrics, reports, alerts, dashboard."""
+"""HTTP routes for metrics, reports, alerts and the dashboard.
+
+Auth: everything needs the `admin` scope (`Authorization: Bearer ...`), or, for the read-only
+pages a browser opens (dashboard, reports, alerts), the signed session cookie a dashboard link
+sets (see ops/dashboard_auth.py). GET /metrics also accepts `Authorization: Bearer
+<metrics_token>` when that setting is set, so Prometheus needs no admin credential.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hmac
+import os
+from typing import TYPE_CHECKING, Any
 
-from starlette.routing import BaseRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from postback_worker.domain.events import FieldError
+from postback_worker.ops import dashboard as dash
+from postback_worker.ops import dashboard_auth as da
+from postback_worker.ops import metrics, reports
+from postback_worker.ops.alerts import list_alerts
+from postback_worker.ops.timerange import RangeError, parse_range
 
 if TYPE_CHECKING:
     from postback_worker.ingest.api import Api
 
+MAX_JSON_ROWS = 10_000
+ALERT_STATES = ("open", "resolved", "all")
+
+
+class Visibility:
+    """Handlers bound to the API's settings and store, with lazily built Redis clients."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.settings = api.settings
+        self._clients: dict[str, Any] = {}
+        self._pid = -1
+
+    def _client(self, url: str) -> Any:
+        if self._pid != os.getpid():
+            self._clients, self._pid = {}, os.getpid()
+        if url not in self._clients:
+            import redis
+
+            self._clients[url] = redis.Redis.from_url(url, socket_timeout=3,
+                                                      socket_connect_timeout=3)
+        return self._clients[url]
+
+    @property
+    def redis(self) -> Any:
+        """Where circuit states live (settings.redis_url)."""
+        return self._client(self.settings.redis_url)
+
+    @property
+    def broker(self) -> Any:
+        """Where the Celery queues live (the broker)."""
+        return self._client(self.settings.effective_broker_url)
+
+    # -- auth -----------------------------------------------------------------------------
+
+    def viewer(self, request: Request) -> None:
+        """Admin credential, or a valid dashboard session cookie."""
+        cookie = request.cookies.get(da.COOKIE)
+        if ("authorization" not in request.headers and cookie
+                and da.check_token(self.settings, "session", cookie, self.api.clock())):
+            return
+        self.api.require(request, "admin")
+
+    def scraper(self, request: Request) -> None:
+        token = self.settings.metrics_token
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if token and given and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        self.api.require(request, "admin")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _scope(self, request: Request) -> reports.Scope | Response:
+        q = request.query_params
+        errors = [FieldError(k, "unknown parameter") for k in q
+                  if k not in {"since", "until", "partner", "offer", "format", "limit",
+                               "state"}]
+        if errors:
+            return self._bad(errors)
+        try:
+            rng = parse_range(q.get("since"), q.get("until"), self.api.clock())
+        except RangeError as exc:
+            return self._bad([FieldError(exc.field, exc.message)])
+        return reports.Scope(rng, q.get("partner") or None, q.get("offer") or None)
+
+    def _bad(self, errors: list[FieldError]) -> Response:
+        from postback_worker.ingest.api import error_response
+
+        return error_response(422, "invalid query parameters", errors)
+
+    def _format(self, request: Request, allowed: tuple[str, ...], default: str) -> str | None:
+        fmt = request.query_params.get("format", default)
+        return fmt if fmt in allowed else None
+
+    def _bad_format(self, allowed: tuple[str, ...]) -> Response:
+        return self._bad([FieldError("format", "must be one of: " + ", ".join(allowed))])
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        self.scraper(request)
+        body = await run_in_threadpool(metrics.render, self.settings, self.api.store,
+                                       self.redis, self.api.clock, self.broker)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
+    async def delivery(self, request: Request) -> Response:
+        from postback_worker.ingest.api import json_response
+
+        self.viewer(request)
+        scope = self._scope(request)
+        if isinstance(scope, Response):
+            return scope
+        fmt = self._format(request, ("json", "csv"), "json")
+        if fmt is None:
+            return self._bad_format(("json", "csv"))
+        report = await run_in_threadpool(reports.delivery_report, self.api.store, scope)
+        if fmt == "csv":
+            body = "".join(reports.csv_lines(reports.report_rows(report),
+                                             reports.REPORT_CSV_COLUMNS))
+            return Response(body, media_type="text/csv; charset=utf-8", headers={
+                "Content-Disposition": 'attachment; filename="delivery-report.csv"'})
+        return json_response(report)
+
+    async def failed(self, request: Request) -> Response:
+        from postback_worker.ingest.api import json_response
+
+        self.viewer(request)
+        scope = self._scope(request)
+        if isinstance(scope, Response):
+            return scope
+        allowed = ("csv", "json", "html")
+        fmt = self._format(request, allowed, "json")
+        if fmt is None:
+            return self._bad_format(allowed)
+        if fmt == "csv":
+            stream = reports.failed_postbacks(self.api.store, scope)
+            return StreamingResponse(
+                reports.csv_lines(stream, reports.FAILED_COLUMNS),
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": 'attachment; filename="failed-postbacks.csv"'})
+        limit_text = request.query_params.get("limit", str(MAX_JSON_ROWS))
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_JSON_ROWS:
+            return self._bad([FieldError("limit", f"must be 1..{MAX_JSON_ROWS}; use "
+                                                  "format=csv for everything")])
+        limit = int(limit_text)
+
+        def fetch() -> list[dict[str, Any]]:
+            return list(reports.failed_postbacks(self.api.store, scope, limit + 1))
+
+        rows = await run_in_threadpool(fetch)
+        truncated = len(rows) > limit
+        rows = rows[:limit]
+        if fmt == "html":
+            who = f"partner {scope.partner_id}" if scope.partner_id else "all partners"
+            return HTMLResponse(dash.failed_html(rows, f"Failed postbacks: {who}"))
+        return json_response({"since": scope.range.since, "until": scope.range.until,
+                              "count": len(rows), "truncated": truncated,
+                              "failed_postbacks": rows})
+
+    async def alerts(self, request: Request) -> Response:
+        from postback_worker.ingest.api import json_response
+
+        self.viewer(request)
+        q = request.query_params
+        state = q.get("state", "all")
+        errors = []
+        if state not in ALERT_STATES:
+            errors.append(FieldError("state", "must be one of: " + ", ".join(ALERT_STATES)))
+        limit_text = q.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            errors.append(FieldError("limit", "must be 1..1000"))
+        if errors:
+            return self._bad(errors)
+        rows = await run_in_threadpool(
+            lambda: list_alerts(self.api.store, state=state, partner_id=q.get("partner") or None,
+                                limit=int(limit_text)))
+        return json_response({"alerts": rows})
+
+    async def dashboard(self, request: Request) -> Response:
+        from postback_worker.ingest.api import HttpError, json_response
+
+        try:
+            self.viewer(request)
+        except HttpError as exc:
+            return HTMLResponse(_login_page(str(exc)), status_code=exc.status)
+        scope = self._scope(request)
+        if isinstance(scope, Response):
+            return scope
+        fmt = self._format(request, ("html", "json"), "html")
+        if fmt is None:
+            return self._bad_format(("html", "json"))
+        data = await run_in_threadpool(dash.gather, self.api.store, self.redis, scope,
+                                       self.api.clock(), self.broker)
+        if fmt == "json":
+            return json_response(data)
+        return HTMLResponse(dash.render_html(data))
+
+    async def link(self, request: Request) -> Response:
+        from postback_worker.ingest.api import error_response, json_response
+
+        self.api.require(request, "admin")
+        base = str(request.base_url)
+        try:
+            url = da.dashboard_link(self.settings, base, self.api.clock(),
+                                    request.query_params.get("next"))
+        except da.NoSigningKey as exc:
+            return error_response(409, str(exc))
+        return json_response({"url": url, "expires_in": da.LINK_SECONDS})
+
+    async def session(self, request: Request) -> Response:
+        token = request.query_params.get("t", "")
+        now = self.api.clock()
+        if not da.check_token(self.settings, "link", token, now):
+            return HTMLResponse(_login_page("this dashboard link is invalid or has expired"),
+                                status_code=401)
+        resp = RedirectResponse(da.safe_next(request.query_params.get("next")),
+                                status_code=303)
+        resp.set_cookie(da.COOKIE, da.make_token(self.settings, "session", now,
+                                                 da.SESSION_SECONDS),
+                        max_age=da.SESSION_SECONDS, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+        return resp
+
+
+def _login_page(problem: str) -> str:
+    from html import escape
+
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Dashboard: "
+            "sign in</title></head><body><h1>Postback delivery dashboard</h1>"
+            f"<p>{escape(problem)}.</p><p>Get a sign-in link (valid 10 minutes) with "
+            "<code>postback-worker dashboard link --base-url URL</code>, or POST "
+            "/v1/dashboard/link with an admin key.</p></body></html>")
+
 
 def routes(api: Api) -> list[BaseRoute]:
-    return []
+    v = Visibility(api)
+    return [
+        Route("/metrics", v.metrics, methods=["GET"]),
+        Route("/v1/reports/delivery", v.delivery, methods=["GET"]),
+        Route("/v1/reports/failed", v.failed, methods=["GET"]),
+        Route("/v1/alerts", v.alerts, methods=["GET"]),
+        Route("/dashboard", v.dashboard, methods=["GET"]),
+        Route("/dashboard/session", v.session, methods=["GET"]),
+        Route("/v1/dashboard/link", v.link, methods=["POST"]),
+    ]

@@ -1,15 +1,27 @@
-"""Offer and partner configuration: validation shared by the CLI and the admin API."""
+"""Offer and partner configuration: validation, redaction, security tokens and signing keys,
+shared by the CLI and the admin API."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
-from collections.abc import Mapping
-from datetime import datetime
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
+
+from sqlalchemy import select, update
 
 from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campaign_type
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
+from postback_worker.domain.validator import TemplateProblem, host_of
+from postback_worker.store import schema
+
+# resolve(host) returns normally when the host resolves and raises OSError when it does not.
+HostResolver = Callable[[str], object]
 
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
@@ -127,8 +139,7 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     else:
         for p in validate_template(url):
             if p.severity == "error":
-                fix = f" ({p.fix})" if p.fix else ""
-                e.add("postback_url", f"position {p.position}: {p.message}{fix}")
+                e.add("postback_url", p.describe())
     method = (e.text("method", "GET") or "GET").upper()
     if method not in {"GET", "POST"}:
         e.add("method", "must be GET or POST")
@@ -156,3 +167,140 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "enabled": enabled, "scope": scope, "offer_ids": _csv(data.get("offer_ids")) or None,
         **overrides, "created_at": now, "updated_at": now,
     }
+
+
+# -- template reports (the validator plus a DNS check) ----------------------------------------
+
+def _resolve(host: str) -> object:
+    return socket.getaddrinfo(host, None)
+
+
+def template_report(url: str, *, dns: bool = False,
+                    resolver: HostResolver | None = None) -> list[TemplateProblem]:
+    """Every validator problem; with `dns`, a warning when the host does not resolve."""
+    problems = validate_template(url)
+    found = host_of(url)
+    if dns and found is not None:
+        host, position = found
+        try:
+            (resolver or _resolve)(host)
+        except (OSError, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problems.append(TemplateProblem(
+                position, f"host {host!r} does not resolve ({reason}); check the spelling",
+                "warning", "", "dns"))
+    return problems
+
+
+# -- secrets are never shown -----------------------------------------------------------------
+
+SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous")
+
+
+def redact_partner(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A partner row safe to show or export: signing secrets replaced by what they imply."""
+    out = {k: v for k, v in row.items() if k not in SECRET_PARTNER_FIELDS}
+    out["signing"] = bool(row.get("hmac_secret"))
+    out["signing_rotation_until"] = (row.get("hmac_previous_until")
+                                     if row.get("hmac_secret_previous") else None)
+    from postback_worker.domain.masking import mask_url
+
+    if isinstance(out.get("postback_url"), str):
+        out["postback_url"] = mask_url(out["postback_url"])
+    return out
+
+
+def redact_offer(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An offer row safe to show: whether it has a security token, not the token's hash."""
+    out = {k: v for k, v in row.items() if k != "security_token_hash"}
+    out["security_token"] = bool(row.get("security_token_hash"))
+    return out
+
+
+# -- advertiser security tokens (GET /postback) ----------------------------------------------
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def set_offer_token(store: Any, offer_id: str, now: datetime) -> str | None:
+    """Give the offer a new security token (the old one stops working); None: no such offer."""
+    token = secrets.token_urlsafe(24)
+    with store.engine.begin() as conn:
+        result = conn.execute(update(schema.offers).where(schema.offers.c.id == offer_id)
+                              .values(security_token_hash=_token_hash(token), updated_at=now))
+    return token if result.rowcount else None
+
+
+def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str | None:
+    """None when `token` is the security token of the conversion's offer; else why not.
+
+    The offer is `offer_id`, or the offer of the click named by `transaction_id`.
+    """
+    offer_id = params.get("offer_id")
+    with store.engine.connect() as conn:
+        if not offer_id and params.get("transaction_id"):
+            offer_id = conn.execute(select(schema.clicks.c.offer_id).where(
+                schema.clicks.c.transaction_id == params["transaction_id"][:64])).scalar()
+        if not offer_id:
+            return "cannot check the security_token: pass offer_id or a known transaction_id"
+        stored = conn.execute(select(schema.offers.c.security_token_hash).where(
+            schema.offers.c.id == offer_id[:64])).scalar()
+    if not stored:
+        return "this offer accepts no advertiser postbacks yet: create its security token"
+    if not hmac.compare_digest(stored, _token_hash(token)):
+        return "security_token does not match the offer"
+    return None
+
+
+# -- partner signing keys --------------------------------------------------------------------
+
+SIGNING_ACTIONS = ("enable", "rotate", "disable")
+_HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
+
+
+def change_signing(store: Any, partner_id: str, action: str, now: datetime,
+                   grace: timedelta, header: str | None = None) -> tuple[str | None, str]:
+    """Enable, rotate or disable a partner's signing. Returns (new secret or None, summary).
+
+    Raises ValidationError for a bad action or header, LookupError for an unknown partner.
+    """
+    from postback_worker.delivery.signing import DEFAULT_SIGNATURE_HEADER, rotation
+
+    errors = []
+    if action not in SIGNING_ACTIONS:
+        errors.append(FieldError("action", f"must be one of {', '.join(SIGNING_ACTIONS)}"))
+    if header is not None and (not _HEADER.fullmatch(header) or header.lower() in
+                               {"host", "content-length", "x-postback-id",
+                                "x-postback-timestamp", "authorization"}):
+        errors.append(FieldError("header", "must be a header name of letters, digits and '-' "
+                                           "that the request does not already use"))
+    if errors:
+        raise ValidationError(errors)
+    row = store.get_partner(partner_id)
+    if row is None:
+        raise LookupError(partner_id)
+    secret: str | None = None
+    if action == "disable":
+        changes: dict[str, Any] = {"hmac_secret": None, "hmac_secret_previous": None,
+                                   "hmac_previous_until": None}
+        summary = f"partner {partner_id}: signing disabled"
+    elif action == "enable" and row.get("hmac_secret"):
+        changes = {}
+        summary = (f"partner {partner_id}: signing is already enabled "
+                   "(use rotate for a new secret)")
+    else:
+        changes = rotation(row if action == "rotate" else {}, now, grace)
+        secret = changes["hmac_secret"]
+        summary = (f"partner {partner_id}: signing enabled" if action == "enable" or
+                   not row.get("hmac_secret") else
+                   f"partner {partner_id}: secret rotated; the old one also signs until "
+                   f"{(now + grace).strftime('%Y-%m-%d %H:%M:%S')} UTC")
+    if header is not None or (secret and not row.get("signature_header")):
+        changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
+    if changes:
+        changes["updated_at"] = now
+        with store.engine.begin() as conn:
+            conn.execute(update(schema.partners).where(schema.partners.c.id == partner_id)
+                         .values(**changes))
+    return secret, summary

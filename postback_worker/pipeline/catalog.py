@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from postback_worker.delivery.signing import SigningKeys
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.store.repo import Store
 
@@ -24,6 +25,8 @@ class Partner:
     scope: str
     offer_ids: tuple[str, ...]
     policy_overrides: Mapping[str, float | int | None]
+    # HMAC signing keys (delivery/signing.py), None when the partner does not sign.
+    signing: SigningKeys | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Partner:
@@ -41,6 +44,7 @@ class Partner:
             policy_overrides={
                 k: row[k] for k in ("max_attempts", "base_delay", "max_delay", "horizon")
             },
+            signing=SigningKeys.from_row(row),
         )
 
     def policy(self, default: RetryPolicy) -> RetryPolicy:

@@ -10,11 +10,13 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.attribution import (
     ClickFacts,
@@ -29,8 +31,15 @@ from postback_worker.domain.events import ConversionEvent
 from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError, macro_values, render
 from postback_worker.domain.masking import mask_url
-from postback_worker.domain.retry import FailureClass, classify, describe, parse_retry_after
+from postback_worker.domain.retry import (
+    RETRYABLE,
+    FailureClass,
+    classify,
+    describe,
+    parse_retry_after,
+)
 from postback_worker.pipeline.catalog import Catalog, Partner
+from postback_worker.pipeline.guardrails import Guardrails, Limits
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store.repo import Store
@@ -38,6 +47,8 @@ from postback_worker.store.repo import Store
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# BatchResult key for postbacks put back to wait (paused, circuit open, over a limit).
+WAITING = "waiting"
 
 
 def utcnow() -> datetime:
@@ -63,7 +74,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, store: Store, sender: Sender, *,
                  clock: Clock = utcnow, rand: Callable[[], float] = random.random,
-                 worker_name: str | None = None) -> None:
+                 worker_name: str | None = None, redis: Any | None = None) -> None:
         self.settings = settings
         self.store = store
         self.sender = sender
@@ -71,11 +82,19 @@ class Pipeline:
         self.rand = rand
         self.catalog = Catalog(store, settings.config_cache_seconds)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
+        # Without Redis (unit tests, tools) pauses still hold; breaker and limits are off.
+        self.guard = Guardrails(redis, settings) if redis is not None else None
+        self._controls: dict[str, Limits] = {}
+        self._controls_at = float("-inf")
 
     # -- conversions ----------------------------------------------------------------------
 
-    def process_conversions(self, messages: Sequence[Mapping[str, Any]]) -> BatchResult:
-        """Persist, attribute and fire a batch; safe to run again on the same messages."""
+    def process_conversions(self, messages: Sequence[Mapping[str, Any]],
+                            triggered_by: str | None = None) -> BatchResult:
+        """Persist, attribute and fire a batch; safe to run again on the same messages.
+
+        `triggered_by` is recorded on the postbacks created (e.g. a re-attribution run).
+        """
         result = BatchResult()
         events = [ConversionEvent.from_message(m) for m in messages]
         if not events:
@@ -90,6 +109,8 @@ class Pipeline:
             decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
             self._mark_duplicates(conn, decided)
             postbacks, dead = self._build_postbacks(decided, clicks, now)
+            for row in postbacks:
+                row["triggered_by"] = triggered_by
             self.store.set_conversion_states(conn, [
                 {"id": d.conv["id"], "state": d.state, "reason": d.reason,
                  "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
@@ -193,12 +214,9 @@ class Pipeline:
                 reason=f"status {status!r} does not fire this partner (fires on: {fires})",
             )
             return row
-        values = macro_values(
-            conversion={**d.conv, "offer_id": d.offer_id}, click=click, postback_id=pid,
-            now=now, random_value=secrets.token_hex(8),
-        )
         try:
-            row["url"] = render(partner.postback_url, values)
+            row["url"] = render_postback_url(partner.postback_url, {**d.conv,
+                                             "offer_id": d.offer_id}, click, pid, now)
         except TemplateError as exc:
             row.update(url=partner.postback_url, state=repo.DEAD_LETTERED, next_attempt_at=None,
                        reason=f"config: template cannot render: {exc}", last_class="config")
@@ -233,6 +251,7 @@ class Pipeline:
         buf = _Buffer()
         sendable: list[tuple[dict[str, Any], Partner]] = []
         now = self.clock()
+        groups: dict[str, list[dict[str, Any]]] = {}
         for c in claimed:
             p = partners[c["partner_id"]]
             if p is None or not p.enabled:
@@ -240,10 +259,15 @@ class Pipeline:
                 buf.updates.append(_update(c, repo.SKIPPED, why, now))
                 result.count(result.postbacks, repo.SKIPPED)
             else:
-                sendable.append((c, p))
+                groups.setdefault(p.id, []).append(c)
+        for partner_id, group in groups.items():
+            p = partners[partner_id]
+            assert p is not None
+            sendable.extend((c, p) for c in self._admit(p, group, buf, now, result))
         requests = [
             PostbackRequest(postback_id=c["id"], url=c["url"], method=c["method"],
-                            timeout=p.timeout)
+                            timeout=p.timeout,
+                            headers=signing.headers_for(p, c["id"], c["url"], now, c["method"]))
             for c, p in sendable
         ]
         flush_every = max(1, self.settings.delivery_concurrency)
@@ -268,15 +292,110 @@ class Pipeline:
             return now
         return last
 
+    # -- guardrails: pause, circuit breaker, rate limit, concurrency cap --------------------
+
+    def _limits(self, partner_id: str) -> Limits:
+        """The partner's pause and limits, cached like the catalog."""
+        mono = time.monotonic()
+        stale = mono - self._controls_at >= self.settings.config_cache_seconds
+        if stale or partner_id not in self._controls:
+            self._controls = {
+                r["id"]: Limits(paused=bool(r["paused"]), paused_reason=r["paused_reason"],
+                                rate_limit=r["rate_limit"], max_concurrency=r["max_concurrency"],
+                                timeout=float(r["timeout"]))
+                for r in self.store.list_partners()
+            }
+            self._controls_at = mono
+        return self._controls.get(partner_id, Limits())
+
+    def _admit(self, partner: Partner, group: list[dict[str, Any]], buf: _Buffer,
+               now: datetime, result: BatchResult) -> list[dict[str, Any]]:
+        """The claimed postbacks of one partner that fire now; the others wait, attempts kept."""
+        limits = self._limits(partner.id)
+        if limits.paused:
+            why = "partner paused" + (f" ({limits.paused_reason})" if limits.paused_reason
+                                      else "") + "; 'postback-worker partners resume' releases it"
+            later = now + timedelta(seconds=self.settings.pause_recheck)
+            buf.released.extend(_release(c, later, why, now) for c in group)
+            result.count(result.postbacks, WAITING, len(group))
+            return []
+        if self.guard is None:
+            return group
+        from redis.exceptions import RedisError
+
+        try:
+            verdict = self.guard.admit(partner.id, [c["id"] for c in group], limits,
+                                       now.timestamp())
+        except RedisError as exc:
+            log.warning("guardrails unavailable (%s); firing partner %s unguarded", exc,
+                        partner.id)
+            return group
+        by_id = {c["id"]: c for c in group}
+        for pid, (delay, why) in verdict.wait.items():
+            buf.released.append(_release(by_id[pid], now + timedelta(seconds=delay), why, now))
+        if verdict.wait:
+            result.count(result.postbacks, WAITING, len(verdict.wait))
+        if verdict.probe is not None:
+            buf.probes.add(verdict.probe)
+        if limits.max_concurrency:
+            buf.slotted.add(partner.id)
+        return [by_id[i] for i in verdict.fire]
+
+    def _observe(self, buf: _Buffer, c: Mapping[str, Any], partner: Partner,
+                 failure: FailureClass, retry_after: float | None, now: datetime) -> None:
+        """Feed one result to the breaker (batched until the next flush) and free its slot."""
+        if self.guard is None:
+            return
+        stats = buf.stats.setdefault(partner.id, _Stats())
+        stats.total += 1
+        if failure in RETRYABLE:
+            stats.failed += 1
+        if c["id"] in buf.probes:
+            stats.probe_ok = failure not in RETRYABLE
+        if failure == FailureClass.THROTTLED and retry_after:
+            cap = partner.policy(self.settings.retry).max_retry_after
+            until = now.timestamp() + min(retry_after, cap)
+            stats.hold_until = max(stats.hold_until or 0.0, until)
+        if partner.id in buf.slotted:
+            from redis.exceptions import RedisError
+
+            try:
+                self.guard.release_slots(partner.id, [c["id"]])
+            except RedisError as exc:
+                log.warning("could not free a concurrency slot (it expires): %s", exc)
+
+    def _report(self, buf: _Buffer) -> None:
+        """Send batched results to the breaker; a closed circuit releases waiting postbacks."""
+        if self.guard is None or not buf.stats:
+            return
+        from redis.exceptions import RedisError
+
+        now = self.clock()
+        for partner_id, st in buf.stats.items():
+            try:
+                before, after = self.guard.record(
+                    partner_id, now=now.timestamp(), total=st.total, failed=st.failed,
+                    probe_ok=st.probe_ok, retry_after_until=st.hold_until)
+            except RedisError as exc:
+                log.warning("could not record results for the circuit breaker: %s", exc)
+                continue
+            if before != "closed" and after == "closed":
+                woke = self.store.wake_waiting(partner_id, now)
+                log.warning("partner %s circuit closed; %d waiting postbacks released",
+                            partner_id, woke)
+        buf.stats.clear()
+
     def _record(self, buf: _Buffer, c: dict[str, Any], partner: Partner, outcome: Any,
                 started: datetime) -> str:
         now = self.clock()
         failure = classify(outcome, partner.success_check)
         attempt_no = int(c["attempts"]) + 1
+        retry_after = parse_retry_after(outcome.retry_after, now)
+        self._observe(buf, c, partner, failure, retry_after, now)
         decision = partner.policy(self.settings.retry).decide(
             failure, attempts_made=attempt_no,
             first_attempt_at=c["first_attempt_at"] or started, now=now,
-            retry_after=parse_retry_after(outcome.retry_after, now), rand=self.rand(),
+            retry_after=retry_after, rand=self.rand(),
         )
         text = "" if failure == FailureClass.DELIVERED else describe(outcome, failure)
         buf.attempts.append({
@@ -287,7 +406,14 @@ class Pipeline:
             "worker": self.worker_name, "is_test": False,
         })
         next_at = None
-        if decision.action == "delivered":
+        if (decision.action == "dead_letter" and c["id"] in buf.probes
+                and failure in RETRYABLE):
+            # A failed circuit probe only confirms the partner is still down: the postback
+            # waits for the circuit instead of being dead-lettered for the outage.
+            state = repo.RETRY_SCHEDULED
+            reason = f"{repo.WAITING_PREFIX}circuit open (probe failed: {text})"
+            next_at = now + timedelta(seconds=self.settings.breaker_cooldown)
+        elif decision.action == "delivered":
             state, reason = repo.DELIVERED, None
         elif decision.action == "retry":
             assert decision.delay is not None
@@ -305,7 +431,11 @@ class Pipeline:
         return state
 
     def _flush(self, buf: _Buffer) -> None:
+        if buf.released:
+            self.store.release(buf.released)
+            buf.released = []
         if not (buf.updates or buf.attempts):
+            self._report(buf)
             return
         if buf.dead:
             self._fill_offer_ids(buf.dead)
@@ -315,6 +445,7 @@ class Pipeline:
             log.warning("%d postback lease(s) expired before their result was saved",
                         len(buf.updates) - saved)
         buf.updates, buf.attempts, buf.dead = [], [], []
+        self._report(buf)
 
     def _fill_offer_ids(self, dead: list[dict[str, Any]]) -> None:
         for row in dead:
@@ -343,12 +474,44 @@ class Pipeline:
         )
         return [_conversion_message(r) for r in rows]
 
+    def reprocess(self, conversion_ids: Sequence[str], triggered_by: str | None) -> BatchResult:
+        """Process stored conversions handed back to `received` (re-attribution) again."""
+        rows = [self.store.get_conversion(i) for i in conversion_ids]
+        msgs = [_conversion_message(r) for r in rows if r is not None and r["state"] == "received"]
+        return self.process_conversions(msgs, triggered_by)
+
+
+@dataclass
+class _Stats:
+    total: int = 0
+    failed: int = 0
+    probe_ok: bool | None = None
+    hold_until: float | None = None
+
 
 @dataclass
 class _Buffer:
     updates: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    probes: set[str] = field(default_factory=set)
+    slotted: set[str] = field(default_factory=set)
+    stats: dict[str, _Stats] = field(default_factory=dict)
+
+
+def render_postback_url(template: str, conversion: Mapping[str, Any],
+                        click: Mapping[str, Any], postback_id: str, now: datetime) -> str:
+    """A postback URL from a template, a stored conversion and its click (raises TemplateError)."""
+    values = macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
+                          random_value=secrets.token_hex(8))
+    return render(template, values)
+
+
+def _release(c: Mapping[str, Any], next_at: datetime, why: str,
+             now: datetime) -> dict[str, Any]:
+    return {"id": c["id"], "token": c["token"], "next_attempt_at": next_at,
+            "reason": repo.WAITING_PREFIX + why, "updated_at": now}
 
 
 @dataclass

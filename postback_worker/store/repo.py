@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
+from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
 
 # Postback states.
@@ -20,6 +34,8 @@ DELIVERED = "delivered"
 DEAD_LETTERED = "dead_lettered"
 SKIPPED = "skipped"
 FINAL_POSTBACK_STATES = frozenset({DELIVERED, DEAD_LETTERED, SKIPPED})
+# Reason prefix of postbacks waiting on a pause, an open circuit or a partner limit.
+WAITING_PREFIX = "waiting: "
 
 _CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 
@@ -55,12 +71,29 @@ class Store:
 
     # -- offers and partners --------------------------------------------------------------
 
-    def upsert_row(self, table: Table, row: Mapping[str, Any]) -> None:
-        """Insert or update an offer or partner by id (created_at kept)."""
+    def upsert_row(self, table: Table, row: Mapping[str, Any],
+                   changed_by: str | None = None) -> None:
+        """Insert or update an offer or partner by id (created_at kept); keep a redacted
+        snapshot of the saved version in config_history."""
         with self.engine.begin() as conn:
             stmt = self._insert(table).values(**row)
             changes = {k: stmt.excluded[k] for k in row if k not in {"id", "created_at"}}
             conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+            saved = conn.execute(select(table).where(table.c.id == row["id"])).mappings().one()
+            conn.execute(insert(t.config_history).values(
+                kind=table.name.rstrip("s"), object_id=row["id"],
+                changed_at=saved["updated_at"], changed_by=changed_by,
+                snapshot=json.dumps(redacted_config(dict(saved)), default=str, sort_keys=True),
+            ))
+
+    def config_history(self, kind: str, object_id: str) -> list[dict[str, Any]]:
+        h = t.config_history.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.config_history).where(h.kind == kind, h.object_id == object_id)
+                .order_by(h.changed_at, h.id)
+            ).mappings().all()
+        return [dict(r) for r in rows]
 
     def get_row(self, table: Table, row_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -346,6 +379,61 @@ class Store:
 
             oldest = oldest.replace(tzinfo=UTC)
         return int(n), oldest
+
+    # -- on-call: waiting without spending attempts ----------------------------------------
+
+    def release(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Put claimed postbacks back to wait (paused, circuit open, over a limit).
+
+        rows: {id, token, next_attempt_at, reason, updated_at}. Unlike `finish`, no attempt is
+        counted; a postback never fired forgets its first-attempt time (the horizon starts
+        when it really fires).
+        """
+        if not rows:
+            return 0
+        pb = t.postbacks.c
+        stmt = (
+            update(t.postbacks)
+            .where(pb.id == bindparam("b_id"), pb.lease_token == bindparam("b_token"))
+            .values(
+                state=RETRY_SCHEDULED, reason=bindparam("b_reason"),
+                next_attempt_at=bindparam("b_next_attempt_at"),
+                updated_at=bindparam("b_updated_at"), lease_until=None, lease_token=None,
+                first_attempt_at=case((pb.attempts == 0, None), else_=pb.first_attempt_at),
+            )
+        )
+        with self.engine.begin() as conn:
+            res = conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
+            return res.rowcount if conn.dialect.supports_sane_multi_rowcount else len(rows)
+
+    def wake_waiting(self, partner_id: str, now: datetime) -> int:
+        """Make a partner's waiting postbacks due now (resume, circuit closed)."""
+        pb = t.postbacks.c
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(t.postbacks)
+                .where(pb.partner_id == partner_id, pb.state == RETRY_SCHEDULED,
+                       pb.reason.like(WAITING_PREFIX + "%"), pb.next_attempt_at > now)
+                .values(next_attempt_at=now, updated_at=now)
+            )
+            return int(res.rowcount)
+
+
+# Never stored in history snapshots, exports or bundles.
+SECRET_COLUMNS = frozenset({"hmac_secret", "hmac_secret_previous", "security_token_hash"})
+
+
+def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An offer or partner row with secrets replaced and URL tokens masked."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in SECRET_COLUMNS:
+            out[key] = "(set, not shown)" if value else None
+        elif isinstance(value, str) and key.endswith("url"):
+            out[key] = mask_url(value)
+        else:
+            out[key] = value
+    return out
 
 
 def lease_deadline(now: datetime, seconds: float) -> datetime:

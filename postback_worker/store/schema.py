@@ -69,6 +69,8 @@ offers = Table(
     Column("allow_multiple", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # SHA-256 of the advertiser's security token for GET /postback (the token is shown once).
+    Column("security_token_hash", String(128)),
 )
 
 partners = Table(
@@ -103,6 +105,9 @@ partners = Table(
     # Optional HMAC-SHA256 request signing; the secret is never shown or exported.
     Column("hmac_secret", Text),
     Column("signature_header", String(100)),
+    # Secret rotation: the previous secret still signs (a second signature) until this time.
+    Column("hmac_secret_previous", Text),
+    Column("hmac_previous_until", UTCDateTime),
 )
 
 # Every saved version of an offer or partner (secrets redacted), for audits and bundles.

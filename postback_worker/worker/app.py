@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from postback_worker.settings import Settings
 from postback_worker.worker.queues import (
@@ -53,7 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": CONVERSIONS,
-        "task_queues": [Queue(q) for q in QUEUES],
+        # One direct exchange per queue, so a message can only ever land in its own queue.
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         "task_routes": {
             TASK_PROCESS: {"queue": CONVERSIONS},
             TASK_DELIVER: {"queue": RETRIES},
@@ -110,7 +111,10 @@ def build_pipeline(settings: Settings) -> Any:
         user_agent=settings.user_agent,
         allow_networks=settings.allow_networks,
     )
-    return Pipeline(settings, store, sender)
+    from postback_worker.pipeline.guardrails import make_redis
+
+    # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
+    return Pipeline(settings, store, sender, redis=make_redis(settings.redis_url))
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -1,18 +1,68 @@
-"""Celery tasks and beat entries for alert evaluation, metrics snapshots."""
+"""Celery task and beat entry for alert evaluation (on the `maintenance` queue)."""
 
 from __future__ import annotations
 
+import logging
+import os
+from datetime import UTC, datetime
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
+from sqlalchemy.exc import OperationalError
 
 from postback_worker.settings import Settings
+from postback_worker.worker.queues import MAINTENANCE
+
+log = logging.getLogger(__name__)
+
+TASK_EVALUATE_ALERTS = "postback_worker.evaluate_alerts"
+
+
+class _RedisPerProcess:
+    """One Redis client per worker process (built after fork)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pid = -1
+        self._client: Any = None
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            import redis
+
+            self._client = redis.Redis.from_url(self.url, socket_timeout=5,
+                                                socket_connect_timeout=5)
+            self._pid = os.getpid()
+        return self._client
 
 
 def register(app: Celery) -> None:
     """Register this module's tasks on `app`."""
+    services = app.postback_services  # type: ignore[attr-defined]
+    redis_client = _RedisPerProcess(services.settings.redis_url)
+
+    @app.task(name=TASK_EVALUATE_ALERTS, bind=True, acks_late=False, ignore_result=True)
+    def evaluate_alerts(self: Task) -> dict[str, Any]:
+        from postback_worker.ops.alerts import evaluate
+
+        try:
+            events = evaluate(services.settings, services.pipeline.store, redis_client.get(),
+                              now=datetime.now(UTC))
+        except OperationalError as exc:
+            # The next beat run evaluates again; nothing was recorded half-way (one txn).
+            log.warning("alert evaluation skipped, database unavailable: %s", exc)
+            return {"skipped": str(exc)}
+        return {"fired": sum(e.action == "fire" for e in events),
+                "resolved": sum(e.action == "resolve" for e in events)}
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Beat entries (name -> entry) for this module's periodic tasks."""
-    return {}
+    return {
+        "evaluate-alerts": {
+            "task": TASK_EVALUATE_ALERTS,
+            "schedule": settings.alert_interval,
+            # A late message is useless: the next run looks at fresher figures.
+            "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.alert_interval)},
+        },
+    }

@@ -1,0 +1,370 @@
+"""Postback template validator: every problem with its position (0-based) and a suggested fix.
+
+Pure code. Checks: scheme and host, whitespace and control characters, braces and unknown
+macros ("did you mean"), other trackers' macro syntaxes and placeholders, characters that must
+be percent-encoded, HTML entities left by copy-paste from web pages, fragments, duplicate query
+parameters, a missing {transaction_id} and plain http. DNS is checked outside the domain.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+KNOWN_MACROS: frozenset[str] = frozenset(
+    {
+        "transaction_id", "offer_id", "affiliate_id",
+        "aff_sub", "aff_sub2", "aff_sub3", "aff_sub4", "aff_sub5",
+        "source", "adv_sub", "goal_id", "payout", "sale_amount", "currency", "status",
+        "conversion_id", "postback_id", "datetime", "date", "time", "timestamp",
+        "ip", "device_id", "random",
+    }
+)  # fmt: skip
+
+# Names other trackers use for our macros (only used to suggest a fix).
+ALIASES: dict[str, str] = {
+    "tid": "transaction_id", "clickid": "transaction_id", "click_id": "transaction_id",
+    "txid": "transaction_id", "trans_id": "transaction_id", "transid": "transaction_id",
+    "externalid": "transaction_id", "cid": "transaction_id", "reqid": "transaction_id",
+    "s1": "aff_sub", "s2": "aff_sub2", "s3": "aff_sub3", "s4": "aff_sub4", "s5": "aff_sub5",
+    "sub1": "aff_sub", "sub2": "aff_sub2", "sub3": "aff_sub3", "sub4": "aff_sub4",
+    "sub5": "aff_sub5", "subid": "aff_sub", "sub_id": "aff_sub", "subid1": "aff_sub",
+    "aff_id": "affiliate_id", "affid": "affiliate_id", "oid": "offer_id",
+    "amount": "sale_amount", "revenue": "payout", "sum": "payout", "price": "payout",
+    "payout_amount": "payout", "ip_address": "ip", "leadid": "conversion_id",
+    "order_id": "adv_sub", "orderid": "adv_sub", "utcunixtime": "timestamp",
+}  # fmt: skip
+
+# Placeholder words that trackers' example URLs ask you to replace.
+PLACEHOLDERS = frozenset({"REPLACE", "OPTIONAL", "REPLACE_ME", "YOUR_CLICK_ID", "CLICK_ID",
+                          "TRANSACTION_ID", "SALE_AMOUNT", "PAYOUT", "SUBID", "XXX"})
+
+# Glyphs a browser shows for "&name" when a URL is pasted into a page as text.
+HTML_GLYPHS: dict[str, str] = {
+    "¤": "&curren", "¶": "&para", "×": "&times", "®": "&reg", "©": "&copy", "¬": "&not",
+    "§": "&sect", "¢": "&cent", "£": "&pound", "¥": "&yen", "°": "&deg", "µ": "&micro",
+    "·": "&middot", "÷": "&divide", "¦": "&brvbar", "¯": "&macr", "〈": "&lang",
+    "⟨": "&lang",
+}  # fmt: skip
+
+# Problems that make a template impossible to render (the rest only block saving).
+RENDER_BLOCKING = frozenset({"empty", "scheme", "host", "whitespace", "lookalike",
+                             "braces", "unknown_macro"})
+# Characters that must be percent-encoded outside macros.
+_UNSAFE = {'"': "%22", "<": "%3C", ">": "%3E", "\\": "%5C", "^": "%5E", "`": "%60",
+           "|": "%7C", "[": "%5B", "]": "%5D"}
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_MACRO = re.compile(r"\{([^{}]*)\}")
+_DOUBLE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+_DOLLAR = re.compile(r"\$\{(\w+)\}")
+_DBRACKET = re.compile(r"\[\[\s*(\w+)\s*\]\]")
+_BRACKET = re.compile(r"\[(\w+)\]")
+_HASH = re.compile(r"#(\w+)#")
+_ANGLE = re.compile(r"<(\w+)>")
+_PERCENT = re.compile(r"(?=%([A-Za-z_]\w*)%)")
+_PHPVAR = re.compile(r"(?<==)\$([A-Za-z_]\w*)")
+_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
+_ENTITY = re.compile(r"&(amp|lt|gt|quot|apos|nbsp|#\d{1,5}|#[xX][0-9A-Fa-f]{1,4});")
+_WS_NAMES = {"\n": "line break (LF)", "\r": "line break (CR)", "\t": "tab", " ": "space"}
+_ENTITY_TEXT = {"amp": "&", "lt": "%3C", "gt": "%3E", "quot": "%22", "apos": "%27",
+                "nbsp": "%20"}
+
+
+@dataclass(frozen=True)
+class TemplateProblem:
+    """One problem found in a template; ``position`` is a 0-based index into it."""
+
+    position: int
+    message: str
+    severity: str = "error"  # "error" | "warning"
+    fix: str = ""
+    code: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"position": self.position, "severity": self.severity, "message": self.message,
+                "fix": self.fix, "code": self.code}
+
+    def describe(self) -> str:
+        """One line: "position 12: message (fix: ...)"."""
+        fix = f" (fix: {self.fix})" if self.fix else ""
+        return f"position {self.position}: {self.message}{fix}"
+
+
+def suggest(name: str) -> str | None:
+    """Our macro closest to ``name`` (another tracker's name, a typo, other case), if any."""
+    low = name.lower()
+    if low in KNOWN_MACROS:
+        return low
+    if low in ALIASES:
+        return ALIASES[low]
+    close = difflib.get_close_matches(low, sorted(KNOWN_MACROS), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def macro_names(template: str) -> list[str]:
+    """Names of the ``{macro}`` placeholders, in order, duplicates kept."""
+    return _MACRO.findall(template)
+
+
+class _Report:
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.problems: list[TemplateProblem] = []
+        self.masked = [False] * len(template)
+
+    def add(self, pos: int, message: str, code: str, fix: str = "",
+            severity: str = "error") -> None:
+        self.problems.append(TemplateProblem(pos, message, severity, fix, code))
+
+    def mask(self, start: int, end: int) -> None:
+        for i in range(start, end):
+            self.masked[i] = True
+
+    def free(self, start: int, end: int) -> bool:
+        return not any(self.masked[start:end])
+
+
+def _authority(template: str, start: int) -> tuple[str, int]:
+    """(host, position of host) of the authority that starts at ``start``."""
+    authority = re.split(r"[/?#]", template[start:], maxsplit=1)[0]
+    at = authority.rfind("@")
+    host_start = start + at + 1
+    host = authority[at + 1:]
+    if host.startswith("["):
+        host = host[:host.find("]") + 1] if "]" in host else host
+    else:
+        host = host.split(":", 1)[0]
+    return host, host_start
+
+
+def host_of(template: str) -> tuple[str, int] | None:
+    """The host name (without brackets) and its position, or None without a scheme/host."""
+    m = _SCHEME.match(template)
+    if not m:
+        return None
+    host, pos = _authority(template, m.end())
+    host = host.strip("[]")
+    return (host, pos) if host and "{" not in host else None
+
+
+def _check_url(r: _Report) -> None:
+    t = r.template
+    m = _SCHEME.match(t)
+    if not m:
+        r.add(0, "missing scheme; the URL must start with https://", "scheme", "https://")
+        return
+    scheme = m.group(1).lower()
+    if scheme not in ("http", "https"):
+        r.add(0, f"unsupported scheme {scheme!r}; use https or http", "scheme", "https://")
+        return
+    if scheme == "http":
+        r.add(0, "plain http sends the postback unencrypted", "http", "https://", "warning")
+    host, pos = _authority(t, m.end())
+    if not host or host == "[]":
+        r.add(pos, "missing host", "host", "https://partner.example/...")
+    elif "_" in host and "{" not in host:
+        r.add(pos, f"host {host!r} contains '_', which host names cannot; use the real "
+                   "tracking domain", "host_name", host.replace("_", "-"))
+
+
+def _lookalikes(r: _Report) -> None:
+    t = r.template
+
+    def flag(pos: int, raw: str, name: str, what: str = "another tracker's macro syntax") -> None:
+        target = suggest(name)
+        fix = f"{{{target}}}" if target else ""
+        hint = f"use {fix}" if target else "use the {macro} syntax"
+        r.add(pos, f"{raw} is {what}; {hint}", "lookalike", fix)
+        r.mask(pos, pos + len(raw))
+
+    for rx in (_DOUBLE, _DOLLAR, _DBRACKET):
+        for m in rx.finditer(t):
+            if r.free(*m.span()):
+                flag(m.start(), m.group(0), m.group(1))
+    for m in _BRACKET.finditer(t):
+        if r.free(*m.span()) and suggest(m.group(1)):
+            flag(m.start(), m.group(0), m.group(1))
+    for rx in (_HASH, _ANGLE):
+        for m in rx.finditer(t):
+            if r.free(*m.span()):
+                flag(m.start(), m.group(0), m.group(1))
+    for m in _PERCENT.finditer(t):
+        name = m.group(1)
+        raw = f"%{name}%"
+        if _HEX2.match(name) and name.lower() not in KNOWN_MACROS | ALIASES.keys():
+            continue  # looks like ordinary percent-encoding, e.g. %C3%A9
+        if r.free(m.start(), m.start() + len(raw)):
+            flag(m.start(), raw, name)
+    for m in _PHPVAR.finditer(t):
+        if r.free(*m.span()):
+            flag(m.start(), m.group(0), m.group(1), "a program variable that was never filled in")
+
+
+def _placeholders(r: _Report) -> None:
+    """Query values such as REPLACE or OPTIONAL that a tracker's example asks you to replace."""
+    for name, value, pos in _query_pairs(r.template, r.masked):
+        if not value or "{" in value or not r.free(pos, pos + len(value)):
+            continue
+        word = value
+        if word != word.upper() or not re.fullmatch(r"[A-Z][A-Z0-9_]{2,}", word):
+            continue
+        if word not in PLACEHOLDERS and word.lower() not in KNOWN_MACROS | ALIASES.keys():
+            continue
+        target = suggest(word) if word not in PLACEHOLDERS else None
+        target = target or suggest(name) or "transaction_id"
+        r.add(pos, f"{value} is a placeholder to replace with a macro; use {{{target}}}",
+              "placeholder", f"{{{target}}}")
+        r.mask(pos, pos + len(value))
+
+
+def _braces(r: _Report) -> None:
+    t = r.template
+    opened: int | None = None
+    for i, c in enumerate(t):
+        if r.masked[i]:
+            continue
+        if c == "{":
+            if opened is not None:
+                r.add(opened, "unclosed '{'", "braces", "}")
+            opened = i
+        elif c == "}":
+            if opened is None:
+                r.add(i, "unmatched '}'", "braces", "{")
+                continue
+            name = t[opened + 1:i]
+            if not name:
+                r.add(opened, "empty macro {}", "braces", "{transaction_id}")
+            elif name not in KNOWN_MACROS:
+                target = suggest(name)
+                if name in PLACEHOLDERS:
+                    target = target or "transaction_id"
+                    r.add(opened, f"{{{name}}} is a placeholder to replace with a macro; use "
+                                  f"{{{target}}}", "unknown_macro", f"{{{target}}}")
+                else:
+                    hint = f"; did you mean {{{target}}}?" if target else ""
+                    r.add(opened, f"unknown macro {{{name}}}{hint}", "unknown_macro",
+                          f"{{{target}}}" if target else "")
+            r.mask(opened, i + 1)
+            opened = None
+    if opened is not None:
+        r.add(opened, "unclosed '{'", "braces", "}")
+
+
+def _characters(r: _Report) -> None:
+    """Whitespace, control characters, HTML glyphs, unsafe and non-ASCII characters, '%'."""
+    t = r.template
+    start = m.end() if (m := _SCHEME.match(t)) else 0
+    in_ws = False
+    for i in range(start, len(t)):
+        c = t[i]
+        if r.masked[i] or c in "{}":
+            in_ws = False
+            continue
+        if c.isspace():
+            if not in_ws:
+                what = _WS_NAMES.get(c, f"U+{ord(c):04X}")
+                r.add(i, f"whitespace ({what}) inside the URL; remove it or encode it as %20",
+                      "whitespace", "%20")
+            in_ws = True
+            continue
+        in_ws = False
+        if ord(c) < 32 or ord(c) == 127:
+            r.add(i, f"control character U+{ord(c):04X} inside the URL; remove it", "encoding")
+        elif c in HTML_GLYPHS:
+            entity = HTML_GLYPHS[c]
+            r.add(i, f"'{c}' is what a web page shows for {entity}: the URL was copied from a "
+                     f"page that decoded it as an HTML entity; type {entity} again",
+                  "html_entity", entity)
+        elif c in _UNSAFE:
+            r.add(i, f"'{c}' must be percent-encoded as {_UNSAFE[c]}", "encoding", _UNSAFE[c])
+        elif ord(c) > 127:
+            enc = "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+            r.add(i, f"non-ASCII character '{c}' must be percent-encoded as {enc}", "encoding",
+                  enc)
+        elif c == "%" and not _HEX2.match(t, i + 1):
+            r.add(i, "'%' does not start a percent-escape; write %25 for a literal percent sign",
+                  "encoding", "%25")
+
+
+def _entities(r: _Report) -> None:
+    for m in _ENTITY.finditer(r.template):
+        if not r.free(*m.span()):
+            continue
+        name = m.group(1)
+        fix = _ENTITY_TEXT.get(name.lower(), "the character itself, percent-encoded")
+        r.add(m.start(), f"{m.group(0)} is an HTML entity copied from a web page; a URL needs "
+                         f"{fix} instead", "html_entity", fix)
+        r.mask(*m.span())
+
+
+def _fragment(r: _Report) -> None:
+    t = r.template
+    for i, c in enumerate(t):
+        if c == "#" and not r.masked[i]:
+            rest = t[i + 1:]
+            sent_nowhere = "{" in rest or "=" in rest
+            r.add(i, "'#' starts a fragment: everything after it is never sent to the partner; "
+                     "encode it as %23 or remove it", "fragment", "%23",
+                  "error" if sent_nowhere else "warning")
+            r.mask(i, i + 1)
+            return
+
+
+def _query_pairs(template: str, masked: list[bool] | None = None) -> list[tuple[str, str, int]]:
+    """(name, raw value, position of value) for each query parameter, in order."""
+    q = template.find("?")
+    if q < 0:
+        return []
+    end = next((i for i in range(q, len(template))
+                if template[i] == "#" and not (masked and masked[i])), -1)
+    query = template[q + 1:end if end >= 0 else len(template)]
+    pairs: list[tuple[str, str, int]] = []
+    pos = q + 1
+    for part in query.split("&"):
+        name, sep, value = part.partition("=")
+        pairs.append((name, value, pos + len(name) + len(sep)))
+        pos += len(part) + 1
+    return pairs
+
+
+def _duplicates(r: _Report) -> None:
+    seen: dict[str, int] = {}
+    for name, _value, pos in _query_pairs(r.template, r.masked):
+        if not name:
+            continue
+        start = pos - len(name) - (1 if "=" in r.template[pos - 1:pos] else 0)
+        if name in seen:
+            r.add(start, f"duplicate query parameter {name!r} (first at position {seen[name]}); "
+                         "partners read only one of them", "duplicate", "remove one of them")
+        else:
+            seen[name] = start
+
+
+@lru_cache(maxsize=4096)
+def validate(template: str) -> tuple[TemplateProblem, ...]:
+    """Every problem in ``template``: errors first, then warnings, each by position."""
+    if not template.strip():
+        return (TemplateProblem(0, "template is empty", code="empty",
+                                fix="https://partner.example/pb?tid={transaction_id}"),)
+    r = _Report(template)
+    _check_url(r)
+    _lookalikes(r)
+    _entities(r)
+    _placeholders(r)
+    _braces(r)
+    _fragment(r)
+    _characters(r)
+    _duplicates(r)
+    if "transaction_id" not in macro_names(template):
+        r.add(0, "no {transaction_id} macro; the partner cannot match the postback to its click",
+              "no_transaction_id", "add a parameter such as &tid={transaction_id}", "warning")
+    r.problems.sort(key=lambda p: (p.severity != "error", p.position))
+    return tuple(r.problems)
+
+
+def blocks_rendering(problem: TemplateProblem) -> bool:
+    """True for an error that makes the template impossible to render."""
+    return problem.severity == "error" and problem.code in RENDER_BLOCKING

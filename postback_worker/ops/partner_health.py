@@ -1,0 +1,103 @@
+"""Partner health (circuit, limits, backlog, recent success) and manual pause/resume/limits."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+
+from postback_worker.domain import guards as g
+from postback_worker.pipeline.guardrails import Guardrails
+from postback_worker.settings import Settings
+from postback_worker.store import repo
+from postback_worker.store import schema as t
+from postback_worker.store.repo import Store
+
+
+class UnknownPartner(LookupError):
+    """No such partner."""
+
+
+def _ts(value: float) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value else None
+
+
+def health(store: Store, settings: Settings, redis_client: Any | None,
+           now: datetime) -> list[dict[str, Any]]:
+    """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
+    pb, at, dl = t.postbacks.c, t.attempts.c, t.dead_letters.c
+    hour_ago = now - timedelta(hours=1)
+    with store.engine.connect() as conn:
+        waiting: dict[str, int] = dict(conn.execute(  # type: ignore[arg-type]
+            select(pb.partner_id, func.count()).where(pb.state.in_(
+                [repo.RETRY_SCHEDULED, repo.QUEUED, repo.PENDING, repo.IN_FLIGHT]))
+            .group_by(pb.partner_id)).all())
+        dead: dict[str, int] = dict(conn.execute(  # type: ignore[arg-type]
+            select(dl.partner_id, func.count()).select_from(
+                t.dead_letters.join(t.postbacks, pb.id == dl.postback_id))
+            .where(pb.state == repo.DEAD_LETTERED).group_by(dl.partner_id)).all())
+        recent = {r[0]: (int(r[1]), int(r[2] or 0)) for r in conn.execute(
+            select(pb.partner_id, func.count(),
+                   func.sum(case((at.failure_class == "delivered", 1), else_=0)))
+            .select_from(t.attempts.join(t.postbacks, pb.id == at.postback_id))
+            .where(at.started_at >= hour_ago, at.is_test.is_(False))
+            .group_by(pb.partner_id)).all()}
+    guard = Guardrails(redis_client, settings) if redis_client is not None else None
+    rows = []
+    for p in store.list_partners():
+        pid = p["id"]
+        attempts, ok = recent.get(pid, (0, 0))
+        row: dict[str, Any] = {
+            "partner_id": pid, "enabled": bool(p["enabled"]), "paused": bool(p["paused"]),
+            "paused_reason": p["paused_reason"], "paused_at": p["paused_at"],
+            "circuit": "unknown", "circuit_reason": None, "next_probe_at": None,
+            "window_attempts": None, "window_failed": None,
+            "rate_limit": p["rate_limit"], "max_concurrency": p["max_concurrency"],
+            "in_flight": None, "waiting": int(waiting.get(pid, 0)),
+            "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
+            "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
+        }
+        if guard is not None:
+            c = guard.circuit(pid)
+            total, failed = guard.window(pid, now.timestamp())
+            row.update(circuit=c.state, circuit_reason=c.reason or None,
+                       next_probe_at=_ts(c.retry_at) if c.state == g.OPEN else None,
+                       window_attempts=total, window_failed=failed,
+                       in_flight=guard.inflight(pid, now.timestamp()))
+            if c.hold_until > now.timestamp():
+                row["retry_after_until"] = _ts(c.hold_until)
+        rows.append(row)
+    return rows
+
+
+def _set(store: Store, partner_id: str, **values: Any) -> None:
+    with store.engine.begin() as conn:
+        res = conn.execute(update(t.partners).where(t.partners.c.id == partner_id)
+                           .values(**values))
+        if res.rowcount == 0:
+            raise UnknownPartner(partner_id)
+
+
+def pause(store: Store, partner_id: str, reason: str | None, now: datetime) -> None:
+    """Stop firing to the partner; its postbacks wait (no attempts spent) until resumed."""
+    _set(store, partner_id, paused=True, paused_at=now, paused_reason=reason, updated_at=now)
+
+
+def resume(store: Store, settings: Settings, redis_client: Any | None, partner_id: str,
+           now: datetime) -> int:
+    """Fire again: clear the pause, close an open circuit, make waiting postbacks due now.
+
+    Returns how many waiting postbacks were released.
+    """
+    _set(store, partner_id, paused=False, paused_at=None, paused_reason=None, updated_at=now)
+    if redis_client is not None:
+        Guardrails(redis_client, settings).close(partner_id, now.timestamp())
+    return store.wake_waiting(partner_id, now)
+
+
+def set_limits(store: Store, partner_id: str, *, rate_limit: float | None,
+               max_concurrency: int | None, now: datetime) -> None:
+    """Requests per second and at once across all workers (None or 0: unlimited)."""
+    _set(store, partner_id, rate_limit=rate_limit or None, max_concurrency=max_concurrency or None,
+         updated_at=now)

@@ -1,0 +1,262 @@
+"""Safe dead-letter replay: dry run, atomic hand-back to the pipeline, bounded rate, tally.
+
+A replay moves each selected dead letter from `dead_lettered` to `queued` in one guarded
+UPDATE (only rows still dead move, so two runs never both take one postback), renders its URL
+again from the stored conversion and click with the partner's CURRENT template, and records
+the run on each postback (`triggered_by`) and in `replay_runs`. The `replay` queue then feeds
+them to the normal claim/lease protocol at a bounded rate: a delivered postback is never fired
+again, whatever is replayed or redelivered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from postback_worker.domain.ids import new_id
+from postback_worker.domain.macros import TemplateError
+from postback_worker.domain.masking import mask_url
+from postback_worker.ops.deadletters import DEAD_JOIN, Filter
+from postback_worker.pipeline.processing import render_postback_url
+from postback_worker.settings import Settings
+from postback_worker.store import repo
+from postback_worker.store import schema as t
+from postback_worker.store.repo import Store
+
+# enqueue(task name, args): publishes a task on the `replay` queue.
+Enqueue = Callable[[str, list[Any]], None]
+
+
+def marker(kind: str, run_id: str) -> str:
+    """Prefix of `postbacks.triggered_by` for one run, e.g. 'replay rr_x by alice'."""
+    return f"{kind} {run_id} by "
+
+
+@dataclass
+class Candidate:
+    postback_id: str
+    partner_id: str
+    failure_class: str
+    old_url: str
+    new_url: str | None
+    problem: str | None = None
+
+    @property
+    def rerendered(self) -> bool:
+        return self.new_url is not None and self.new_url != self.old_url
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"postback_id": self.postback_id, "partner_id": self.partner_id,
+                "failure_class": self.failure_class, "url": mask_url(self.new_url or self.old_url),
+                "previous_url": mask_url(self.old_url), "rerendered": self.rerendered,
+                "problem": self.problem}
+
+
+@dataclass
+class Plan:
+    """What a replay selects: candidates that can go, and those that cannot (with why)."""
+
+    filt: Filter
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def ready(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.problem is None]
+
+    @property
+    def rerendered(self) -> int:
+        return sum(1 for c in self.ready if c.rerendered)
+
+
+def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) -> Plan:
+    """Select dead letters and render their URLs with the partners' current templates."""
+    dl, pb = t.dead_letters.c, t.postbacks.c
+    stmt = (select(dl.postback_id, dl.partner_id, dl.failure_class, pb.url, pb.conversion_id)
+            .select_from(DEAD_JOIN).where(filt.clause()).order_by(dl.created_at, dl.postback_id))
+    if limit:
+        stmt = stmt.limit(limit)
+    with store.engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
+        conv_ids = list({r["conversion_id"] for r in rows})
+        convs: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(conv_ids), 500):
+            for c in conn.execute(select(t.conversions).where(
+                    t.conversions.c.id.in_(conv_ids[i:i + 500]))).mappings():
+                convs[c["id"]] = dict(c)
+        clicks = store.clicks_by_transaction(conn, [c["transaction_id"] for c in convs.values()])
+    partners = {p["id"]: p for p in store.list_partners()}
+    out = Plan(filt)
+    for r in rows:
+        cand = Candidate(r["postback_id"], r["partner_id"], r["failure_class"], r["url"], None)
+        partner = partners.get(r["partner_id"])
+        conv = convs.get(r["conversion_id"])
+        click = clicks.get(conv["transaction_id"]) if conv else None
+        if partner is None:
+            cand.problem = "partner no longer exists"
+        elif not partner["enabled"]:
+            cand.problem = "partner is disabled"
+        elif conv is None or click is None:
+            cand.problem = "conversion or click no longer stored (retention)"
+        else:
+            try:
+                cand.new_url = render_postback_url(partner["postback_url"], conv, click,
+                                                   r["postback_id"], now)
+            except TemplateError as exc:
+                cand.problem = f"current template cannot render: {exc}"
+        out.candidates.append(cand)
+    return out
+
+
+@dataclass
+class Run:
+    id: str
+    kind: str
+    triggered_by: str
+    selected: int
+    queued: int
+    rerendered: int
+    skipped: list[Candidate]
+    dry_run: bool
+
+
+def record_run(store: Store, *, kind: str, who: str, filters: dict[str, Any], dry_run: bool,
+               selected: int, now: datetime, prefix: str = "rr") -> str:
+    run_id = new_id(prefix)
+    with store.engine.begin() as conn:
+        conn.execute(insert(t.replay_runs).values(
+            id=run_id, kind=kind, triggered_by=who[:200],
+            filters=json.dumps(filters, default=str, sort_keys=True), dry_run=dry_run,
+            selected=selected, created_at=now))
+    return run_id
+
+
+def start(store: Store, settings: Settings, filt: Filter, *, who: str, rate: float,
+          now: datetime, enqueue: Enqueue | None, dry_run: bool = False,
+          limit: int | None = None) -> tuple[Run, Plan]:
+    """Plan, and unless `dry_run`, hand the dead letters back and enqueue the run driver."""
+    p = plan(store, filt, now, limit)
+    ready = p.ready
+    filters = {**filt.as_dict(), "rate": rate, **({"limit": limit} if limit else {})}
+    run_id = record_run(store, kind="replay", who=who, filters=filters, dry_run=dry_run,
+                        selected=len(ready), now=now)
+    skipped = [c for c in p.candidates if c.problem is not None]
+    if dry_run or not ready:
+        return Run(run_id, "replay", who, len(ready), 0, p.rerendered, skipped, dry_run), p
+    tag = (marker("replay", run_id) + who)[:200]
+    queued = _hand_back(store, settings, ready, tag, run_id, rate, now)
+    if queued and enqueue is not None:
+        enqueue(TASK_REPLAY_RUN, [run_id, rate])
+    return Run(run_id, "replay", who, len(ready), queued, p.rerendered, skipped, False), p
+
+
+def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: str, run_id: str,
+               rate: float, now: datetime) -> int:
+    """Atomically move still-dead postbacks to `queued`; returns how many moved."""
+    pb, dl = t.postbacks.c, t.dead_letters.c
+    moved = 0
+    with store.engine.begin() as conn:
+        ids = [c.postback_id for c in ready]
+        dead: set[str] = set()
+        for i in range(0, len(ids), 500):
+            dead.update(r[0] for r in conn.execute(
+                select(pb.id).where(pb.id.in_(ids[i:i + 500]), pb.state == repo.DEAD_LETTERED)
+                .with_for_update()))
+        for n, c in enumerate(c for c in ready if c.postback_id in dead):
+            # The run driver takes them in this order; the sweeper is a safety net only if the
+            # driver falls `requeue_after` seconds behind its schedule.
+            slot = now + timedelta(seconds=n / rate + settings.requeue_after)
+            conn.execute(update(t.postbacks).where(pb.id == c.postback_id,
+                                                   pb.state == repo.DEAD_LETTERED).values(
+                state=repo.QUEUED, url=c.new_url, next_attempt_at=slot, first_attempt_at=None,
+                lease_until=None, lease_token=None, triggered_by=tag, updated_at=now,
+                reason=f"replay run {run_id} queued"))
+            conn.execute(update(t.dead_letters).where(dl.postback_id == c.postback_id).values(
+                replayed_at=now, replay_count=dl.replay_count + 1))
+            moved += 1
+    return moved
+
+
+TASK_REPLAY_RUN = "postback_worker.replay_run"
+TASK_REATTRIBUTE_RUN = "postback_worker.reattribute_run"
+
+
+def next_chunk(store: Store, kind: str, run_id: str, size: int) -> list[str]:
+    """The run's postbacks still waiting in `queued`, in schedule order."""
+    pb = t.postbacks.c
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.execute(
+            select(pb.id).where(pb.state == repo.QUEUED,
+                                pb.triggered_by.like(marker(kind, run_id) + "%"))
+            .order_by(pb.next_attempt_at, pb.id).limit(size))]
+
+
+def tally(store: Store, kind: str, run_id: str) -> dict[str, int]:
+    """delivered / failed (dead-lettered again) / pending, over the run's postbacks."""
+    pb = t.postbacks.c
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(pb.state, func.count()).where(
+            pb.triggered_by.like(marker(kind, run_id) + "%")).group_by(pb.state)).all()
+    counts = {state: int(n) for state, n in rows}
+    delivered = counts.pop(repo.DELIVERED, 0)
+    failed = counts.pop(repo.DEAD_LETTERED, 0) + counts.pop(repo.SKIPPED, 0)
+    return {"delivered": delivered, "failed": failed, "pending": sum(counts.values())}
+
+
+def save_tally(store: Store, kind: str, run_id: str, now: datetime) -> dict[str, int]:
+    """Store the current tally on the run; finished once nothing is pending."""
+    counts = tally(store, kind, run_id)
+    with store.engine.begin() as conn:
+        conn.execute(update(t.replay_runs).where(t.replay_runs.c.id == run_id).values(
+            delivered=counts["delivered"], failed=counts["failed"], pending=counts["pending"],
+            finished_at=now if counts["pending"] == 0 else None))
+    return counts
+
+
+def get_run(store: Store, run_id: str) -> dict[str, Any] | None:
+    row = store.get_row(t.replay_runs, run_id)
+    if row is None:
+        return None
+    row["filters"] = json.loads(row["filters"])
+    if not row["dry_run"]:
+        row["tally"] = tally(store, row["kind"], run_id)
+    return row
+
+
+def chunking(rate: float) -> tuple[int, float]:
+    """(postbacks per step, seconds per step) for a rate in postbacks per second."""
+    size = max(1, int(rate))
+    return size, size / rate
+
+
+def parse_rate(text: str) -> float:
+    """'10', '10/s' or '2.5/s' -> postbacks per second (positive, at most 10000)."""
+    raw = text.strip().lower().removesuffix("/s").strip()
+    try:
+        rate = float(raw)
+    except ValueError:
+        raise ValueError("must be a rate such as 10/s") from None
+    if not 0 < rate <= 10000:
+        raise ValueError("must be between 0 and 10000 per second")
+    return rate
+
+
+def celery_enqueue(settings: Settings) -> Enqueue:
+    """An `Enqueue` that publishes to the `replay` queue of the settings' broker."""
+    from celery import Celery
+
+    from postback_worker.worker.queues import REPLAY
+
+    app = Celery("postback_worker_oncall", broker=settings.effective_broker_url)
+    app.conf.update(task_serializer="json", broker_connection_retry_on_startup=True,
+                    broker_transport_options={"visibility_timeout": settings.visibility_timeout})
+
+    def enqueue(name: str, args: list[Any]) -> None:
+        app.send_task(name, args=args, queue=REPLAY, retry=True,
+                      retry_policy={"max_retries": 3, "interval_start": 0.1})
+
+    return enqueue

@@ -1,0 +1,133 @@
+"""Data retention: purge old clicks, attempts and delivered postbacks in small batches.
+
+Each batch is one short transaction that deletes at most `retention_batch` rows picked with
+`FOR UPDATE SKIP LOCKED` (PostgreSQL), so a purge never waits on, nor blocks for long, the
+workers writing the same tables. A run stops after `retention_max_batches` batches per table;
+the next run (beat) goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select
+
+from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS
+from postback_worker.settings import Settings
+from postback_worker.store import schema as t
+from postback_worker.store.repo import DELIVERED, Store
+
+log = logging.getLogger(__name__)
+
+
+def click_retention_days(setting: int, longest_lifespan: int) -> tuple[int, str | None]:
+    """Days clicks are kept: the setting, clipped up to the longest offer lifespan (a click
+    purged inside its lifespan would turn a valid conversion into `unknown_click`).
+    Returns (days, warning or None)."""
+    if setting >= longest_lifespan:
+        return setting, None
+    return longest_lifespan, (
+        f"click_retention_days={setting} is shorter than the longest offer lifespan "
+        f"({longest_lifespan} days); keeping clicks {longest_lifespan} days"
+    )
+
+
+@dataclass
+class PurgeResult:
+    """Rows deleted per table in one run, and whether anything old is left for the next run."""
+
+    now: datetime
+    click_days: int
+    deleted: dict[str, int] = field(default_factory=dict)
+    more: bool = False
+    warning: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"now": self.now.isoformat(), "click_days": self.click_days,
+                "deleted": self.deleted, "more": self.more, "warning": self.warning}
+
+
+class Purger:
+    """Deletes what the retention settings no longer keep; time comes from `clock`."""
+
+    def __init__(self, settings: Settings, store: Store,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+
+    def longest_lifespan(self) -> int:
+        with self.store.engine.connect() as conn:
+            longest = conn.execute(select(func.max(t.offers.c.lifespan_days))).scalar()
+        return int(longest) if longest is not None else max(DEFAULT_LIFESPAN_DAYS.values())
+
+    def run(self) -> PurgeResult:
+        now = self.clock()
+        s = self.settings
+        days, warning = click_retention_days(s.click_retention_days, self.longest_lifespan())
+        if warning:
+            log.warning("retention: %s", warning)
+        result = PurgeResult(now=now, click_days=days, warning=warning)
+        jobs: list[tuple[str, Callable[[Connection, datetime, int], int], datetime]] = [
+            ("clicks", self._clicks, now - timedelta(days=days)),
+            ("delivered_postbacks", self._delivered,
+             now - timedelta(days=s.delivered_retention_days)),
+            ("attempts", self._attempts, now - timedelta(days=s.attempt_retention_days)),
+        ]
+        for name, job, cutoff in jobs:
+            total, more = self._batches(job, cutoff)
+            result.deleted[name] = total
+            result.more = result.more or more
+        if any(result.deleted.values()):
+            log.info("retention: deleted %s%s", result.deleted,
+                     " (more left for the next run)" if result.more else "")
+        return result
+
+    def _batches(self, job: Callable[[Connection, datetime, int], int],
+                 cutoff: datetime) -> tuple[int, bool]:
+        size = max(1, self.settings.retention_batch)
+        total = 0
+        for _ in range(max(1, self.settings.retention_max_batches)):
+            with self.store.engine.begin() as conn:
+                if self.store.dialect == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+                n = job(conn, cutoff, size)
+            total += n
+            if n < size:
+                return total, False
+        return total, True
+
+    def _pick(self, column: Any, where: Any, size: int) -> Any:
+        stmt = select(column).where(where).limit(size)
+        if self.store.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        return stmt
+
+    def _clicks(self, conn: Connection, cutoff: datetime, size: int) -> int:
+        c = t.clicks.c
+        ids = [r[0] for r in conn.execute(self._pick(c.transaction_id, c.clicked_at < cutoff,
+                                                     size))]
+        if ids:
+            conn.execute(delete(t.clicks).where(c.transaction_id.in_(ids)))
+        return len(ids)
+
+    def _attempts(self, conn: Connection, cutoff: datetime, size: int) -> int:
+        a = t.attempts.c
+        ids = [r[0] for r in conn.execute(self._pick(a.id, a.started_at < cutoff, size))]
+        if ids:
+            conn.execute(delete(t.attempts).where(a.id.in_(ids)))
+        return len(ids)
+
+    def _delivered(self, conn: Connection, cutoff: datetime, size: int) -> int:
+        pb = t.postbacks.c
+        old = (pb.state == DELIVERED) & (pb.delivered_at < cutoff)
+        ids = [r[0] for r in conn.execute(self._pick(pb.id, old, size))]
+        if ids:
+            conn.execute(delete(t.attempts).where(t.attempts.c.postback_id.in_(ids)))
+            conn.execute(delete(t.dead_letters).where(t.dead_letters.c.postback_id.in_(ids)))
+            conn.execute(delete(t.postbacks).where(pb.id.in_(ids), old))
+        return len(ids)

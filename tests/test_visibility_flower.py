@@ -1,0 +1,102 @@
+"""Flower, started the way the Procfile starts it (`postback-worker flower`), with basic auth,
+answering its documented HTTP API about a running worker and the postback queues."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import Proc, wait_until
+from helpers import add_offer
+
+from postback_worker.cli import main
+from postback_worker.devservices import free_port
+from postback_worker.producer import Producer
+from postback_worker.settings import Settings
+from postback_worker.store.repo import Store
+
+pytestmark = pytest.mark.e2e
+AUTH = ("ops", "s3cret-flower")
+
+
+def get_json(url: str, auth: tuple[str, str] | None = AUTH) -> object:
+    r = requests.get(url, auth=auth, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: Path,
+                                    celery_procs: Callable[..., Proc]) -> None:
+    add_offer(store, "o1")
+    celery_procs("worker", name="flowerw")
+    port = free_port()
+    env = {**os.environ, **settings.to_env(),
+           "POSTBACK_FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
+    flower = Proc("flower", [sys.executable, "-m", "postback_worker.cli", "flower",
+                             "--address=127.0.0.1", f"--port={port}"],
+                  env, tmp_path / "flower.log").start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(up, 60, message="Flower to answer")
+        # Authentication is on: the API and the UI refuse anonymous and wrong credentials.
+        assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
+        assert requests.get(f"{base}/api/workers", auth=("ops", "nope"),
+                            timeout=10).status_code == 401
+        assert requests.get(f"{base}/", timeout=10).status_code == 401
+        worker = f"flowerw@{socket.gethostname()}"
+
+        def workers() -> object:
+            data = get_json(f"{base}/api/workers?refresh=1")
+            return data if isinstance(data, dict) and worker in data else None
+
+        data = wait_until(workers, 60, interval=0.5, message="Flower to see the worker")
+        queues = {q["name"] for q in data[worker]["active_queues"]}
+        assert queues == {"conversions", "retries", "replay", "maintenance"}
+        ids = Producer(settings).send_conversions([{"transaction_id": "tx-unknown",
+                                                    "offer_id": "o1"}])
+
+        def task_seen() -> object:
+            tasks = get_json(f"{base}/api/tasks")
+            assert isinstance(tasks, dict)
+            done = [t for t in tasks.values() if t["name"] == "postback_worker.process_conversions"
+                    and t["state"] == "SUCCESS"]
+            return done or None
+
+        (task,) = wait_until(task_seen, 60, interval=0.5, message="the task in Flower")
+        assert task["worker"] == worker and ids[0] in task["args"]
+        assert store.get_conversion(ids[0])["state"] == "unknown_click"  # type: ignore[index]
+        lengths = get_json(f"{base}/api/queues/length")
+        assert isinstance(lengths, dict)
+        assert {q["name"]: q["messages"] for q in lengths["active_queues"]} == {
+            "conversions": 0, "retries": 0, "replay": 0, "maintenance": 0}
+    finally:
+        flower.stop()
+    assert AUTH[1] not in " ".join(flower.args)  # the password is never on the command line
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["flower"], {}, "error: Flower needs authentication: set POSTBACK_FLOWER_BASIC_AUTH"),
+        (["flower", "--dev"], {}, "error: --dev without authentication listens on loopback "
+                                  "only, not 0.0.0.0"),
+        (["flower"], {"POSTBACK_FLOWER_BASIC_AUTH": "justuser"}, "user:password pairs"),
+    ],
+)
+def test_flower_cli_refuses_to_run_open(settings: Settings, args: list[str],
+                                        env: dict[str, str], message: str) -> None:
+    base = {k: v for k, v in settings.to_env().items() if not k.startswith("POSTBACK_FLOWER")}
+    out = CliRunner().invoke(main, args, env={**base, "FLOWER_BASIC_AUTH": "", **env})
+    assert out.exit_code == 2 and message in out.stderr
