@@ -545,6 +545,28 @@ class Config:
     timeout: float
     stall: float
     ours_app: str = "postback_worker.worker.app"
+    # Conversions/s offered at a steady pace (0: everything at once, as fast as possible).
+    rate: float = 0.0
+
+
+PACE_TICK = 0.05  # a steady producer sends what is due every 50 ms
+
+
+def paced(n: int, rate: float, send: Callable[[int, int], None]) -> None:
+    """Call send(start, stop) for consecutive slices of range(n): all at once in BATCH-sized
+    slices when rate is 0, else a slice every PACE_TICK holding what the rate makes due."""
+    if not rate:
+        for start in range(0, n, BATCH):
+            send(start, min(n, start + BATCH))
+        return
+    begin = time.monotonic()
+    sent = 0
+    while sent < n:
+        due = min(n, int((time.monotonic() - begin) * rate) + 1)
+        if due > sent:
+            send(sent, due)
+            sent = due
+        time.sleep(max(0.0, begin + sent / rate - time.monotonic(), 0.001))
 
 
 @dataclass
@@ -571,10 +593,8 @@ def ours_system(cfg: Config, svc: Services) -> System:
     def enqueue(n: int) -> None:
         producer = Producer(settings)
         try:
-            for start in range(0, n, BATCH):
-                producer.send_conversions(
-                    [{"transaction_id": tx(i), "payout": PAYOUT}
-                     for i in range(start, min(n, start + BATCH))])
+            paced(n, cfg.rate, lambda a, b: producer.send_conversions(
+                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)]))
         finally:
             producer.close()
 
@@ -595,10 +615,13 @@ def naive_system(cfg: Config, svc: Services) -> System:
 
     def enqueue(n: int) -> None:
         app = naive.make_app(svc.redis_url)
-        try:
-            for i in range(n):
+
+        def send(a: int, b: int) -> None:
+            for i in range(a, b):
                 app.send_task(naive.TASK, args=(naive.message(tx(i), PAYOUT, datetime.now(UTC)),),
                               queue=naive.QUEUE)
+        try:
+            paced(n, cfg.rate, send)
         finally:
             app.close()
 
@@ -766,6 +789,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--concurrency", "-c", type=int, default=2,
                     help="prefork pool size per worker (default 2)")
     ap.add_argument("--partner-delay-ms", type=float, default=0.0)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="offer conversions at this steady rate per second (the latency "
+                         "scenario: --rate 500 --duration 60); default: all at once")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="with --rate: seconds to offer load (sets --conversions)")
     ap.add_argument("--partner", choices=("auto", "python", "nginx"), default="auto",
                     help="auto: nginx if on PATH and no delay, else bench/fast_partner.py")
     ap.add_argument("--only", choices=("ours", "naive"))
@@ -782,6 +810,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stall", type=float, default=60.0,
                     help="fail a run after this many seconds without a new delivery")
     args = ap.parse_args(argv)
+    if args.duration is not None:
+        if not args.rate:
+            ap.error("--duration goes with --rate")
+        args.conversions = int(args.rate * args.duration)
+        if args.naive_conversions is None:
+            args.naive_conversions = args.conversions
     if args.naive_conversions is None:
         args.naive_conversions = min(args.conversions, 2000)
     for name in ("conversions", "naive_conversions", "runs", "workers", "concurrency"):
@@ -799,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(n=args.conversions, naive_n=args.naive_conversions, runs=args.runs,
                  workers=args.workers, concurrency=args.concurrency,
                  delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall,
-                 ours_app=args.ours_app)
+                 ours_app=args.ours_app, rate=args.rate)
     if not devservices.postgres_answers(args.pg_url):
         raise BenchError(f"PostgreSQL at {args.pg_url} does not answer")
     if not devservices.redis_answers(args.redis_url):

@@ -48,10 +48,13 @@ class Settings:
     max_field_length: int = 255
     # Events per Celery message when a request carries many.
     enqueue_chunk_size: int = 1000
+    # Seconds a single-event request (GET /postback) may wait to share a Redis message with
+    # others arriving at the same moment (group commit); 0 publishes each one alone.
+    ingest_batch_wait: float = 0.002
 
     # Delivery.
     default_timeout: float = 10.0
-    delivery_concurrency: int = 32
+    delivery_concurrency: int = 256
     response_excerpt_bytes: int = 512
     lease_seconds: int = 120
     user_agent: str = "postback-worker/0.1"
@@ -65,6 +68,8 @@ class Settings:
     # Beat sweep.
     sweep_interval: float = 1.0
     sweep_batch: int = 500
+    # At most this many due postbacks are queued by one sweep run (batches of sweep_batch).
+    sweep_max_per_run: int = 20000
     # A postback queued for retry but not claimed within this many seconds is queued again.
     requeue_after: int = 300
     # Conversions received but not processed after this many seconds are enqueued again.

@@ -223,3 +223,32 @@ def test_admin_token(serve: Callable[[Settings], str], settings: Settings, store
     ok = requests.get(f"{api}/v1/offers", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert requests.get(f"{api}/health").status_code == 200
+
+
+def test_concurrent_single_events_share_messages_and_none_is_lost(
+    api: str, redis_client: redis.Redis
+) -> None:
+    """Group commit: 60 simultaneous GET /postback, every id queued, fewer messages."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def send(i: int) -> requests.Response:
+        return admin.get(f"{api}/postback", params={"transaction_id": f"tx{i}", "payout": i})
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(send, range(60)))
+    assert [a.status_code for a in answers] == [200] * 60
+    ids = sorted(a.json()["ids"][0] for a in answers)
+    queued = queued_events(redis_client)
+    assert sorted(e["id"] for e in queued) == ids  # type: ignore[type-var]
+    assert sorted(e["transaction_id"] for e in queued) == sorted(  # type: ignore[type-var]
+        f"tx{i}" for i in range(60))
+    assert redis_client.llen("conversions") < 60
+
+
+def test_single_event_with_redis_down_answers_503(
+    serve: Callable[[Settings], str], settings: Settings, store: Store
+) -> None:
+    dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    api = serve(dead)
+    r = admin.get(f"{api}/postback", params={"transaction_id": "t"}, timeout=30)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"

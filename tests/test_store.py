@@ -72,3 +72,34 @@ def test_every_saved_configuration_is_kept_redacted(store: Store) -> None:
     assert (first["timeout"], second["timeout"]) == (5.0, 7.0)
     assert second["hmac_secret"] == "(set, not shown)"
     assert "sekrit-1" not in "".join(h["snapshot"] for h in history)
+
+
+def test_finish_only_under_our_lease_and_says_how_many(store: Store) -> None:
+    """A result saved after the lease moved to another worker changes nothing, and is counted."""
+    from helpers import add_click, add_offer, conversion
+
+    from postback_worker.store.schema import conversions, postbacks
+
+    add_offer(store)
+    add_click(store, "tx1")
+    event = conversion("tx1")
+    with store.engine.begin() as conn:
+        conn.execute(conversions.insert().values(
+            id=event.id, transaction_id="tx1", goal_id="", status="approved",
+            occurred_at=NOW, received_at=NOW, state="attributed"))
+        conn.execute(postbacks.insert().values(
+            id="pb1", conversion_id=event.id, partner_id="p1", url="http://x/", method="GET",
+            state="pending", attempts=0, received_at=NOW, created_at=NOW, updated_at=NOW))
+    (claimed,) = store.claim(now=NOW, lease_until=NOW + timedelta(seconds=5), token="mine",
+                             ids=["pb1"])
+    update = {"id": "pb1", "state": "delivered", "reason": None, "next_attempt_at": None,
+              "last_status": 200, "last_class": "delivered", "delivered_at": NOW,
+              "updated_at": NOW}
+    assert store.finish(updates=[{**update, "token": "someone-else"}], attempts=[],
+                        dead_letters=[]) == 0
+    assert store.postbacks_for(event.id)[0]["state"] == "in_flight"
+    assert store.finish(updates=[{**update, "token": "mine"}], attempts=[],
+                        dead_letters=[]) == 1
+    (pb,) = store.postbacks_for(event.id)
+    assert (pb["state"], pb["attempts"], pb["lease_token"], pb["last_status"]) == (
+        "delivered", 1, None, 200)

@@ -7,29 +7,26 @@ Host header, SNI and certificate hostname, so DNS rebinding cannot slip past the
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import ipaddress
-import os
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
-from typing import Any
 
-import urllib3
 from urllib3 import exceptions as u3exc
 from urllib3.util import Url, make_headers, parse_url
 
 from postback_worker.delivery.guard import Resolver, parse_networks, resolve_and_check
+from postback_worker.delivery.transport import Transport
 from postback_worker.domain.retry import ErrorKind, Outcome
 
-DRAIN_LIMIT = 64 * 1024
+DNS_CACHE_SECONDS = 30.0
 _MESSAGE_LIMIT = 300
-_CHUNK = 8192
 _QUERY_RE = re.compile(r"(?P<base>(?:[a-zA-Z][a-zA-Z0-9+.-]*://|/)[^\s?'\"]*)\?[^\s'\"]*")
 
 
@@ -177,51 +174,12 @@ class Sender:
         self.allow_networks = tuple(allow_networks)
         parse_networks(self.allow_networks)  # fail fast on a bad CIDR
         self.resolver: Resolver | None = resolver
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._pools: urllib3.PoolManager | None = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    # lifecycle
-    def _after_fork_check(self) -> None:
-        if self._pid != os.getpid():
-            # Inherited pools/threads belong to the parent: forget them, never close them.
-            self._lock = threading.Lock()
-            self._pools = None
-            self._executor = None
-            self._pid = os.getpid()
-
-    def _pool_manager(self) -> urllib3.PoolManager:
-        self._after_fork_check()
-        with self._lock:
-            if self._pools is None:
-                self._pools = urllib3.PoolManager(
-                    num_pools=max(64, self.concurrency * 4),
-                    maxsize=self.concurrency,
-                    block=False,
-                    retries=False,
-                )
-            return self._pools
-
-    def _pool_executor(self) -> ThreadPoolExecutor:
-        self._after_fork_check()
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix="postback-send"
-                )
-            return self._executor
+        self.transport = Transport(self.concurrency)
+        self._dns: dict[tuple[str, int], tuple[float, list[str], str | None]] = {}
 
     def close(self) -> None:
-        """Close pooled connections and stop the executor (both rebuilt on next use)."""
-        self._after_fork_check()
-        with self._lock:
-            pools, self._pools = self._pools, None
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
-        if pools is not None:
-            pools.clear()
+        """Close pooled connections and stop the event loop (rebuilt on next use)."""
+        self.transport.close()
 
     def __enter__(self) -> Sender:
         return self
@@ -231,89 +189,92 @@ class Sender:
 
     # sending
     def send_many(self, reqs: Sequence[PostbackRequest]) -> list[Outcome]:
-        """Send concurrently; outcomes in input order. A single request is sent inline."""
-        if not reqs:
-            return []
-        if len(reqs) == 1:
-            return [self.send(reqs[0])]
-        return list(self._pool_executor().map(self.send, reqs))
+        """Send concurrently; outcomes in input order."""
+        futures = [self._submit(r) for r in reqs]
+        return [f.result() for f in futures]
+
+    def _submit(self, req: PostbackRequest) -> Future[Outcome]:
+        return self.transport.submit(lambda: self._send(req))
 
     def send_iter(self, reqs: Sequence[PostbackRequest]) -> Iterator[tuple[int, Outcome]]:
         """Send concurrently; yield (index, outcome) as each completes."""
-        if len(reqs) == 1:
-            yield 0, self.send(reqs[0])
-            return
-        executor = self._pool_executor()
-        futures = {executor.submit(self.send, r): i for i, r in enumerate(reqs)}
+        futures = {self._submit(r): i for i, r in enumerate(reqs)}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
     def send(self, req: PostbackRequest) -> Outcome:
         """Send one request; never raises."""
+        return self._submit(req).result()
+
+    async def _send(self, req: PostbackRequest) -> Outcome:
         started = time.perf_counter()
 
         def elapsed() -> float:
             return round((time.perf_counter() - started) * 1000.0, 3)
 
         try:
-            return self._send(req, started)
+            return await asyncio.wait_for(self._attempt(req, elapsed), req.timeout)
+        except TimeoutError:
+            return Outcome(error=ErrorKind.TIMEOUT, duration_ms=elapsed(),
+                           error_message=f"no complete answer within {req.timeout:g} s")
         except Exception as exc:  # noqa: BLE001 - the contract is "never raises"
-            return Outcome(
-                error=classify_exception(exc),
-                error_message=_describe(exc, req),
-                duration_ms=elapsed(),
-            )
+            return Outcome(error=classify_exception(exc), error_message=_describe(exc, req),
+                           duration_ms=elapsed())
 
-    def _send(self, req: PostbackRequest, started: float) -> Outcome:
+    async def _attempt(self, req: PostbackRequest, elapsed: Callable[[], float]) -> Outcome:
         target = _parse_target(req)
         try:
-            addresses, blocked = resolve_and_check(
-                target.host, target.port, self.allow_networks, self.resolver
-            )
+            addresses, blocked = await self._resolve(target.host, target.port)
         except UnicodeError as exc:  # e.g. an IDNA label longer than 63 characters
             raise InvalidURL(f"invalid host name {target.host!r}: {exc}") from None
         except socket.gaierror as exc:
-            return Outcome(
-                error=ErrorKind.DNS,
-                error_message=_scrub(f"DNS lookup of {target.host} failed: {exc}"),
-                duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
-            )
+            return Outcome(error=ErrorKind.DNS, duration_ms=elapsed(),
+                           error_message=_scrub(f"DNS lookup of {target.host} failed: {exc}"))
         if blocked is not None:
-            return Outcome(
-                error=ErrorKind.BLOCKED_ADDRESS,
-                error_message=blocked,
-                duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
-            )
+            return Outcome(error=ErrorKind.BLOCKED_ADDRESS, error_message=blocked,
+                           duration_ms=elapsed())
         ip = addresses[0]
-        pool_kwargs: dict[str, Any] | None = None
-        if target.scheme == "https" and not _is_ip(target.host):
-            pool_kwargs = {"server_hostname": target.host, "assert_hostname": target.host}
-        pool = self._pool_manager().connection_from_host(
-            ip, target.port, target.scheme, pool_kwargs=pool_kwargs
-        )
-        headers = self._headers(req, target)
-        # total: connect + TLS + waiting for the status line stay within one timeout.
-        timeout = urllib3.Timeout(total=req.timeout, connect=req.timeout, read=req.timeout)
-        resp = pool.urlopen(
-            req.method.upper(),
-            target.request_uri,
-            body=target.body,
-            headers=headers,
-            retries=False,
-            redirect=False,
-            assert_same_host=False,
-            timeout=timeout,
-            preload_content=False,
-            release_conn=False,
-        )
-        excerpt, body_error = self._read_body(resp, started + req.timeout)
+        tls_name = target.host if target.scheme == "https" else None
+        payload = self._payload(req, target)
+        response = await self.transport.exchange(
+            (target.scheme, ip, target.port, tls_name or ""), payload, self.excerpt_bytes,
+            lambda: self.transport.open(ip, target.port, tls_name))
         return Outcome(
-            status_code=resp.status,
-            error_message=_describe(body_error, req) if body_error else "",
-            duration_ms=round((time.perf_counter() - started) * 1000.0, 3),
-            body_excerpt=excerpt,
-            retry_after=resp.headers.get("Retry-After"),
+            status_code=response.status,
+            error_message=_describe(response.error, req) if response.error else "",
+            duration_ms=elapsed(),
+            body_excerpt=response.excerpt.decode("utf-8", errors="replace"),
+            retry_after=response.headers.get("retry-after"),
         )
+
+    async def _resolve(self, host: str, port: int) -> tuple[list[str], str | None]:
+        """resolve_and_check, off the loop for names, remembered for DNS_CACHE_SECONDS (we
+        connect to the address that was checked, so a cached answer cannot be rebound)."""
+        if _is_ip(host.strip("[]").split("%", 1)[0]):
+            return resolve_and_check(host, port, self.allow_networks, self.resolver)
+        now = time.monotonic()
+        cached = self._dns.get((host, port))
+        if cached is not None and now - cached[0] < DNS_CACHE_SECONDS:
+            return cached[1], cached[2]
+        loop = asyncio.get_running_loop()
+        addresses, blocked = await loop.run_in_executor(
+            None, resolve_and_check, host, port, self.allow_networks, self.resolver)
+        if len(self._dns) > 10_000:
+            self._dns.clear()
+        self._dns[(host, port)] = (now, addresses, blocked)
+        return addresses, blocked
+
+    def _payload(self, req: PostbackRequest, target: _Target) -> bytes:
+        headers = self._headers(req, target)
+        if target.body is not None:
+            headers["Content-Length"] = str(len(target.body))
+        lines = [f"{req.method.upper()} {target.request_uri} HTTP/1.1"]
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}")
+        if any(ch in line for line in lines for ch in "\r\n\0") or " " in target.request_uri:
+            raise InvalidURL("a line break, NUL or space in the request line or a header")
+        head = "\r\n".join(lines) + "\r\n\r\n"
+        return head.encode("latin-1", errors="strict") + (target.body or b"")
 
     def _headers(self, req: PostbackRequest, target: _Target) -> dict[str, str]:
         headers: dict[str, str] = {"User-Agent": self.user_agent}
@@ -331,31 +292,3 @@ class Sender:
         if target.body is not None and not any(k.lower() == "content-type" for k in headers):
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         return headers
-
-    def _read_body(
-        self, resp: urllib3.BaseHTTPResponse, deadline: float
-    ) -> tuple[str, BaseException | None]:
-        """Excerpt of the body; drain up to DRAIN_LIMIT so the connection can be reused."""
-        data = b""
-        keep = False
-        error: BaseException | None = None
-        try:
-            length = resp.headers.get("Content-Length")
-            if self.excerpt_bytes:
-                data = resp.read(self.excerpt_bytes)
-            total = len(data)
-            too_big = length is not None and length.isdigit() and int(length) > DRAIN_LIMIT
-            while not too_big and time.perf_counter() < deadline:
-                chunk = resp.read(_CHUNK)
-                if not chunk:
-                    keep = True
-                    break
-                total += len(chunk)
-                too_big = total > DRAIN_LIMIT
-        except Exception as exc:  # noqa: BLE001 - the status is known; keep it
-            error = exc
-        finally:
-            if not keep:
-                resp.close()  # drops the socket: never reuse a half-read connection
-            resp.release_conn()
-        return data.decode("utf-8", errors="replace"), error

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -30,9 +31,11 @@ from postback_worker.domain.events import (
     parse_click,
 )
 from postback_worker.domain.macros import TemplateError, render
+from postback_worker.ingest.batcher import Batcher
 from postback_worker.ops.apikeys import KeyChecker, Principal
 from postback_worker.ops.config import (
     check_offer_token,
+    offer_token_problem,
     parse_offer,
     parse_partner,
     redact_offer,
@@ -87,6 +90,22 @@ class Api:
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store.engine, settings.api_key_cache_seconds, clock=self.clock)
+        # Single-event requests share Redis messages (group commit); see ingest/batcher.py.
+        self.batcher = Batcher(self.producer.enqueue, max_events=settings.enqueue_chunk_size,
+                               max_wait=settings.ingest_batch_wait)
+        self._offer_tokens: dict[str, tuple[float, str | None]] = {}
+
+    async def _offer_token_hash(self, offer_id: str) -> str | None:
+        """An offer's security token hash, cached for config_cache_seconds."""
+        cached = self._offer_tokens.get(offer_id)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.config_cache_seconds:
+            return cached[1]
+        offer = await run_in_threadpool(self.store.get_offer, offer_id[:64])
+        stored = offer.get("security_token_hash") if offer else None
+        if len(self._offer_tokens) > 10000:
+            self._offer_tokens.clear()
+        self._offer_tokens[offer_id] = (time.monotonic(), stored)
+        return stored
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -212,14 +231,23 @@ class Api:
         if token is None or _bearer(request):
             self.require(request, "ingest")
         else:
-            problem = await run_in_threadpool(check_offer_token, self.store, params, token)
+            if params.get("offer_id"):
+                stored = await self._offer_token_hash(params["offer_id"])
+                problem = offer_token_problem(stored, token)
+            else:
+                problem = await run_in_threadpool(check_offer_token, self.store, params, token)
             if problem is not None:
                 return error_response(403, problem, [FieldError("security_token", problem)])
         try:
             events = self.producer.validate([params], allow_unknown=True)
         except ValidationError as exc:
             return error_response(422, "invalid conversion", exc.errors)
-        return await self._enqueue(events, 200)
+        try:
+            await self.batcher.submit(events)
+        except EnqueueError as exc:
+            log.error("enqueue failed: %s", exc)
+            return unavailable("the queue (Redis)")
+        return json_response({"accepted": 1, "ids": [events[0].id]})
 
     async def conversions(self, request: Request) -> Response:
         self.require(request, "ingest")

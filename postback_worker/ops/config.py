@@ -246,9 +246,14 @@ def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str 
             return "cannot check the security_token: pass offer_id or a known transaction_id"
         stored = conn.execute(select(schema.offers.c.security_token_hash).where(
             schema.offers.c.id == offer_id[:64])).scalar()
-    if not stored:
+    return offer_token_problem(stored, token)
+
+
+def offer_token_problem(stored_hash: str | None, token: str) -> str | None:
+    """None when `token` matches the offer's stored token hash; else why not."""
+    if not stored_hash:
         return "this offer accepts no advertiser postbacks yet: create its security token"
-    if not hmac.compare_digest(stored, _token_hash(token)):
+    if not hmac.compare_digest(stored_hash, _token_hash(token)):
         return "security_token does not match the offer"
     return None
 

@@ -448,11 +448,12 @@ class Pipeline:
         self._report(buf)
 
     def _fill_offer_ids(self, dead: list[dict[str, Any]]) -> None:
+        wanted = {r["conversion_id"] for r in dead if r.get("conversion_id")}
+        offers = self.store.conversion_offers(sorted(wanted)) if wanted else {}
         for row in dead:
             conversion_id = row.pop("conversion_id", None)
-            if conversion_id and row.get("offer_id") is None:
-                conv = self.store.get_conversion(conversion_id)
-                row["offer_id"] = conv["offer_id"] if conv else None
+            if row.get("offer_id") is None:
+                row["offer_id"] = offers.get(conversion_id)
 
     # -- sweeping -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -63,11 +64,61 @@ class Store:
 
     def insert_ignore(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
                       keys: Sequence[str]) -> None:
-        """INSERT ... ON CONFLICT (keys) DO NOTHING, as one executemany."""
+        """INSERT ... ON CONFLICT (keys) DO NOTHING: one multi-row statement per chunk on
+        PostgreSQL, an executemany elsewhere."""
         if not rows:
             return
-        stmt = self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
-        conn.execute(stmt, list(rows))
+        if self.dialect != "postgresql":
+            stmt = self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
+            conn.execute(stmt, list(rows))
+            return
+        cols = list(rows[0])
+        sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
+               f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
+        _execute_values(conn, sql, [tuple(r[c] for c in cols) for r in rows])
+
+    def bulk_update(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
+                    match: Mapping[str, str], assign: Mapping[str, Any]) -> int:
+        """Update many rows, each with its own values; return how many rows matched.
+
+        `match` maps row keys to the columns they must equal; `assign` maps columns to a row
+        key (str) or a fixed SQL expression. PostgreSQL: one UPDATE ... FROM (VALUES ...) per
+        chunk; elsewhere an executemany.
+        """
+        if not rows:
+            return 0
+        keys = list(match) + sorted({v for v in assign.values() if isinstance(v, str)})
+        types = {k: table.c[c].type for k, c in match.items()}
+        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
+        if self.dialect != "postgresql":
+            stmt = (
+                update(table)
+                .where(*[table.c[c] == bindparam("b_" + k) for k, c in match.items()])
+                .values({c: bindparam("b_" + v) if isinstance(v, str) else v
+                         for c, v in assign.items()})
+            )
+            res = conn.execute(stmt, [{"b_" + k: r[k] for k in keys} for r in rows])
+            return int(res.rowcount)
+        # One statement per page: UPDATE ... FROM (VALUES ...) with each value cast to its
+        # column's type, built by psycopg2 (compiling 500-row statements in SQLAlchemy costs
+        # more than running them).
+        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
+        template = "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
+        sets = []
+        for col, x in assign.items():
+            if isinstance(x, str):
+                sets.append(f"{col} = v.{x}")
+            else:
+                expr = x if hasattr(x, "compile") else literal(x)
+                sets.append(f"{col} = " + str(expr.compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True})))
+        where = " AND ".join(f"{table.name}.{c} = v.{k}" for k, c in match.items())
+        first = next(iter(match.values()))
+        sql = (f"UPDATE {table.name} SET {', '.join(sets)} FROM (VALUES %s) AS v"
+               f"({', '.join(keys)}) WHERE {where} RETURNING {table.name}.{first}")
+        returned = _execute_values(conn, sql, [tuple(r[k] for k in keys) for r in rows],
+                                   template=template, fetch=True)
+        return len(returned)
 
     # -- offers and partners --------------------------------------------------------------
 
@@ -174,20 +225,8 @@ class Store:
 
     def set_conversion_states(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """rows: {id, state, reason, offer_id, aff_id, processed_at}."""
-        if not rows:
-            return
-        stmt = (
-            update(t.conversions)
-            .where(t.conversions.c.id == bindparam("b_id"))
-            .values(
-                state=bindparam("b_state"),
-                reason=bindparam("b_reason"),
-                offer_id=bindparam("b_offer_id"),
-                aff_id=bindparam("b_aff_id"),
-                processed_at=bindparam("b_processed_at"),
-            )
-        )
-        conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
+        self.bulk_update(conn, t.conversions, rows, match={"id": "id"}, assign={
+            c: c for c in ("state", "reason", "offer_id", "aff_id", "processed_at")})
 
     def get_conversion(self, conversion_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -195,6 +234,16 @@ class Store:
                 select(t.conversions).where(t.conversions.c.id == conversion_id)
             ).mappings().first()
         return None if row is None else dict(row)
+
+    def conversion_offers(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """Offer id of each conversion, in one query per chunk."""
+        c = t.conversions.c
+        out: dict[str, str | None] = {}
+        with self.engine.connect() as conn:
+            for part in _chunks(list(ids)):
+                out.update({r.id: r.offer_id for r in conn.execute(
+                    select(c.id, c.offer_id).where(c.id.in_(part)))})
+        return out
 
     def stuck_conversions(self, older_than: datetime, limit: int) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -257,28 +306,13 @@ class Store:
         with self.engine.begin() as conn:
             if attempts:
                 conn.execute(insert(t.attempts), list(attempts))
-            changed = 0
-            if updates:
-                stmt = (
-                    update(t.postbacks)
-                    .where(pb.id == bindparam("b_id"), pb.lease_token == bindparam("b_token"))
-                    .values(
-                        state=bindparam("b_state"),
-                        reason=bindparam("b_reason"),
-                        attempts=pb.attempts + 1,
-                        next_attempt_at=bindparam("b_next_attempt_at"),
-                        lease_until=None,
-                        lease_token=None,
-                        last_status=bindparam("b_last_status"),
-                        last_class=bindparam("b_last_class"),
-                        delivered_at=bindparam("b_delivered_at"),
-                        updated_at=bindparam("b_updated_at"),
-                    )
-                )
-                res = conn.execute(stmt, [{"b_" + k: v for k, v in u.items()} for u in updates])
-                changed = (
-                    res.rowcount if conn.dialect.supports_sane_multi_rowcount else len(updates)
-                )
+            changed = self.bulk_update(conn, t.postbacks, updates,
+                                       match={"id": "id", "token": "lease_token"}, assign={
+                "state": "state", "reason": "reason", "attempts": pb.attempts + 1,
+                "next_attempt_at": "next_attempt_at", "lease_until": None, "lease_token": None,
+                "last_status": "last_status", "last_class": "last_class",
+                "delivered_at": "delivered_at", "updated_at": "updated_at",
+            })
             if dead_letters:
                 stmt_dl = self._insert(t.dead_letters)
                 stmt_dl = stmt_dl.on_conflict_do_update(
@@ -392,19 +426,14 @@ class Store:
         if not rows:
             return 0
         pb = t.postbacks.c
-        stmt = (
-            update(t.postbacks)
-            .where(pb.id == bindparam("b_id"), pb.lease_token == bindparam("b_token"))
-            .values(
-                state=RETRY_SCHEDULED, reason=bindparam("b_reason"),
-                next_attempt_at=bindparam("b_next_attempt_at"),
-                updated_at=bindparam("b_updated_at"), lease_until=None, lease_token=None,
-                first_attempt_at=case((pb.attempts == 0, None), else_=pb.first_attempt_at),
-            )
-        )
         with self.engine.begin() as conn:
-            res = conn.execute(stmt, [{"b_" + k: v for k, v in r.items()} for r in rows])
-            return res.rowcount if conn.dialect.supports_sane_multi_rowcount else len(rows)
+            return self.bulk_update(conn, t.postbacks, rows,
+                                    match={"id": "id", "token": "lease_token"}, assign={
+                "state": literal(RETRY_SCHEDULED), "reason": "reason",
+                "next_attempt_at": "next_attempt_at", "updated_at": "updated_at",
+                "lease_until": None, "lease_token": None,
+                "first_attempt_at": case((pb.attempts == 0, None), else_=pb.first_attempt_at),
+            })
 
     def wake_waiting(self, partner_id: str, now: datetime) -> int:
         """Make a partner's waiting postbacks due now (resume, circuit closed)."""
@@ -417,6 +446,24 @@ class Store:
                 .values(next_attempt_at=now, updated_at=now)
             )
             return int(res.rowcount)
+
+
+def _cast_type(sql_type: str) -> str:
+    # VARCHAR(n) casts truncate silently; TEXT lets the column itself refuse a long value.
+    return "TEXT" if sql_type.startswith("VARCHAR") else sql_type
+
+
+def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
+                    template: str | None = None, fetch: bool = False) -> list[Any]:
+    """psycopg2's execute_values on the connection's current transaction."""
+    from psycopg2.extras import execute_values
+
+    cursor = conn.connection.cursor()
+    try:
+        return execute_values(cursor, sql, rows, template=template, page_size=1000,
+                              fetch=fetch) or []
+    finally:
+        cursor.close()
 
 
 # Never stored in history snapshots, exports or bundles.

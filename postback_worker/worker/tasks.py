@@ -45,10 +45,20 @@ def register(app: Celery) -> None:
 
     @app.task(name=TASK_SWEEP, bind=True, acks_late=False)
     def sweep(self: Task) -> dict[str, int]:
-        ids = services.pipeline.sweep()
-        for i in range(0, len(ids), DELIVER_CHUNK):
-            deliver_postbacks.apply_async((ids[i : i + DELIVER_CHUNK],), queue=RETRIES)
-        return {"postbacks_queued": len(ids)}
+        # Keep taking batches while they come back full, so a large backlog falling due at
+        # once drains at worker speed rather than one batch per beat tick.
+        pipeline = services.pipeline
+        queued = 0
+        while queued < pipeline.settings.sweep_max_per_run:
+            ids = pipeline.sweep()
+            with app.producer_or_acquire() as producer:
+                for i in range(0, len(ids), DELIVER_CHUNK):
+                    deliver_postbacks.apply_async((ids[i : i + DELIVER_CHUNK],),
+                                                  queue=RETRIES, producer=producer)
+            queued += len(ids)
+            if len(ids) < pipeline.settings.sweep_batch:
+                break
+        return {"postbacks_queued": queued}
 
     @app.task(name=TASK_REQUEUE_STUCK, bind=True, acks_late=False)
     def requeue_stuck_conversions(self: Task) -> dict[str, int]:
