@@ -5,8 +5,6 @@
 Prints the worker RSS idle, with the backlog scheduled (it lives in PostgreSQL, not in worker
 memory: the two should be within a few MB), and while draining; and the drain rate once every
 postback falls due (beat sweeps them onto the `retries` queue, workers claim and fire them).
-The naive comparison is Celery ETA/countdown retries, which a worker holds in memory: its RSS
-with the same backlog is measured too (`--naive-postbacks`, default 20000, scaled).
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ from postback_worker.store.db import make_engine, upgrade  # noqa: E402
 from postback_worker.store.repo import Store  # noqa: E402
 
 
-def schedule_backlog(svc: Services, n: int, due: datetime) -> None:
+def schedule_backlog(svc: Services, partner_base: str, n: int, due: datetime) -> None:
     """n attributed conversions, each with one postback waiting in retry_scheduled."""
     now = datetime.now(UTC)
     with svc.store.engine.begin() as conn:
@@ -71,7 +69,7 @@ def schedule_backlog(svc: Services, n: int, due: datetime) -> None:
                    'HTTP 503 from partner (partner_5xx); bench', 1, :due, :now, :now, 503,
                    'partner_5xx', :now, :now, :now
             FROM generate_series(0, :n - 1) AS g
-        """), {"partner": PARTNER_ID, "base": svc.partner_base, "due": due, "now": now, "n": n})
+        """), {"partner": PARTNER_ID, "base": partner_base, "due": due, "now": now, "n": n})
 
 
 def sample_rss(procs: list[Proc], seconds: float) -> tuple[float, float]:
@@ -101,10 +99,9 @@ def main() -> int:
         stack.callback(partner.stop)
         _, db_url = stack.enter_context(bench_database(args.pg_url))
         upgrade(db_url)
-        svc = Services()
-        svc.db_url, svc.redis_url = db_url, args.redis_url
-        svc.store = Store(make_engine(db_url))
-        svc.partner_base = partner.base_url
+        svc = Services(server_url=args.pg_url, db_name=db_url.rsplit("/", 1)[1],
+                       db_url=db_url, redis_url=args.redis_url,
+                       store=Store(make_engine(db_url)))
         seed(svc.store, partner.base_url, 0)
         import redis
 
@@ -127,7 +124,7 @@ def main() -> int:
         log(f"idle worker RSS (largest process): median {idle_med:.1f} MB")
         later = datetime.now(UTC) + timedelta(hours=1)
         m0 = time.monotonic()
-        schedule_backlog(svc, args.postbacks, later)
+        schedule_backlog(svc, partner.base_url, args.postbacks, later)
         log(f"scheduled {args.postbacks} postbacks for later in {time.monotonic() - m0:.1f} s")
         held_med, held_max = sample_rss([worker], 10)
         log(f"with the backlog scheduled: median {held_med:.1f} MB, max {held_max:.1f} MB")

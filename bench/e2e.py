@@ -554,19 +554,22 @@ PACE_TICK = 0.05  # a steady producer sends what is due every 50 ms
 
 def paced(n: int, rate: float, send: Callable[[int, int], None]) -> None:
     """Call send(start, stop) for consecutive slices of range(n): all at once in BATCH-sized
-    slices when rate is 0, else a slice every PACE_TICK holding what the rate makes due."""
+    slices when rate is 0, else every PACE_TICK the slice the rate has made due since the
+    last one (a backend that batches what it produced in the last 50 ms)."""
     if not rate:
         for start in range(0, n, BATCH):
             send(start, min(n, start + BATCH))
         return
     begin = time.monotonic()
     sent = 0
+    tick = 0
     while sent < n:
-        due = min(n, int((time.monotonic() - begin) * rate) + 1)
+        due = min(n, int((time.monotonic() - begin) * rate))
         if due > sent:
             send(sent, due)
             sent = due
-        time.sleep(max(0.0, begin + sent / rate - time.monotonic(), 0.001))
+        tick += 1
+        time.sleep(max(0.0, begin + tick * PACE_TICK - time.monotonic()))
 
 
 @dataclass

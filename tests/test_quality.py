@@ -33,3 +33,11 @@ def test_domain_imports_no_infrastructure() -> None:
             words = line.split()
             if words[:1] in (["import"], ["from"]) and len(words) > 1:
                 assert words[1].split(".")[0] not in banned, f"{path.name}: {line}"
+
+
+def test_every_setting_is_in_the_example_env() -> None:
+    from postback_worker.settings import Settings
+
+    text = (ROOT / "config" / "example.env").read_text()
+    missing = [k for k in Settings().to_env() if f"{k}=" not in text]
+    assert missing == []

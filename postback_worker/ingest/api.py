@@ -91,7 +91,7 @@ class Api:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store.engine, settings.api_key_cache_seconds, clock=self.clock)
         # Single-event requests share Redis messages (group commit); see ingest/batcher.py.
-        self.batcher = Batcher(self.producer.enqueue, max_events=settings.enqueue_chunk_size,
+        self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest_batch_events,
                                max_wait=settings.ingest_batch_wait)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
 
