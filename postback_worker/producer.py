@@ -44,7 +44,11 @@ class Producer:
         self._celery = Celery("postback_worker_producer", broker=settings.effective_broker_url)
         self._celery.conf.update(
             task_serializer="json",
-            broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+            broker_transport_options={
+                "visibility_timeout": settings.visibility_timeout,
+                **({"master_name": settings.redis_sentinel_master}
+                   if settings.redis_sentinel_master else {}),
+            },
             broker_connection_retry_on_startup=True,
         )
 

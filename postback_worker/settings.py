@@ -38,6 +38,9 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     # Celery broker; defaults to redis_url.
     broker_url: str = ""
+    # Redis Sentinel: the monitored primary's name, for sentinel:// URLs in REDIS_URL and
+    # POSTBACK_BROKER_URL ("sentinel://s1:26379;sentinel://s2:26379/0").
+    redis_sentinel_master: str = ""
     # Seconds a message may stay unacknowledged before Redis hands it to another worker.
     # Must exceed the longest batch (first attempts included).
     visibility_timeout: int = 3600

@@ -45,7 +45,7 @@ def _bad(message: str) -> None:
 def _redis(settings: Any) -> Any | None:
     from postback_worker.pipeline.guardrails import make_redis
 
-    client = make_redis(settings.redis_url)
+    client = make_redis(settings.redis_url, settings.redis_sentinel_master)
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any connection problem: say so, go on

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from postback_worker import redisconn
 from postback_worker.cli import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
 
@@ -153,12 +154,11 @@ def alerts_list(state: str, partner: str | None, limit: int, fmt: str) -> None:
 @alerts.command("evaluate")
 def alerts_evaluate() -> None:
     """Evaluate the alert conditions now (beat does this every POSTBACK_ALERT_INTERVAL s)."""
-    import redis
 
     from postback_worker.ops.alerts import evaluate
 
     settings = load_settings()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redisconn.client(settings.redis_url, master=settings.redis_sentinel_master)
     events = evaluate(settings, open_store(settings), client, now=datetime.now(UTC))
     for e in events:
         click.echo(f"{e.action} #{e.alert_id}: {e.text}")

@@ -49,7 +49,8 @@ class _OnCall:
         if self._redis is None:
             from postback_worker.pipeline.guardrails import make_redis
 
-            self._redis = make_redis(self.api.settings.redis_url)
+            self._redis = make_redis(self.api.settings.redis_url,
+                                     self.api.settings.redis_sentinel_master)
         return self._redis
 
     async def body(self, request: Request) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from postback_worker import redisconn
 from postback_worker.domain.events import FieldError
 from postback_worker.ops import dashboard as dash
 from postback_worker.ops import dashboard_auth as da
@@ -44,10 +45,8 @@ class Visibility:
         if self._pid != os.getpid():
             self._clients, self._pid = {}, os.getpid()
         if url not in self._clients:
-            import redis
-
-            self._clients[url] = redis.Redis.from_url(url, socket_timeout=3,
-                                                      socket_connect_timeout=3)
+            self._clients[url] = redisconn.client(
+                url, master=self.settings.redis_sentinel_master, timeout=3)
         return self._clients[url]
 
     @property

@@ -304,9 +304,8 @@ def _buckets(raw: dict[Any, Any]) -> dict[int, tuple[int, int]]:
     return {i: (t, f) for i, (t, f) in out.items()}
 
 
-def make_redis(url: str) -> Any:
+def make_redis(url: str, master: str = "") -> Any:
     """A Redis client for guardrails (short timeouts: a slow Redis must not stall firing)."""
-    import redis
+    from postback_worker.redisconn import client
 
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                health_check_interval=30)
+    return client(url, master=master, timeout=5)

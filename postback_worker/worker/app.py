@@ -42,6 +42,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # Look for messages of dead workers every few seconds (each look is one ZRANGE).
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
             "unacked_restore_throttle": 1,
+            **({"master_name": settings.redis_sentinel_master}
+               if settings.redis_sentinel_master else {}),
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -114,7 +116,8 @@ def build_pipeline(settings: Settings) -> Any:
     from postback_worker.pipeline.guardrails import make_redis
 
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
-    return Pipeline(settings, store, sender, redis=make_redis(settings.redis_url))
+    return Pipeline(settings, store, sender, redis=make_redis(settings.redis_url,
+                                                               settings.redis_sentinel_master))
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -10,6 +10,7 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
+from postback_worker import redisconn
 from postback_worker.settings import Settings
 from postback_worker.worker.queues import MAINTENANCE
 
@@ -21,17 +22,15 @@ TASK_EVALUATE_ALERTS = "postback_worker.evaluate_alerts"
 class _RedisPerProcess:
     """One Redis client per worker process (built after fork)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, master: str = "") -> None:
         self.url = url
+        self.master = master
         self._pid = -1
         self._client: Any = None
 
     def get(self) -> Any:
         if self._pid != os.getpid():
-            import redis
-
-            self._client = redis.Redis.from_url(self.url, socket_timeout=5,
-                                                socket_connect_timeout=5)
+            self._client = redisconn.client(self.url, master=self.master)
             self._pid = os.getpid()
         return self._client
 
@@ -39,7 +38,8 @@ class _RedisPerProcess:
 def register(app: Celery) -> None:
     """Register this module's tasks on `app`."""
     services = app.postback_services  # type: ignore[attr-defined]
-    redis_client = _RedisPerProcess(services.settings.redis_url)
+    redis_client = _RedisPerProcess(services.settings.redis_url,
+                                    services.settings.redis_sentinel_master)
 
     @app.task(name=TASK_EVALUATE_ALERTS, bind=True, acks_late=False, ignore_result=True)
     def evaluate_alerts(self: Task) -> dict[str, Any]:
