@@ -148,6 +148,33 @@ def partner() -> Iterator[PartnerServer]:
         yield server
 
 
+@pytest.fixture()
+def serve() -> Iterator[Callable[[Settings], str]]:
+    """Factory: serve the API for these settings with uvicorn on a free port; its base URL."""
+    import threading
+
+    import uvicorn
+
+    from postback_worker.ingest.api import create_app
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(settings: Settings) -> str:
+        port = devservices.free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
+                                               port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        wait_until(lambda: server.started, 10, message="uvicorn to start")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
 class Proc:
     """A Celery worker or beat as a separate process group, killable like a real one."""
 

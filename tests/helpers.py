@@ -13,6 +13,19 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 QS = "tid={transaction_id}&payout={payout}&sub={aff_sub}&pb={postback_id}&cv={conversion_id}"
 
 
+class Clock:
+    """An injected clock the test moves by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 def add_offer(store: Store, offer_id: str = "o1", campaign_type: str = "ecommerce",
               **extra: Any) -> dict[str, Any]:
     row = parse_offer({"id": offer_id, "campaign_type": campaign_type, **extra}, NOW)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import redis
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
 from partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
@@ -21,17 +21,6 @@ from postback_worker.pipeline.guardrails import Guardrails, Limits, circuit_stat
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture()

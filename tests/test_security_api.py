@@ -3,42 +3,18 @@ secrets never shown, template refusal, validate / test-fire / signing / audit / 
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import redis
 import requests
-import uvicorn
-from conftest import ADMIN, wait_until
+from conftest import ADMIN
 from helpers import NOW, add_click, add_offer, add_partner
 from partner import PartnerServer
 
-from postback_worker.devservices import free_port
-from postback_worker.ingest.api import create_app
 from postback_worker.ops.apikeys import create_key
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def serve() -> Iterator[Callable[[Settings], str]]:
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(settings: Settings) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        wait_until(lambda: server.started, 10, message="uvicorn to start")
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture()

@@ -4,8 +4,7 @@ of the template renderer (hypothesis), and CR/LF, Unicode and SQL metacharacters
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hypothesis
@@ -13,8 +12,7 @@ import pytest
 import redis
 import requests
 import schemathesis
-import uvicorn
-from conftest import ADMIN, wait_until
+from conftest import ADMIN
 from helpers import NOW, add_offer, add_partner, conversion, messages
 from hypothesis import strategies as st
 from partner import PartnerServer
@@ -22,33 +20,11 @@ from schemathesis.checks import positive_data_acceptance
 from sqlalchemy import select
 
 from postback_worker.delivery.sender import Sender
-from postback_worker.devservices import free_port
 from postback_worker.domain.macros import KNOWN_MACROS, render
-from postback_worker.ingest.api import create_app
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
 from postback_worker.store.schema import clicks
-
-
-@pytest.fixture()
-def serve() -> Iterator[Callable[[Settings], str]]:
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(settings: Settings) -> str:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
-                                               port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        wait_until(lambda: server.started, 10, message="uvicorn to start")
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 import uvicorn
 from conftest import wait_until
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
 from partner import PartnerServer
 from sqlalchemy import insert
 
@@ -33,15 +33,6 @@ PARTNERS = {
 }
 
 
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass
