@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import NOW, Clock
 from partner import PartnerServer
 from sqlalchemy import create_engine, text
 
@@ -146,6 +147,12 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def partner() -> Iterator[PartnerServer]:
     with PartnerServer() as server:
         yield server
+
+
+@pytest.fixture()
+def clock() -> Clock:
+    """An injected clock at helpers.NOW that a test moves with clock.advance(seconds)."""
+    return Clock(NOW)
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 import redis
-from helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
+from helpers import Clock, add_click, add_offer, add_partner, conversion, messages
 from partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
@@ -21,11 +21,6 @@ from postback_worker.pipeline.guardrails import Guardrails, Limits, circuit_stat
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
 
 
 @pytest.fixture()

@@ -17,11 +17,6 @@ from postback_worker.store.repo import Store
 
 
 @pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
-
-
-@pytest.fixture()
 def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
     sender = Sender(allow_networks=settings.allow_networks, concurrency=8)
     yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")

@@ -12,7 +12,7 @@ import redis
 import requests
 from click.testing import CliRunner
 from conftest import ADMIN, Proc, wait_until
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from helpers import add_click, add_offer, add_partner, conversion, messages
 from partner import PartnerServer
 from visibility_seed import Clock, Scenario, Served, run_pipeline, seed
 
@@ -37,11 +37,6 @@ def alert_settings(settings: Settings, webhook: PartnerServer) -> Settings:
         alert_min_volume=2, alert_dead_letter_growth=5, alert_lost_rate=0.10,
         alert_lost_min_volume=2, alert_webhook_url=f"{webhook.url}/hooks/T000/B000/secret",
         egress_ips=EGRESS)
-
-
-@pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
 
 
 @pytest.fixture()

@@ -37,11 +37,6 @@ def find_chromium() -> str | None:
 
 
 @pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
-
-
-@pytest.fixture()
 def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
     yield from run_pipeline(settings, store, clock)
 

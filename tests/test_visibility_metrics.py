@@ -14,7 +14,6 @@ import redis
 import requests
 import yaml
 from conftest import ADMIN, ROOT
-from helpers import NOW
 from partner import PartnerServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
@@ -26,11 +25,6 @@ from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
 
 
 @pytest.fixture()

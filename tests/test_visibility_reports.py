@@ -32,11 +32,6 @@ RANGE = TimeRange(NOW - timedelta(hours=1), NOW + timedelta(hours=1))
 
 
 @pytest.fixture()
-def clock() -> Clock:
-    return Clock(NOW)
-
-
-@pytest.fixture()
 def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
     yield from run_pipeline(settings, store, clock)
 

@@ -7,7 +7,7 @@ import getpass
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,11 @@ from postback_worker.cli.output import (
     open_store,
     print_json,
     print_table,
+    utcnow,
 )
 from postback_worker.domain.events import ValidationError
 from postback_worker.ops import deadletters as dlq_ops
 from postback_worker.ops.deadletters import Filter
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _who(by: str | None) -> str:
@@ -74,7 +71,7 @@ def _filter(kw: dict[str, Any]) -> Filter:
     data = {k: kw.pop(k) for k in ("partner_id", "offer_id", "failure_class", "since", "until",
                                    "last_status")}
     try:
-        return Filter.parse(data, _now())
+        return Filter.parse(data, utcnow())
     except ValidationError as exc:
         fail_validation(exc)
         raise AssertionError from exc  # unreachable: fail_validation exits
@@ -191,7 +188,7 @@ def dlq_replay(dry_run: bool, rate_text: str | None, limit: int | None, wait: fl
         return
     store = open_store(settings)
     enqueue = None if dry_run else replay.celery_enqueue(settings)
-    run, plan = replay.start(store, settings, filt, who=_who(by), rate=rate, now=_now(),
+    run, plan = replay.start(store, settings, filt, who=_who(by), rate=rate, now=utcnow(),
                              enqueue=enqueue, dry_run=dry_run, limit=limit)
     for c in run.skipped:
         click.echo(f"skipped {c.postback_id} (partner {c.partner_id}): {c.problem}")
@@ -234,7 +231,7 @@ def _follow(store: Any, kind: str, run_id: str, total: int, wait: float) -> dict
                 if counts["pending"] == 0 or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-    return replay.save_tally(store, kind, run_id, _now())
+    return replay.save_tally(store, kind, run_id, utcnow())
 
 
 @dlq.command("run")
@@ -272,7 +269,7 @@ def dlq_purge(yes: bool, by: str | None, **kw: Any) -> None:
     if not yes:
         _, total = dlq_ops.list_dead_letters(store, filt, limit=1)
         _bad(f"purge deletes {total} dead letter(s) ({filt.describe()}); add --yes to do it")
-    n = dlq_ops.purge(store, filt, _who(by), _now())
+    n = dlq_ops.purge(store, filt, _who(by), utcnow())
     click.echo(f"purged {n} dead letter(s) ({filt.describe()})")
 
 
@@ -291,7 +288,7 @@ def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run
     """Attribute expired_click conversions that the offer's current lifespan now covers."""
     from postback_worker.ops import reattribute, replay
 
-    now = _now()
+    now = utcnow()
     times: dict[str, datetime | None] = {}
     for name, value in (("since", since), ("until", until)):
         try:
@@ -325,7 +322,7 @@ def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run
                for c in (store.get_conversion(e["conversion_id"]) for e in plan.eligible)):
             break
         time.sleep(0.5)
-    counts = replay.save_tally(store, "reattribute", run_id, _now())
+    counts = replay.save_tally(store, "reattribute", run_id, utcnow())
     click.echo(f"postbacks: delivered {counts['delivered']}, failed {counts['failed']}, "
                f"still pending {counts['pending']}")
 
@@ -339,7 +336,7 @@ def partners_health(fmt: str) -> None:
     from postback_worker.ops.partner_health import health
 
     settings = load_settings()
-    rows = health(open_store(settings), settings, _redis(settings), _now())
+    rows = health(open_store(settings), settings, _redis(settings), utcnow())
     if fmt == "json":
         print_json(rows)
         return
@@ -363,7 +360,7 @@ def partners_pause(partner_id: str, reason: str | None) -> None:
     from postback_worker.ops.partner_health import UnknownPartner, pause
 
     try:
-        pause(open_store(load_settings()), partner_id, reason, _now())
+        pause(open_store(load_settings()), partner_id, reason, utcnow())
     except UnknownPartner:
         _bad(f"no partner {partner_id!r}")
     click.echo(f"partner {partner_id} paused; its postbacks wait until "
@@ -378,7 +375,7 @@ def partners_resume(partner_id: str) -> None:
 
     settings = load_settings()
     try:
-        woke = resume(open_store(settings), settings, _redis(settings), partner_id, _now())
+        woke = resume(open_store(settings), settings, _redis(settings), partner_id, utcnow())
     except UnknownPartner:
         _bad(f"no partner {partner_id!r}")
         return
@@ -408,7 +405,7 @@ def partners_limits(partner_id: str, rate_text: str | None, concurrency: int | N
             _bad(f"--rate: {exc}")
     cap = current["max_concurrency"] if concurrency is None else concurrency
     try:
-        set_limits(store, partner_id, rate_limit=rate, max_concurrency=cap, now=_now())
+        set_limits(store, partner_id, rate_limit=rate, max_concurrency=cap, now=utcnow())
     except UnknownPartner:
         _bad(f"no partner {partner_id!r}")
     click.echo(f"partner {partner_id}: rate limit "
@@ -429,7 +426,7 @@ def support_bundle(partner_id: str, since: str, until: str | None,
     """Write a redacted archive to attach to a ticket with a partner or provider."""
     from postback_worker.ops import bundle
 
-    now = _now()
+    now = utcnow()
     try:
         start = dlq_ops.parse_time(since, now)
     except ValueError as exc:

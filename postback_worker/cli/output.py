@@ -14,6 +14,11 @@ from postback_worker.domain.events import ValidationError
 from postback_worker.settings import Settings, SettingsError
 
 
+def utcnow() -> datetime:
+    """The current time, UTC."""
+    return datetime.now(UTC)
+
+
 def load_settings() -> Settings:
     try:
         return Settings.from_env()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import click
 
@@ -17,13 +17,10 @@ from postback_worker.cli.output import (
     open_store,
     print_json,
     print_table,
+    utcnow,
 )
 from postback_worker.domain.events import ValidationError
 from postback_worker.domain.masking import mask_url
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -89,8 +86,8 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
     row = _partner_row(partner_id)
     with Sender(concurrency=1, excerpt_bytes=settings.response_excerpt_bytes,
                 user_agent=settings.user_agent, allow_networks=settings.allow_networks) as sender:
-        report = run_test_fire(store, row, _now(), sender=sender, fire=fire,
-                               transaction_id=transaction_id, payout=payout, clock=_now)
+        report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
+                               transaction_id=transaction_id, payout=payout, clock=utcnow)
     if fmt == "json":
         print_json(report.to_dict())
     else:
@@ -129,7 +126,7 @@ def partners_signing(partner_id: str, action: str | None, header: str | None) ->
         _fail("choose --enable, --rotate or --disable")
     settings = load_settings()
     try:
-        secret, summary = change_signing(open_store(settings), partner_id, str(action), _now(),
+        secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
                                          timedelta(hours=settings.signing_grace_hours), header)
     except ValidationError as exc:
         fail_validation(exc)
@@ -148,7 +145,7 @@ def offers_token(offer_id: str) -> None:
     """Create (or replace) the offer's security token for the advertiser GET /postback."""
     from postback_worker.ops.config import set_offer_token
 
-    token = set_offer_token(open_store(load_settings()), offer_id, _now())
+    token = set_offer_token(open_store(load_settings()), offer_id, utcnow())
     if token is None:
         _fail(f"no offer {offer_id!r}")
     click.echo(f"security token for offer {offer_id} (shown once; the previous one stops "
@@ -166,7 +163,7 @@ def audit(fmt: str) -> None:
     from postback_worker.ops.audit import run_audit
 
     settings = load_settings()
-    report = run_audit(open_store(settings), settings, _now())
+    report = run_audit(open_store(settings), settings, utcnow())
     if fmt == "json":
         print_json(report.to_dict())
     else:
@@ -197,7 +194,7 @@ def keys_create(name: str, scopes: tuple[str, ...]) -> None:
     from postback_worker.ops.apikeys import ApiKeyError, create_key
 
     try:
-        key_id, key = create_key(open_store(load_settings()).engine, name, scopes, _now())
+        key_id, key = create_key(open_store(load_settings()).engine, name, scopes, utcnow())
     except ApiKeyError as exc:
         _fail(str(exc))
         return
@@ -224,6 +221,6 @@ def keys_revoke(key_id: str) -> None:
     """Revoke a key (API processes stop accepting it within POSTBACK_API_KEY_CACHE_SECONDS)."""
     from postback_worker.ops.apikeys import revoke_key
 
-    if not revoke_key(open_store(load_settings()).engine, key_id, _now()):
+    if not revoke_key(open_store(load_settings()).engine, key_id, utcnow()):
         _fail(f"no active key {key_id!r}")
     click.echo(f"key {key_id} revoked")

@@ -5,8 +5,6 @@ Every route needs the admin scope.
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -324,20 +322,8 @@ class _OnCall:
         except bundle.UnknownPartner:
             return _error(404, f"no partner {pid!r}")
         name = f"support-bundle-{pid}-{now:%Y%m%dT%H%M%SZ}"
-        return Response(_targz(name, files), media_type="application/gzip", headers={
+        return Response(bundle.targz(name, files), media_type="application/gzip", headers={
             "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
-
-
-def _targz(base: str, files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for fname, text in sorted(files.items()):
-            data = text.encode()
-            info = tarfile.TarInfo(f"{base}/{fname}")
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _who(data: dict[str, Any], errors: list[FieldError], key: str) -> str:

@@ -178,18 +178,24 @@ def _summary(partner: dict[str, Any], since: datetime, until: datetime, now: dat
     return "\n".join(lines) + "\n"
 
 
+def targz(base: str, files: dict[str, str]) -> bytes:
+    """The bundle as a .tar.gz whose files sit in the folder `base`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in sorted(files.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{base}/{name}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def write(files: dict[str, str], out: Path) -> Path:
     """A .tar.gz if `out` ends with .tar.gz or .tgz, else a directory; returns the path."""
     if out.name.endswith((".tar.gz", ".tgz")):
         out.parent.mkdir(parents=True, exist_ok=True)
-        base = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
-        with tarfile.open(out, "w:gz") as tar:
-            for name, text in sorted(files.items()):
-                data = text.encode()
-                info = tarfile.TarInfo(f"{base}/{name}")
-                info.size = len(data)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(data))
+        out.write_bytes(targz(out.name.removesuffix(".tar.gz").removesuffix(".tgz"), files))
         return out
     out.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():

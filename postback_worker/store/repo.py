@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -256,15 +256,6 @@ class Store:
             ).mappings().all()
         return [dict(r) for r in rows]
 
-    def conversion_state_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(t.conversions.c.state, func.count()).group_by(t.conversions.c.state)
-            ).all()
-        return {state: int(n) for state, n in rows}
-
-    # -- postbacks ------------------------------------------------------------------------
-
     def insert_postbacks(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id"])
 
@@ -393,13 +384,6 @@ class Store:
             ).mappings().all()
         return [dict(r) for r in rows]
 
-    def postback_state_counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(t.postbacks.c.state, func.count()).group_by(t.postbacks.c.state)
-            ).all()
-        return {state: int(n) for state, n in rows}
-
     def retry_backlog(self) -> tuple[int, datetime | None]:
         pb = t.postbacks.c
         with self.engine.connect() as conn:
@@ -481,7 +465,3 @@ def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def lease_deadline(now: datetime, seconds: float) -> datetime:
-    return now + timedelta(seconds=seconds)
