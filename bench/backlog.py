@@ -43,7 +43,7 @@ from bench.e2e import (  # noqa: E402
     start_partner,
     wait_ready,
 )
-from postback_worker import devservices  # noqa: E402
+from postback_worker.dev import services as devservices  # noqa: E402
 from postback_worker.settings import Settings  # noqa: E402
 from postback_worker.store.db import make_engine, upgrade  # noqa: E402
 from postback_worker.store.repo import Store  # noqa: E402

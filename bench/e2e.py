@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 from celery import Celery  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from postback_worker import devservices  # noqa: E402
+from postback_worker.dev import services as devservices  # noqa: E402
 from postback_worker.ops.config import parse_offer, parse_partner  # noqa: E402
 from postback_worker.producer import Producer  # noqa: E402
 from postback_worker.settings import Settings  # noqa: E402

@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from postback_worker.devservices import free_port  # noqa: E402
+from postback_worker.dev.services import free_port  # noqa: E402
 from postback_worker.settings import Settings  # noqa: E402
 from postback_worker.store.db import normalize_url, upgrade  # noqa: E402
 
@@ -141,7 +141,7 @@ def main() -> int:
         upgrade(db_url)
         settings = Settings(database_url=db_url, redis_url=args.redis_url, admin_token=TOKEN)
         env = {**os.environ, **settings.to_env()}
-        ours = Server("postback_worker.ingest.api:app_from_env", env, tmp / "ours.log")
+        ours = Server("postback_worker.api.app:app_from_env", env, tmp / "ours.log")
         servers.append(ours)
         naive = Server("bench.naive_api:create", env, tmp / "naive.log")
         servers.append(naive)

@@ -30,12 +30,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from postback_worker.devservices_faults import (  # noqa: E402
+from support.faults import (  # noqa: E402
     Cluster,
     TestNetwork,
     netns_unavailable,
     postback_states,
 )
+
 from postback_worker.settings import Settings  # noqa: E402
 
 POLL_TIMEOUT = 600.0

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import NOW, Clock
-from partner import PartnerServer
 from sqlalchemy import create_engine, text
+from support.helpers import NOW, Clock
+from support.partner import PartnerServer
 
-from postback_worker import devservices
+from postback_worker.dev import services as devservices
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine, normalize_url, upgrade
@@ -162,7 +162,7 @@ def serve() -> Iterator[Callable[[Settings], str]]:
 
     import uvicorn
 
-    from postback_worker.ingest.api import create_app
+    from postback_worker.api.app import create_app
 
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 

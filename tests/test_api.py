@@ -11,11 +11,11 @@ import pytest
 import redis
 import requests
 from conftest import ADMIN
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
-from postback_worker.devservices import free_port
+from postback_worker.dev.services import free_port
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store

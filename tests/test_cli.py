@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
 from sqlalchemy import inspect
+from support.helpers import add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.cli import main
 from postback_worker.delivery.sender import Sender

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from partner import PartnerServer
+from support.partner import PartnerServer
 
 from postback_worker.delivery import PostbackRequest, Sender, check_address, resolve_and_check
 from postback_worker.domain.retry import ErrorKind

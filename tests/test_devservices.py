@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from postback_worker import devservices
-from postback_worker.devservices import (
+from postback_worker.dev import services as devservices
+from postback_worker.dev.services import (
     ensure_postgres,
     ensure_redis,
     find_redis_server,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from postback_worker.devservices import free_port
+from postback_worker.dev.services import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 from conftest import Proc, wait_until
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
-
-from postback_worker.devservices_faults import (
+from support.faults import (
     Cluster,
     TestNetwork,
     netns_unavailable,
     postback_states,
     unfinished,
 )
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
+
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine

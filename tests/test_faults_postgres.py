@@ -14,12 +14,12 @@ import pytest
 import requests
 import uvicorn
 from conftest import ADMIN, wait_until
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.faults import Cluster, postback_states, unfinished
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
-from postback_worker.devservices import free_port
-from postback_worker.devservices_faults import Cluster, postback_states, unfinished
-from postback_worker.ingest.api import create_app
+from postback_worker.api.app import create_app
+from postback_worker.dev.services import free_port
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine
 from postback_worker.store.repo import Store

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
-from helpers import NOW, add_click, add_offer
 from sqlalchemy import func, insert, select
+from support.helpers import NOW, add_click, add_offer
 
-from postback_worker.ops.retention import Purger, click_retention_days
+from postback_worker.ops.oncall.retention import Purger, click_retention_days
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store

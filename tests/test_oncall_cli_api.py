@@ -15,14 +15,14 @@ import requests
 import uvicorn
 from click.testing import CliRunner
 from conftest import ADMIN, wait_until
-from helpers import add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
 from sqlalchemy import update
+from support.helpers import add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
+from postback_worker.api.app import create_app
 from postback_worker.cli import main
 from postback_worker.delivery.sender import Sender
-from postback_worker.devservices import free_port
-from postback_worker.ingest.api import create_app
+from postback_worker.dev.services import free_port
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema

@@ -16,11 +16,11 @@ import pytest
 import redis
 from click.testing import CliRunner
 from conftest import Proc, wait_until
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
 from postback_worker.cli import main
-from postback_worker.ops import partner_health
+from postback_worker.ops.oncall import partner_health
 from postback_worker.pipeline.guardrails import circuit_states
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings

@@ -11,12 +11,12 @@ from datetime import timedelta
 
 import pytest
 import redis
-from helpers import Clock, add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
+from support.helpers import Clock, add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.domain import guards as g
-from postback_worker.ops import partner_health
+from postback_worker.ops.oncall import partner_health
 from postback_worker.pipeline.guardrails import Guardrails, Limits, circuit_states
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings

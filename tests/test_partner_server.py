@@ -6,7 +6,7 @@ import http.client
 import socket
 
 import pytest
-from partner import PartnerServer, Response
+from support.partner import PartnerServer, Response
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
+from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import parse_partner

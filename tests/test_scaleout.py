@@ -14,9 +14,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from partner import PartnerServer
+from support.faults import TestNetwork, netns_unavailable
+from support.partner import PartnerServer
 
-from postback_worker.devservices_faults import TestNetwork, netns_unavailable
 from postback_worker.settings import Settings
 
 pytestmark = pytest.mark.e2e

@@ -9,10 +9,10 @@ import pytest
 import redis
 import requests
 from conftest import ADMIN
-from helpers import NOW, add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.helpers import NOW, add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
-from postback_worker.ops.apikeys import create_key
+from postback_worker.ops.security.apikeys import create_key
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from helpers import NOW, add_offer, add_partner
 from sqlalchemy import insert
+from support.helpers import NOW, add_offer, add_partner
 
-from postback_worker.ops.audit import run_audit
+from postback_worker.ops.security.audit import run_audit
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store

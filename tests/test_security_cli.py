@@ -6,9 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import add_offer, add_partner
-from partner import PartnerServer
 from sqlalchemy import select
+from support.helpers import add_offer, add_partner
+from support.partner import PartnerServer
 
 from postback_worker.cli import main
 from postback_worker.settings import Settings

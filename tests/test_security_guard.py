@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import LOOPBACK
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
+from support.helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.delivery.guard import check_address
 from postback_worker.delivery.sender import PostbackRequest, Sender

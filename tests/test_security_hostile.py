@@ -13,11 +13,11 @@ import redis
 import requests
 import schemathesis
 from conftest import ADMIN
-from helpers import NOW, add_offer, add_partner, conversion, messages
 from hypothesis import strategies as st
-from partner import PartnerServer
 from schemathesis.checks import positive_data_acceptance
 from sqlalchemy import select
+from support.helpers import NOW, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.domain.macros import KNOWN_MACROS, render

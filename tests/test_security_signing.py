@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 from conftest import ROOT
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from support.helpers import NOW, add_click, add_offer, add_partner, conversion, messages
 
 from postback_worker.delivery import signing
 from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import change_signing, redact_partner
-from postback_worker.ops.testfire import run_test_fire
+from postback_worker.ops.security.testfire import run_test_fire
 from postback_worker.pipeline.catalog import Partner
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings

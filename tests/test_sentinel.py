@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import Proc, wait_until
-from helpers import add_click, add_offer, add_partner
-from partner import PartnerServer
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
-from postback_worker import devservices, redisconn
+from postback_worker.dev import redisconn
+from postback_worker.dev import services as devservices
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from helpers import NOW, add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
+from support.helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.pipeline.processing import Pipeline
@@ -59,7 +59,7 @@ def test_pipeline_on_sqlite(sqlite_store: Store, settings: Settings,
 
 
 def test_every_saved_configuration_is_kept_redacted(store: Store) -> None:
-    from helpers import add_partner
+    from support.helpers import add_partner
 
     add_partner(store, "p1", "https://p.example", path="/pb", timeout=5)
     store.upsert_partner({**store.get_partner("p1"),  # type: ignore[dict-item]
@@ -76,7 +76,7 @@ def test_every_saved_configuration_is_kept_redacted(store: Store) -> None:
 
 def test_finish_only_under_our_lease_and_says_how_many(store: Store) -> None:
     """A result saved after the lease moved to another worker changes nothing, and is counted."""
-    from helpers import add_click, add_offer, conversion
+    from support.helpers import add_click, add_offer, conversion
 
     from postback_worker.store.schema import conversions, postbacks
 

@@ -12,12 +12,12 @@ import redis
 import requests
 from click.testing import CliRunner
 from conftest import ADMIN, Proc, wait_until
-from helpers import add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
-from visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.helpers import add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
+from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
 
 from postback_worker.cli import main
-from postback_worker.ops.alerts import evaluate, list_alerts
+from postback_worker.ops.visibility.alerts import evaluate, list_alerts
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store

@@ -15,11 +15,11 @@ import pytest
 import redis
 import requests
 from conftest import ADMIN
-from helpers import NOW
-from partner import PartnerServer
-from visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.helpers import NOW
+from support.partner import PartnerServer
+from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
 
-from postback_worker.ops.alerts import evaluate
+from postback_worker.ops.visibility.alerts import evaluate
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store

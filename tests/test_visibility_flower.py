@@ -13,10 +13,10 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import Proc, wait_until
-from helpers import add_offer
+from support.helpers import add_offer
 
 from postback_worker.cli import main
-from postback_worker.devservices import free_port
+from postback_worker.dev.services import free_port
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store

@@ -14,12 +14,12 @@ import redis
 import requests
 import yaml
 from conftest import ADMIN, ROOT
-from partner import PartnerServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
-from visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.partner import PartnerServer
+from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
 
-from postback_worker.ops import metrics
+from postback_worker.ops.visibility import metrics
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings

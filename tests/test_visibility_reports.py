@@ -14,15 +14,15 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import ADMIN
-from helpers import NOW
-from partner import PartnerServer
 from sqlalchemy import select
-from visibility_seed import PARTNERS, Clock, Scenario, Served, run_pipeline, seed
+from support.helpers import NOW
+from support.partner import PartnerServer
+from support.visibility_seed import PARTNERS, Clock, Scenario, Served, run_pipeline, seed
 
 from postback_worker.cli import main
-from postback_worker.ops import figures
-from postback_worker.ops.reports import Scope, delivery_report, failed_postbacks
-from postback_worker.ops.timerange import TimeRange
+from postback_worker.ops.visibility import figures
+from postback_worker.ops.visibility.reports import Scope, delivery_report, failed_postbacks
+from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from postback_worker.ops import alert_rules as ar
-from postback_worker.ops.dashboard import bucket_seconds, duration
-from postback_worker.ops.dashboard_auth import check_token, dashboard_link, make_token
-from postback_worker.ops.figures import nearest_rank
-from postback_worker.ops.flower import FlowerConfigError, flower_command
-from postback_worker.ops.timerange import RangeError, parse_range
+from postback_worker.ops.visibility import alert_rules as ar
+from postback_worker.ops.visibility.dashboard import bucket_seconds, duration
+from postback_worker.ops.visibility.dashboard_auth import check_token, dashboard_link, make_token
+from postback_worker.ops.visibility.figures import nearest_rank
+from postback_worker.ops.visibility.flower import FlowerConfigError, flower_command
+from postback_worker.ops.visibility.timerange import RangeError, parse_range
 from postback_worker.settings import Settings
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)

@@ -1,3 +1,3 @@
-from postback_worker.cli import main
+from postback_worker.cli.group import main
 
 main()

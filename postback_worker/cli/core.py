@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from postback_worker.cli import main
+from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
@@ -221,7 +221,7 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     load_settings()
-    uvicorn.run("postback_worker.ingest.api:app_from_env", factory=True, host=host, port=port,
+    uvicorn.run("postback_worker.api.app:app_from_env", factory=True, host=host, port=port,
                 workers=workers, log_level="info", access_log=False)
 
 
@@ -235,7 +235,7 @@ def api(host: str, port: int, workers: int) -> None:
               help="Where the SQLite file, local Redis data and logs go.")
 def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, data_dir: str) -> None:
     """Bring up API, worker, beat and Flower on local defaults (SQLite, local Redis)."""
-    from postback_worker.devstack import run_stack
+    from postback_worker.dev.stack import run_stack
 
     sys.exit(run_stack(demo=demo or exit_after_demo, exit_after_demo=exit_after_demo,
                        api_port=api_port, flower_port=flower_port, data_dir=data_dir))

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from postback_worker.cli import main
 from postback_worker.cli.core import partners
+from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
@@ -26,8 +26,8 @@ from postback_worker.cli.output import (
     utcnow,
 )
 from postback_worker.domain.events import ValidationError
-from postback_worker.ops import deadletters as dlq_ops
-from postback_worker.ops.deadletters import Filter
+from postback_worker.ops.oncall import deadletters as dlq_ops
+from postback_worker.ops.oncall.deadletters import Filter
 
 
 def _who(by: str | None) -> str:
@@ -177,7 +177,7 @@ def dlq_show(postback_id: str, fmt: str) -> None:
 def dlq_replay(dry_run: bool, rate_text: str | None, limit: int | None, wait: float,
                by: str | None, **kw: Any) -> None:
     """Replay dead letters on the `replay` queue at a bounded rate (safe to run twice)."""
-    from postback_worker.ops import replay
+    from postback_worker.ops.oncall import replay
 
     filt = _filter(kw)
     settings = load_settings()
@@ -216,7 +216,7 @@ def dlq_replay(dry_run: bool, rate_text: str | None, limit: int | None, wait: fl
 
 
 def _follow(store: Any, kind: str, run_id: str, total: int, wait: float) -> dict[str, int]:
-    from postback_worker.ops import replay
+    from postback_worker.ops.oncall import replay
 
     counts = replay.tally(store, kind, run_id)
     deadline = time.monotonic() + wait
@@ -239,7 +239,7 @@ def _follow(store: Any, kind: str, run_id: str, total: int, wait: float) -> dict
 @FORMAT
 def dlq_run(run_id: str, fmt: str) -> None:
     """A replay or re-attribution run: who, filters and its tally."""
-    from postback_worker.ops import replay
+    from postback_worker.ops.oncall import replay
 
     row = replay.get_run(open_store(load_settings()), run_id)
     if row is None:
@@ -286,7 +286,7 @@ def dlq_purge(yes: bool, by: str | None, **kw: Any) -> None:
 def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run: bool,
                     wait: float, by: str | None) -> None:
     """Attribute expired_click conversions that the offer's current lifespan now covers."""
-    from postback_worker.ops import reattribute, replay
+    from postback_worker.ops.oncall import reattribute, replay
 
     now = utcnow()
     times: dict[str, datetime | None] = {}
@@ -333,7 +333,7 @@ def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run
 @FORMAT
 def partners_health(fmt: str) -> None:
     """Circuit state, pause, limits, waiting postbacks and last hour's success per partner."""
-    from postback_worker.ops.partner_health import health
+    from postback_worker.ops.oncall.partner_health import health
 
     settings = load_settings()
     rows = health(open_store(settings), settings, _redis(settings), utcnow())
@@ -357,7 +357,7 @@ def partners_health(fmt: str) -> None:
 @click.option("--reason", help="Why (shown with its waiting postbacks).")
 def partners_pause(partner_id: str, reason: str | None) -> None:
     """Stop firing to a partner; its postbacks wait without spending attempts."""
-    from postback_worker.ops.partner_health import UnknownPartner, pause
+    from postback_worker.ops.oncall.partner_health import UnknownPartner, pause
 
     try:
         pause(open_store(load_settings()), partner_id, reason, utcnow())
@@ -371,7 +371,7 @@ def partners_pause(partner_id: str, reason: str | None) -> None:
 @click.argument("partner_id")
 def partners_resume(partner_id: str) -> None:
     """Fire to a partner again (also closes its circuit); waiting postbacks go now."""
-    from postback_worker.ops.partner_health import UnknownPartner, resume
+    from postback_worker.ops.oncall.partner_health import UnknownPartner, resume
 
     settings = load_settings()
     try:
@@ -389,8 +389,8 @@ def partners_resume(partner_id: str) -> None:
               help="Requests at once across all workers (0: none).")
 def partners_limits(partner_id: str, rate_text: str | None, concurrency: int | None) -> None:
     """Set a partner's rate limit and concurrency cap (shared by all workers)."""
-    from postback_worker.ops.partner_health import UnknownPartner, set_limits
-    from postback_worker.ops.replay import parse_rate
+    from postback_worker.ops.oncall.partner_health import UnknownPartner, set_limits
+    from postback_worker.ops.oncall.replay import parse_rate
 
     store = open_store(load_settings())
     current = store.get_partner(partner_id)
@@ -424,7 +424,7 @@ def partners_limits(partner_id: str, rate_text: str | None, concurrency: int | N
 def support_bundle(partner_id: str, since: str, until: str | None,
                    out_path: Path | None) -> None:
     """Write a redacted archive to attach to a ticket with a partner or provider."""
-    from postback_worker.ops import bundle
+    from postback_worker.ops.oncall import bundle
 
     now = utcnow()
     try:

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import click
 
-from postback_worker.cli import main
 from postback_worker.cli.core import offers, partners
+from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
@@ -79,7 +79,7 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
                   fmt: str) -> None:
     """Render a partner's postback with sample values; with --fire, send it and explain."""
     from postback_worker.delivery.sender import Sender
-    from postback_worker.ops.testfire import run_test_fire
+    from postback_worker.ops.security.testfire import run_test_fire
 
     settings = load_settings()
     store = open_store(settings)
@@ -160,7 +160,7 @@ def offers_token(offer_id: str) -> None:
 @FORMAT
 def audit(fmt: str) -> None:
     """Check every offer and partner (quarterly review); exit code 1 when there are errors."""
-    from postback_worker.ops.audit import run_audit
+    from postback_worker.ops.security.audit import run_audit
 
     settings = load_settings()
     report = run_audit(open_store(settings), settings, utcnow())
@@ -191,7 +191,7 @@ def keys() -> None:
               type=click.Choice(["ingest", "admin"]), help="Repeat for several scopes.")
 def keys_create(name: str, scopes: tuple[str, ...]) -> None:
     """Create a key and print it once."""
-    from postback_worker.ops.apikeys import ApiKeyError, create_key
+    from postback_worker.ops.security.apikeys import ApiKeyError, create_key
 
     try:
         key_id, key = create_key(open_store(load_settings()).engine, name, scopes, utcnow())
@@ -206,7 +206,7 @@ def keys_create(name: str, scopes: tuple[str, ...]) -> None:
 @FORMAT
 def keys_list(fmt: str) -> None:
     """List keys (never the keys themselves)."""
-    from postback_worker.ops.apikeys import list_keys
+    from postback_worker.ops.security.apikeys import list_keys
 
     rows = list_keys(open_store(load_settings()).engine)
     if fmt == "json":
@@ -219,7 +219,7 @@ def keys_list(fmt: str) -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key (API processes stop accepting it within POSTBACK_API_KEY_CACHE_SECONDS)."""
-    from postback_worker.ops.apikeys import revoke_key
+    from postback_worker.ops.security.apikeys import revoke_key
 
     if not revoke_key(open_store(load_settings()).engine, key_id, utcnow()):
         _fail(f"no active key {key_id!r}")

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from postback_worker import redisconn
-from postback_worker.cli import main
+from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
 
 RANGE_HELP = ("ISO date or time (2026-11-25, 2026-11-25T10:00, UTC unless an offset is given) "
@@ -24,8 +24,8 @@ def _fail(message: str) -> None:
 
 def _scope(since: str | None, until: str | None, partner: str | None,
            offer: str | None) -> Any:
-    from postback_worker.ops.reports import Scope
-    from postback_worker.ops.timerange import RangeError, parse_range
+    from postback_worker.ops.visibility.reports import Scope
+    from postback_worker.ops.visibility.timerange import RangeError, parse_range
 
     try:
         rng = parse_range(since, until, datetime.now(UTC))
@@ -60,7 +60,7 @@ def report(ctx: click.Context, since: str | None, until: str | None, partner: st
     ranked worst first, lost conversions per offer."""
     if ctx.invoked_subcommand is not None:
         return
-    from postback_worker.ops import reports
+    from postback_worker.ops.visibility import reports
 
     scope = _scope(since, until, partner, offer)
     data = reports.delivery_report(open_store(load_settings()), scope)
@@ -74,7 +74,7 @@ def report(ctx: click.Context, since: str | None, until: str | None, partner: st
 
 
 def _print_report(data: dict[str, Any]) -> None:
-    from postback_worker.ops.reports import millis, percent
+    from postback_worker.ops.visibility.reports import millis, percent
 
     s = data["summary"]
     click.echo(f"Delivery report {cell(data['since'])} to {cell(data['until'])} UTC"
@@ -110,7 +110,7 @@ def report_failed(since: str | None, until: str | None, partner: str | None, off
                   fmt: str) -> None:
     """Every failed (dead-lettered) postback in the range: conversion, transaction and partner
     ids, last status and class, attempts, error text."""
-    from postback_worker.ops import reports
+    from postback_worker.ops.visibility import reports
 
     scope = _scope(since, until, partner, offer)
     rows = reports.failed_postbacks(open_store(load_settings()), scope)
@@ -140,7 +140,7 @@ def alerts() -> None:
               show_default=True, help="Output format.")
 def alerts_list(state: str, partner: str | None, limit: int, fmt: str) -> None:
     """Alerts, newest first: one row per episode (started, resolved)."""
-    from postback_worker.ops.alerts import list_alerts
+    from postback_worker.ops.visibility.alerts import list_alerts
 
     rows = list_alerts(open_store(load_settings()), state=state, partner_id=partner,
                        limit=limit)
@@ -155,7 +155,7 @@ def alerts_list(state: str, partner: str | None, limit: int, fmt: str) -> None:
 def alerts_evaluate() -> None:
     """Evaluate the alert conditions now (beat does this every POSTBACK_ALERT_INTERVAL s)."""
 
-    from postback_worker.ops.alerts import evaluate
+    from postback_worker.ops.visibility.alerts import evaluate
 
     settings = load_settings()
     client = redisconn.client(settings.redis_url, master=settings.redis_sentinel_master)
@@ -184,8 +184,8 @@ def dashboard_link(base_url: str, since: str | None, until: str | None,
     """Print a sign-in link to the dashboard, valid for 10 minutes."""
     from urllib.parse import urlencode
 
-    from postback_worker.ops.dashboard_auth import NoSigningKey
-    from postback_worker.ops.dashboard_auth import dashboard_link as make_link
+    from postback_worker.ops.visibility.dashboard_auth import NoSigningKey
+    from postback_worker.ops.visibility.dashboard_auth import dashboard_link as make_link
 
     params = {k: v for k, v in (("since", since), ("until", until), ("partner", partner)) if v}
     if since or until:
@@ -205,7 +205,7 @@ def dashboard_link(base_url: str, since: str | None, until: str | None,
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(address: str, port: int, dev: bool, flower_args: tuple[str, ...]) -> None:
     """Run Flower (Celery monitoring) behind basic auth or OAuth from the settings."""
-    from postback_worker.ops.flower import FlowerConfigError, flower_command
+    from postback_worker.ops.visibility.flower import FlowerConfigError, flower_command
 
     env = dict(os.environ)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from postback_worker.ops import replay
+from postback_worker.ops.oncall import replay
 from postback_worker.settings import Settings
 from postback_worker.worker.queues import REPLAY
 from postback_worker.worker.tasks import DB_RETRY

@@ -22,7 +22,7 @@ def register(app: Celery) -> None:
 
     @app.task(name=TASK_PURGE, bind=True, acks_late=False, ignore_result=True)
     def purge_expired_data(self: Task) -> dict[str, Any]:
-        from postback_worker.ops.retention import Purger
+        from postback_worker.ops.oncall.retention import Purger
 
         pipeline = services.pipeline
         try:

@@ -43,7 +43,7 @@ def register(app: Celery) -> None:
 
     @app.task(name=TASK_EVALUATE_ALERTS, bind=True, acks_late=False, ignore_result=True)
     def evaluate_alerts(self: Task) -> dict[str, Any]:
-        from postback_worker.ops.alerts import evaluate
+        from postback_worker.ops.visibility.alerts import evaluate
 
         try:
             events = evaluate(services.settings, services.pipeline.store, redis_client.get(),

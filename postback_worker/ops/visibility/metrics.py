@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from postback_worker.domain.attribution import ConversionState
-from postback_worker.ops import figures as fg
+from postback_worker.ops.visibility import figures as fg
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store

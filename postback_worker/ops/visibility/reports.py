@@ -19,8 +19,8 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from postback_worker.domain.masking import mask_url
-from postback_worker.ops import figures as fg
-from postback_worker.ops.timerange import TimeRange
+from postback_worker.ops.visibility import figures as fg
+from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -18,15 +18,14 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 
 from postback_worker import redisconn
+from postback_worker.api.core import Api
+from postback_worker.api.http import HttpError, error_response, json_response
 from postback_worker.domain.events import FieldError
-from postback_worker.ops import dashboard as dash
-from postback_worker.ops import dashboard_auth as da
-from postback_worker.ops import metrics, reports
-from postback_worker.ops.alerts import list_alerts
-from postback_worker.ops.timerange import RangeError, parse_range
-
-if TYPE_CHECKING:
-    from postback_worker.ingest.api import Api
+from postback_worker.ops.visibility import dashboard as dash
+from postback_worker.ops.visibility import dashboard_auth as da
+from postback_worker.ops.visibility import metrics, reports
+from postback_worker.ops.visibility.alerts import list_alerts
+from postback_worker.ops.visibility.timerange import RangeError, parse_range
 
 MAX_JSON_ROWS = 10_000
 ALERT_STATES = ("open", "resolved", "all")
@@ -92,7 +91,6 @@ class Visibility:
         return reports.Scope(rng, q.get("partner") or None, q.get("offer") or None)
 
     def _bad(self, errors: list[FieldError]) -> Response:
-        from postback_worker.ingest.api import error_response
 
         return error_response(422, "invalid query parameters", errors)
 
@@ -112,7 +110,6 @@ class Visibility:
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     async def delivery(self, request: Request) -> Response:
-        from postback_worker.ingest.api import json_response
 
         self.viewer(request)
         scope = self._scope(request)
@@ -130,7 +127,6 @@ class Visibility:
         return json_response(report)
 
     async def failed(self, request: Request) -> Response:
-        from postback_worker.ingest.api import json_response
 
         self.viewer(request)
         scope = self._scope(request)
@@ -166,7 +162,6 @@ class Visibility:
                               "failed_postbacks": rows})
 
     async def alerts(self, request: Request) -> Response:
-        from postback_worker.ingest.api import json_response
 
         self.viewer(request)
         q = request.query_params
@@ -185,7 +180,6 @@ class Visibility:
         return json_response({"alerts": rows})
 
     async def dashboard(self, request: Request) -> Response:
-        from postback_worker.ingest.api import HttpError, json_response
 
         try:
             self.viewer(request)
@@ -204,7 +198,6 @@ class Visibility:
         return HTMLResponse(dash.render_html(data))
 
     async def link(self, request: Request) -> Response:
-        from postback_worker.ingest.api import error_response, json_response
 
         self.api.require(request, "admin")
         base = str(request.base_url)

@@ -1,7 +1,7 @@
-"""HTTP API: clicks, conversions (TUNE-style GET and JSON batches), admin for offers/partners.
+"""Core routes: clicks, conversions (TUNE-style GET and JSON batches), offers and partners.
 
 Authentication: `Authorization: Bearer <API key>` (keys with scopes `ingest` or `admin`, see
-ops/apikeys.py), or the bootstrap admin token (settings.admin_token, break-glass: every scope).
+ops/security/apikeys.py), or the bootstrap admin token (break-glass: every scope).
 Public: /click (tracking links), /health, /healthz, /openapi.json; the advertiser GET /postback
 takes the offer's `security_token` instead of a key.
 """
@@ -11,19 +11,19 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
 from sqlalchemy.exc import OperationalError
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
 
+from postback_worker.api.batcher import Batcher
+from postback_worker.api.http import HttpError, bearer, error_response, json_response, unavailable
+from postback_worker.api.openapi import document
 from postback_worker.domain.events import (
     FieldError,
     ValidationError,
@@ -31,8 +31,6 @@ from postback_worker.domain.events import (
     parse_click,
 )
 from postback_worker.domain.macros import TemplateError, render
-from postback_worker.ingest.batcher import Batcher
-from postback_worker.ops.apikeys import KeyChecker, Principal
 from postback_worker.ops.config import (
     check_offer_token,
     offer_token_problem,
@@ -43,41 +41,15 @@ from postback_worker.ops.config import (
     template_report,
 )
 from postback_worker.ops.lookup import conversion_detail
+from postback_worker.ops.security.apikeys import KeyChecker, Principal
 from postback_worker.producer import EnqueueError, Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema
-from postback_worker.store.db import make_engine
 from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    raise TypeError
-
-
-JSON_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC | orjson.OPT_NON_STR_KEYS
-
-
-def json_response(data: Any, status: int = 200,
-                  headers: Mapping[str, str] | None = None) -> Response:
-    body = orjson.dumps(data, default=_default, option=JSON_OPTIONS)
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def error_response(status: int, message: str, errors: list[FieldError] | None = None,
-                   headers: Mapping[str, str] | None = None) -> Response:
-    body: dict[str, Any] = {"error": message}
-    if errors:
-        body["errors"] = [e.to_dict() for e in errors]
-    return json_response(body, status, headers)
-
-
-def unavailable(what: str) -> Response:
-    return error_response(503, f"{what} is unavailable; nothing was accepted, retry later",
-                          headers={"Retry-After": "5"})
+# The bootstrap admin token's identity (break-glass: every scope).
+BOOTSTRAP_ADMIN = Principal("bootstrap-admin", frozenset({"admin", "ingest"}))
 
 
 class Api:
@@ -90,7 +62,7 @@ class Api:
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store.engine, settings.api_key_cache_seconds, clock=self.clock)
-        # Single-event requests share Redis messages (group commit); see ingest/batcher.py.
+        # Single-event requests share Redis messages (group commit); see api/batcher.py.
         self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest_batch_events,
                                max_wait=settings.ingest_batch_wait)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
@@ -126,7 +98,7 @@ class Api:
 
     def require(self, request: Request, scope: str = "admin") -> Principal:
         """The caller, if it holds a credential with `scope`; otherwise a 401 or 403."""
-        given = _bearer(request)
+        given = bearer(request)
         token = self.settings.admin_token
         if token and given and hmac.compare_digest(given.encode(), token.encode()):
             return BOOTSTRAP_ADMIN
@@ -165,7 +137,6 @@ class Api:
         return json_response({"status": "ok"})
 
     async def openapi(self, request: Request) -> Response:
-        from postback_worker.ingest.openapi import document
 
         return json_response(document())
 
@@ -228,7 +199,7 @@ class Api:
         """
         params = dict(request.query_params)
         token = params.pop("security_token", None)
-        if token is None or _bearer(request):
+        if token is None or bearer(request):
             self.require(request, "ingest")
         else:
             if params.get("offer_id"):
@@ -302,25 +273,6 @@ class Api:
                                    redact_partner)
 
 
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, errors: list[FieldError] | None = None,
-                 headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.errors = errors
-        self.headers = headers
-
-
-# The bootstrap admin token's identity (break-glass: every scope).
-BOOTSTRAP_ADMIN = Principal("bootstrap-admin", frozenset({"admin", "ingest"}))
-
-
-def _bearer(request: Request) -> str:
-    value = request.headers.get("authorization", "")
-    scheme, _, credential = value.partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" else ""
-
-
 def _click_row(c: Any) -> dict[str, Any]:
     return {
         "transaction_id": c.transaction_id, "offer_id": c.offer_id, "aff_id": c.aff_id,
@@ -329,46 +281,3 @@ def _click_row(c: Any) -> dict[str, Any]:
         "device_id": c.device_id, "user_agent": c.user_agent, "clicked_at": c.clicked_at,
     }
 
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HttpError)
-    return error_response(exc.status, str(exc), exc.errors, exc.headers)
-
-
-async def _db_error(request: Request, exc: Exception) -> Response:
-    log.error("database error: %s", exc)
-    return unavailable("the database")
-
-
-def create_app(settings: Settings | None = None, *, store: Store | None = None,
-               producer: Producer | None = None) -> Starlette:
-    """The ASGI app; `uvicorn postback_worker.ingest.api:app` serves it from the environment."""
-    settings = settings or Settings.from_env()
-    store = store or Store(make_engine(settings.database_url))
-    producer = producer or Producer(settings)
-    api = Api(settings, store, producer)
-    routes = [
-        Route("/health", api.health),
-        Route("/healthz", api.health),
-        Route("/openapi.json", api.openapi),
-        Route("/click", api.click),
-        Route("/postback", api.postback),
-        Route("/v1/clicks", api.create_clicks, methods=["POST"]),
-        Route("/v1/conversions", api.conversions, methods=["POST"]),
-        Route("/v1/conversions/{conversion_id}", api.conversion),
-        Route("/v1/offers", api.offers, methods=["GET", "POST"]),
-        Route("/v1/partners", api.partners, methods=["GET", "POST"]),
-    ]
-    from postback_worker.ingest import oncall, security, visibility
-
-    for module in (oncall, visibility, security):
-        routes.extend(module.routes(api))
-    app = Starlette(routes=routes, exception_handlers={
-        HttpError: _http_error, OperationalError: _db_error,
-    })
-    app.state.api = api
-    return app
-
-
-def app_from_env() -> Starlette:
-    return create_app()

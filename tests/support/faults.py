@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from postback_worker.devservices import (
+from postback_worker.dev.services import (
     find_redis_server,
     free_port,
     postgres_answers,

@@ -7,19 +7,28 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from postback_worker.api.core import Api
+from postback_worker.api.http import HttpError, error_response, json_response
 from postback_worker.domain.events import FieldError, ValidationError
-from postback_worker.ops import deadletters as dlq_ops
-from postback_worker.ops.deadletters import Filter
-
-if TYPE_CHECKING:
-    from postback_worker.ingest.api import Api
+from postback_worker.ops.oncall import bundle, reattribute, replay
+from postback_worker.ops.oncall import deadletters as dlq_ops
+from postback_worker.ops.oncall.deadletters import Filter
+from postback_worker.ops.oncall.partner_health import (
+    UnknownPartner,
+    health,
+    pause,
+    resume,
+    set_limits,
+)
+from postback_worker.ops.oncall.replay import celery_enqueue, get_run
+from postback_worker.pipeline.guardrails import make_redis
 
 FILTER_FIELDS = ("partner_id", "offer_id", "failure_class", "since", "until", "last_status")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -38,21 +47,18 @@ class _OnCall:
 
     def enqueue(self) -> Any:
         if self._enqueue is None:
-            from postback_worker.ops.replay import celery_enqueue
 
             self._enqueue = celery_enqueue(self.api.settings)
         return self._enqueue
 
     def redis(self) -> Any:
         if self._redis is None:
-            from postback_worker.pipeline.guardrails import make_redis
 
             self._redis = make_redis(self.api.settings.redis_url,
                                      self.api.settings.redis_sentinel_master)
         return self._redis
 
     async def body(self, request: Request) -> dict[str, Any]:
-        from postback_worker.ingest.api import HttpError
 
         raw = await self.api._json(request) if await request.body() else {}
         if not isinstance(raw, dict):
@@ -117,7 +123,6 @@ class _OnCall:
 
     async def replay(self, request: Request) -> Response:
         key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
-        from postback_worker.ops import replay
 
         data = await self.body(request)
         extra = {"dry_run", "rate", "limit", "triggered_by"}
@@ -159,7 +164,6 @@ class _OnCall:
 
     async def run(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops.replay import get_run
 
         run_id = request.path_params["run_id"]
         row = await run_in_threadpool(get_run, self.api.store, run_id)
@@ -187,7 +191,6 @@ class _OnCall:
 
     async def reattribute(self, request: Request) -> Response:
         key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
-        from postback_worker.ops import reattribute
 
         data = await self.body(request)
         known = {"offer_id", "since", "until", "dry_run", "triggered_by"}
@@ -228,7 +231,6 @@ class _OnCall:
 
     async def health(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops.partner_health import health
 
         def work() -> Any:
             try:
@@ -242,7 +244,6 @@ class _OnCall:
 
     async def pause(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops.partner_health import UnknownPartner, pause
 
         data = await self.body(request)
         errors = [FieldError(k, "unknown field") for k in data if k != "reason"]
@@ -260,7 +261,6 @@ class _OnCall:
 
     async def resume(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops.partner_health import UnknownPartner, resume
 
         pid = request.path_params["partner_id"]
         try:
@@ -272,7 +272,6 @@ class _OnCall:
 
     async def limits(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops.partner_health import UnknownPartner, set_limits
 
         data = await self.body(request)
         errors = [FieldError(k, "unknown field") for k in data
@@ -299,7 +298,6 @@ class _OnCall:
 
     async def bundle(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        from postback_worker.ops import bundle
 
         pid = request.path_params["partner_id"]
         now = self.now()
@@ -348,19 +346,16 @@ def _replay_message(run: Any, rate: float) -> str:
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    from postback_worker.ingest.api import json_response
 
     return json_response(data, status)
 
 
 def _error(status: int, message: str) -> Response:
-    from postback_worker.ingest.api import error_response
 
     return error_response(status, message)
 
 
 def _invalid(message: str, errors: list[FieldError]) -> Response:
-    from postback_worker.ingest.api import error_response
 
     return error_response(422, message, errors)
 

@@ -6,24 +6,22 @@ Every route here needs the `admin` scope.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from postback_worker.api.core import Api
+from postback_worker.api.http import HttpError, error_response, json_response
+from postback_worker.delivery.sender import Sender
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.masking import mask_url
-from postback_worker.ingest.api import HttpError, error_response, json_response
-from postback_worker.ops import apikeys
-from postback_worker.ops.audit import run_audit
 from postback_worker.ops.config import change_signing, set_offer_token, template_report
-from postback_worker.ops.testfire import run_test_fire
-
-if TYPE_CHECKING:
-    from postback_worker.delivery.sender import Sender
-    from postback_worker.ingest.api import Api
+from postback_worker.ops.security import apikeys
+from postback_worker.ops.security.audit import run_audit
+from postback_worker.ops.security.testfire import run_test_fire
 
 
 def _object(payload: Any, allowed: dict[str, type | tuple[type, ...]],
@@ -59,7 +57,6 @@ class SecurityRoutes:
 
     def sender(self) -> Sender:
         if self._sender is None:
-            from postback_worker.delivery.sender import Sender
 
             s = self.api.settings
             self._sender = Sender(concurrency=1, excerpt_bytes=s.response_excerpt_bytes,

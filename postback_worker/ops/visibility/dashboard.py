@@ -10,12 +10,12 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Integer, cast, func, literal, select
 
-from postback_worker.ops import figures as fg
-from postback_worker.ops.alerts import list_alerts
-from postback_worker.ops.charts import hbars, line_chart, stacked_bars
-from postback_worker.ops.metrics import circuit_states, overdue_seconds, queue_depths
-from postback_worker.ops.reports import Scope, delivery_report, millis, percent
-from postback_worker.ops.timerange import TimeRange
+from postback_worker.ops.visibility import figures as fg
+from postback_worker.ops.visibility.alerts import list_alerts
+from postback_worker.ops.visibility.charts import hbars, line_chart, stacked_bars
+from postback_worker.ops.visibility.metrics import circuit_states, overdue_seconds, queue_depths
+from postback_worker.ops.visibility.reports import Scope, delivery_report, millis, percent
+from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 

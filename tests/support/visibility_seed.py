@@ -12,17 +12,17 @@ from datetime import datetime, timedelta
 
 import uvicorn
 from conftest import wait_until
-from helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
-from partner import PartnerServer
 from sqlalchemy import insert
 
+from postback_worker.api.app import create_app
 from postback_worker.delivery.sender import Sender
-from postback_worker.devservices import free_port
-from postback_worker.ingest.api import create_app
+from postback_worker.dev.services import free_port
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema
 from postback_worker.store.repo import Store
+from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
+from support.partner import PartnerServer
 
 # partner id -> (path, status it answers, conversions sent)
 PARTNERS = {

@@ -21,7 +21,7 @@ from postback_worker.domain.attribution import (
     OfferFacts,
     attribute,
 )
-from postback_worker.ops.replay import TASK_REATTRIBUTE_RUN, Enqueue, marker, record_run
+from postback_worker.ops.oncall.replay import TASK_REATTRIBUTE_RUN, Enqueue, marker, record_run
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, insert, select, update
 from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
-from postback_worker.ops.deadletters import DEAD_JOIN, Filter
+from postback_worker.ops.oncall.deadletters import DEAD_JOIN, Filter
 from postback_worker.pipeline.processing import render_postback_url
 from postback_worker.settings import Settings
 from postback_worker.store import repo

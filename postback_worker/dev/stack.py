@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import requests
 
-from postback_worker.devservices import ensure_redis, port_is_free, stop
+from postback_worker.dev.services import ensure_redis, port_is_free, stop
 from postback_worker.worker.queues import QUEUES
 
 
@@ -98,7 +98,7 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
     celery = [py, "-m", "celery", "-A", "postback_worker.worker.app"]
     stack = Stack(root, env)
     try:
-        stack.start("api", [py, "-m", "uvicorn", "postback_worker.ingest.api:app_from_env",
+        stack.start("api", [py, "-m", "uvicorn", "postback_worker.api.app:app_from_env",
                             "--factory", "--host", "127.0.0.1", "--port", str(api_port),
                             "--no-access-log"])
         stack.start("worker", celery + ["worker", "-Q", ",".join(QUEUES), "--concurrency", "2",
@@ -115,7 +115,7 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
                    f"{env['POSTBACK_ADMIN_TOKEN']}' {api_url}/v1/offers)")
         click.echo(f"Flower  http://127.0.0.1:{flower_port}\n")
         if demo:
-            from postback_worker.demo import run_demo
+            from postback_worker.dev.demo import run_demo
 
             ok = run_demo(api_url, token=env["POSTBACK_ADMIN_TOKEN"])
             if exit_after_demo:

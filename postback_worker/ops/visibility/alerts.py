@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import Connection, func, insert, select, text, update
 
-from postback_worker.ops import figures as fg
-from postback_worker.ops.alert_rules import (
+from postback_worker.ops.visibility import figures as fg
+from postback_worker.ops.visibility.alert_rules import (
     Condition,
     OfferLost,
     PartnerWindow,
@@ -29,7 +29,7 @@ from postback_worker.ops.alert_rules import (
     conditions,
     transitions,
 )
-from postback_worker.ops.metrics import circuit_states
+from postback_worker.ops.visibility.metrics import circuit_states
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
