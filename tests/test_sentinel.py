@@ -12,7 +12,7 @@ from conftest import Proc, wait_until
 from support.helpers import add_click, add_offer, add_partner
 from support.partner import PartnerServer
 
-from postback_worker.dev import redisconn
+from postback_worker import redisconn
 from postback_worker.dev import services as devservices
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
