@@ -106,7 +106,7 @@ def main() -> int:
         import redis
 
         redis.Redis.from_url(args.redis_url).flushdb()
-        settings = Settings(database_url=db_url, redis_url=args.redis_url,
+        settings = Settings.build(database_url=db_url, redis_url=args.redis_url,
                             allow_networks=LOOPBACK, sweep_interval=1.0)
         env = {**os.environ, **settings.to_env()}
         tag = secrets.token_hex(3)

@@ -584,7 +584,7 @@ class System:
 
 
 def ours_system(cfg: Config, svc: Services) -> System:
-    settings = Settings(database_url=svc.db_url, redis_url=svc.redis_url,
+    settings = Settings.build(database_url=svc.db_url, redis_url=svc.redis_url,
                         allow_networks=LOOPBACK)
     env = {**os.environ, **settings.to_env()}
 

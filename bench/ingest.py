@@ -139,7 +139,7 @@ def main() -> int:
     rds = redis.Redis.from_url(args.redis_url)
     try:
         upgrade(db_url)
-        settings = Settings(database_url=db_url, redis_url=args.redis_url, admin_token=TOKEN)
+        settings = Settings.build(database_url=db_url, redis_url=args.redis_url, admin_token=TOKEN)
         env = {**os.environ, **settings.to_env()}
         ours = Server("postback_worker.api.app:app_from_env", env, tmp / "ours.log")
         servers.append(ours)

@@ -68,7 +68,7 @@ def _seed(cluster: Cluster, partner_url: str, n: int, partner_extra: dict[str, A
     from postback_worker.store.repo import Store
 
     now = datetime.now(UTC)
-    store = Store(make_engine(cluster.settings.database_url))
+    store = Store(make_engine(cluster.settings.database.url))
     store.upsert_offer(parse_offer({"id": "o1", "campaign_type": "ecommerce"}, now))
     store.upsert_partner(parse_partner({
         "id": "p1", "postback_url": f"{partner_url}/pb?tid={{transaction_id}}&pb={{postback_id}}",
@@ -134,7 +134,7 @@ def run_scaleout(network: TestNetwork, hosts: Sequence[str], partner_url: str, w
             _poll(lambda w=w: " ready." in w.output() or not w.alive, 60, f"{w.name} to start")
             if not w.alive:
                 raise RuntimeError(f"{w.name} exited:\n{w.output()[-3000:]}")
-        engine = make_engine(cluster.settings.database_url)
+        engine = make_engine(cluster.settings.database.url)
         producer = Producer(cluster.settings)
         try:
             started = time.perf_counter()
@@ -156,7 +156,7 @@ def run_scaleout(network: TestNetwork, hosts: Sequence[str], partner_url: str, w
 
 
 def bench_settings(network: TestNetwork, **overrides: Any) -> Settings:
-    return Settings(allow_networks=(network.subnet,), config_cache_seconds=5.0,
+    return Settings.build(allow_networks=(network.subnet,), config_cache_seconds=5.0,
                     visibility_timeout=600, **overrides)
 
 

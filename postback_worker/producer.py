@@ -41,14 +41,11 @@ class Producer:
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None):
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
-        self._celery = Celery("postback_worker_producer", broker=settings.effective_broker_url)
+        self._celery = Celery("postback_worker_producer",
+                              broker=settings.redis.effective_broker_url)
         self._celery.conf.update(
             task_serializer="json",
-            broker_transport_options={
-                "visibility_timeout": settings.visibility_timeout,
-                **({"master_name": settings.redis_sentinel_master}
-                   if settings.redis_sentinel_master else {}),
-            },
+            broker_transport_options=settings.redis.broker_transport_options(),
             broker_connection_retry_on_startup=True,
         )
 
@@ -64,9 +61,9 @@ class Producer:
         errors: list[FieldError] = []
         if not items:
             raise ValidationError([FieldError("events", "must contain at least one event")])
-        if len(items) > self.settings.max_batch_size:
+        if len(items) > self.settings.ingest.max_batch_size:
             raise ValidationError([FieldError(
-                "events", f"at most {self.settings.max_batch_size} events per request"
+                "events", f"at most {self.settings.ingest.max_batch_size} events per request"
             )])
         parsed: list[ConversionEvent] = []
         for i, item in enumerate(items):
@@ -76,7 +73,7 @@ class Producer:
                 continue
             try:
                 parsed.append(parse_conversion(
-                    item, now=now, max_field_length=self.settings.max_field_length,
+                    item, now=now, max_field_length=self.settings.ingest.max_field_length,
                     allow_unknown=allow_unknown, prefix=prefix,
                 ))
             except ValidationError as exc:
@@ -87,7 +84,7 @@ class Producer:
 
     def enqueue(self, events: Sequence[ConversionEvent]) -> list[str]:
         """Publish validated events in chunks; returns their ids."""
-        size = self.settings.enqueue_chunk_size
+        size = self.settings.ingest.enqueue_chunk_size
         queued: list[str] = []
         try:
             for i in range(0, len(events), size):

@@ -108,7 +108,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture()
 def settings(pg_url: str, redis_url: str) -> Settings:
     """Test settings: loopback allowed, a short retry schedule, fast sweeps and leases."""
-    return Settings(
+    return Settings.build(
         database_url=pg_url,
         redis_url=redis_url,
         allow_networks=LOOPBACK,

@@ -147,14 +147,14 @@ def test_conversion_batch_is_all_or_nothing(api: str, redis_client: redis.Redis,
     assert set(errors_by_field(r)) == {"events[1].payout", "events[2].transaction_id",
                                        "events[2].ip", "events[3].transaction_id"}
     assert len(queued_events(redis_client)) == 3  # nothing of the bad request was queued
-    too_many = [{"transaction_id": "x"}] * (settings.max_batch_size + 1)
+    too_many = [{"transaction_id": "x"}] * (settings.ingest.max_batch_size + 1)
     r = admin.post(f"{api}/v1/conversions", json=too_many)
     assert r.status_code == 413 and "events" in errors_by_field(r)
     r = requests.post(f"{api}/v1/conversions", data=b"{not json",
                       headers={**ADMIN, "Content-Type": "application/json"})
     assert r.status_code == 400 and "body" in errors_by_field(r)
     r = admin.post(f"{api}/v1/conversions",
-                      data=b"x" * (settings.max_request_bytes + 1))
+                      data=b"x" * (settings.ingest.max_request_bytes + 1))
     assert r.status_code == 413
     assert len(queued_events(redis_client)) == 3
 
@@ -183,7 +183,7 @@ def test_conversion_detail(api: str, store: Store, settings: Settings,
 
     event: ConversionEvent = parse_conversion({"id": cid, "transaction_id": "tx1", "payout": "3"},
                                               now=datetime.now(UTC))
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         Pipeline(settings, store, sender).process_conversions([event.to_message()])
     detail = admin.get(f"{api}/v1/conversions/{cid}").json()
     assert detail["conversion"]["state"] == "attributed"

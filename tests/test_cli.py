@@ -68,7 +68,7 @@ def test_show(cli: CliRunner, store: Store, settings: Settings, partner: Partner
     add_click(store, "tx1")
     partner.set_script([503])
     event = conversion("tx1", payout="4.20")
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         Pipeline(settings, store, sender).process_conversions(messages(event))
     r = cli.invoke(main, ["show", event.id])
     assert r.exit_code == 0, r.output

@@ -58,8 +58,8 @@ def _kind(kind: str, name: str | None = None) -> dict[str, Any]:
 
 def _longest_batch_seconds(s: Settings) -> float:
     """A full message of first attempts: chunk / concurrency rounds of one timeout each."""
-    rounds = -(-s.enqueue_chunk_size // s.delivery_concurrency)
-    return rounds * s.default_timeout
+    rounds = -(-s.ingest.enqueue_chunk_size // s.delivery.concurrency)
+    return rounds * s.delivery.default_timeout
 
 
 # Compose
@@ -127,7 +127,7 @@ def test_worker_shutdown_outlasts_a_batch_and_fits_the_visibility_timeout() -> N
     s = Settings.from_env({k: v for k, v in config.items() if k.startswith("POSTBACK_")})
     grace = worker["terminationGracePeriodSeconds"]
     assert grace > _longest_batch_seconds(s)
-    assert s.visibility_timeout > grace
+    assert s.redis.visibility_timeout > grace
     container = worker["containers"][0]
     assert container["readinessProbe"] and container["livenessProbe"]
     assert _kind("PodDisruptionBudget", "postback-worker")["spec"]["maxUnavailable"] == 1

@@ -48,11 +48,11 @@ def network() -> Iterator[TestNetwork]:
 def test_host_cut_off_mid_batch(network: TestNetwork, settings: Settings,
                                 tmp_path: Path) -> None:
     s = settings.with_overrides(
-        allow_networks=(*settings.allow_networks, network.subnet),
+        allow_networks=(*settings.delivery.allow_networks, network.subnet),
         visibility_timeout=4, lease_seconds=5, delivery_concurrency=4)
     with Cluster(tmp_path / "cluster", s, network=network) as cluster, \
             PartnerServer(host=network.gateway) as partner:
-        store = Store(make_engine(cluster.settings.database_url))
+        store = Store(make_engine(cluster.settings.database.url))
         add_offer(store, "o1")
         add_partner(store, "p1", partner.url)
         txs = [f"tx{i:03d}" for i in range(40)]

@@ -46,7 +46,7 @@ def serve_api(settings: Settings) -> tuple[str, uvicorn.Server, threading.Thread
 
 def test_postgres_restart_mid_run(cluster: Cluster, partner: PartnerServer) -> None:
     s = cluster.settings
-    store = Store(make_engine(s.database_url))
+    store = Store(make_engine(s.database.url))
     add_offer(store, "o1")
     add_partner(store, "p1", partner.url)
     txs = [f"tx{i:03d}" for i in range(60)]

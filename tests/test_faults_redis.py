@@ -52,7 +52,7 @@ def cluster(settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
 
 
 def _seed(cluster: Cluster, partner: PartnerServer, n: int) -> tuple[Store, list[str]]:
-    store = Store(make_engine(cluster.settings.database_url))
+    store = Store(make_engine(cluster.settings.database.url))
     add_offer(store, "o1")
     add_partner(store, "p1", partner.url)
     txs = [f"tx{i:03d}" for i in range(n)]
@@ -123,7 +123,7 @@ def test_redis_flushed_persisted_work_is_found_again(cluster: Cluster,
     worker = cluster.worker("w1", concurrency=2, delivery_concurrency=8)
     cluster.beat()
     producer = Producer(s)
-    app = Celery(broker=s.effective_broker_url)
+    app = Celery(broker=s.redis.effective_broker_url)
     try:
         # 1. Persisted and failing: postbacks wait in PostgreSQL (retry_scheduled / queued).
         persisted = producer.send_conversions(
@@ -133,7 +133,7 @@ def test_redis_flushed_persisted_work_is_found_again(cluster: Cluster,
             for st in postback_states(store.engine, persisted).values()), 60,
             message="postbacks waiting for a retry")
         # 2. Persisted but never processed (its message was lost): state `received`.
-        old = datetime.now(UTC) - timedelta(seconds=s.stuck_conversion_after + 60)
+        old = datetime.now(UTC) - timedelta(seconds=s.sweep.stuck_conversion_after + 60)
         stuck = [f"cvs{i}" for i in range(5)]
         with store.engine.begin() as conn:
             conn.execute(insert(t.conversions), [{

@@ -139,7 +139,7 @@ def test_the_worker_runs_the_purge_task(store: Store, settings: Settings,
     add_click(store, "ancient", clicked_at=long_ago)
     add_click(store, "fresh", clicked_at=datetime.now(UTC))
     celery_procs("worker", concurrency=1)
-    app = Celery(broker=settings.effective_broker_url)
+    app = Celery(broker=settings.redis.effective_broker_url)
     try:
         app.send_task(TASK_PURGE, queue="maintenance")
         wait_until(lambda: _count(store, t.clicks) == 1, timeout=60,

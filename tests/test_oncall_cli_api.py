@@ -59,7 +59,7 @@ def seeded(oncall_settings: Settings, store: Store, partner: PartnerServer,
             ev = conversion(f"{aff}-{i}")
             batch.append(ev)
             events[aff].append(ev.id)
-    sender = Sender(allow_networks=oncall_settings.allow_networks)
+    sender = Sender(allow_networks=oncall_settings.delivery.allow_networks)
     Pipeline(oncall_settings, store, sender).process_conversions(messages(*batch))
     sender.close()
     return events

@@ -33,7 +33,7 @@ def guard_settings(settings: Settings) -> Settings:
 @pytest.fixture()
 def pipeline(guard_settings: Settings, store: Store, clock: Clock,
              redis_client: redis.Redis) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=guard_settings.allow_networks, concurrency=8)
+    sender = Sender(allow_networks=guard_settings.delivery.allow_networks, concurrency=8)
     yield Pipeline(guard_settings, store, sender, clock=clock, rand=lambda: 0.5,
                    worker_name="test", redis=redis_client)
     sender.close()
@@ -61,7 +61,7 @@ def test_concurrency_slots_cap_expire_and_release(redis_client: redis.Redis,
     guard.release_slots("p1", ["a"])
     assert guard.admit("p1", ["c", "d"], limits, now=101.0).fire == ["c"]
     # a killed worker never frees its slots: they expire after 2 x timeout + lease
-    later = 101.0 + 2 * 1.0 + settings.lease_seconds + 0.1
+    later = 101.0 + 2 * 1.0 + settings.delivery.lease_seconds + 0.1
     assert guard.admit("p1", ["d", "e"], limits, now=later).fire == ["d", "e"]
 
 
@@ -98,7 +98,7 @@ def test_paused_partner_waits_without_spending_attempts_then_flows(
         ("retry_scheduled", 0, None)}
     assert all(str(p["reason"]).startswith("waiting: partner paused (partner maintenance)")
                for p in pbs)
-    clock.advance(guard_settings.pause_recheck + 1)
+    clock.advance(guard_settings.oncall.pause_recheck + 1)
     _run_due(pipeline)  # still paused: waits again, nothing fired, nothing dropped
     assert partner.count() == 0
     assert {p["attempts"] for p in _postbacks(store, [e.id for e in events])} == {0}
@@ -178,7 +178,7 @@ def test_retry_after_holds_every_postback_of_the_partner(
     redis_client: redis.Redis, breaker: bool,
 ) -> None:
     s = guard_settings.with_overrides(breaker_enabled=breaker)
-    sender = Sender(allow_networks=s.allow_networks)
+    sender = Sender(allow_networks=s.delivery.allow_networks)
     pipeline = Pipeline(s, store, sender, clock=clock, rand=lambda: 0.5, redis=redis_client)
     txs = _seed(store, partner, 3)
     partner.set_script([{"status": 429, "headers": {"Retry-After": "120"}}])

@@ -18,7 +18,7 @@ from postback_worker.store.repo import Store
 
 @pytest.fixture()
 def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=settings.allow_networks, concurrency=8)
+    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
     yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")
     sender.close()
 
@@ -295,7 +295,7 @@ def test_interrupted_delivery_is_resumed_after_the_lease(
     (pb,) = store.postbacks_for(event.id)
     assert pb["state"] == "in_flight"
     assert pipeline.deliver([pb["id"]]).postbacks == {}  # lease still held
-    clock.advance(settings.lease_seconds + 1)
+    clock.advance(settings.delivery.lease_seconds + 1)
     pipeline.deliver(pipeline.sweep())
     assert store.postbacks_for(event.id)[0]["state"] == "delivered"
     assert partner.postback_ids() == [pb["id"]]
@@ -352,7 +352,7 @@ def test_long_batch_renews_its_leases(
     class SlowSender:
         def send_iter(self, reqs: list[object]):  # type: ignore[no-untyped-def]
             for i, outcome in enumerate(real.send_many(reqs)):  # type: ignore[arg-type]
-                clock.advance(settings.lease_seconds * 0.9)
+                clock.advance(settings.delivery.lease_seconds * 0.9)
                 seen.append(pipeline.sweep())  # another worker's sweeper must find nothing
                 yield i, outcome
 

@@ -50,7 +50,8 @@ def partner_on_bridge(network: TestNetwork) -> Iterator[PartnerServer]:
 
 
 def _settings(settings: Settings, network: TestNetwork) -> Settings:
-    return settings.with_overrides(allow_networks=(*settings.allow_networks, network.subnet),
+    return settings.with_overrides(
+        allow_networks=(*settings.delivery.allow_networks, network.subnet),
                                    visibility_timeout=60, config_cache_seconds=5.0)
 
 

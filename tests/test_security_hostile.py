@@ -129,7 +129,7 @@ def test_hostile_click_fields_are_stored_and_encoded(
     assert stored == sorted(HOSTILE)
     msgs = messages(*[conversion(t, adv_sub=v) for t, v in zip(tids, HOSTILE, strict=True)])
     caplog.set_level(logging.DEBUG)
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         Pipeline(settings, store, sender, clock=lambda: NOW).process_conversions(msgs)
     subs = sorted(r.query["sub"][0] for r in partner.received())
     assert subs == sorted(HOSTILE)

@@ -145,7 +145,7 @@ def test_pipeline_postbacks_verify_with_the_documented_example(
     assert secret
     receiver = receiver_factory([secret])
     add_partner(store, "p1", receiver.url, success_check="success=true")
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         pipeline = Pipeline(settings, store, sender)
         first = conversion("tx1", payout="1.50")
         pipeline.process_conversions(messages(first))
@@ -168,7 +168,7 @@ def test_wrong_secret_is_refused_by_the_partner(settings: Settings, store: Store
     add_partner(store, "p1", receiver.url, success_check="success=true")
     now = datetime.now(UTC)
     change_signing(store, "p1", "enable", now, GRACE)
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         report = run_test_fire(store, store.get_partner("p1") or {}, now, sender=sender,
                                fire=True)
     assert (report.status_code, report.failure_class) == (401, "auth")

@@ -42,7 +42,7 @@ def test_pipeline_on_sqlite(sqlite_store: Store, settings: Settings,
     add_click(store, "tx-old", clicked_at=NOW - timedelta(days=15))
     partner.set_script([503])
     now = [NOW]
-    with Sender(allow_networks=settings.allow_networks) as sender:
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
         pipeline = Pipeline(settings.with_overrides(database_url=str(store.engine.url)), store,
                             sender, clock=lambda: now[0], rand=lambda: 0.0)
         a, b = conversion("tx1"), conversion("tx-old")

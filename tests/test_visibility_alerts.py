@@ -96,7 +96,7 @@ def test_alerts_fire_once_resolve_once_and_reach_the_webhook(
 
     # Recovery: the circuit closes, the old failures leave the window, p-down answers 200.
     redis_client.hset("pbw:circuit:p-down", "state", "closed")
-    clock.advance(alert_settings.alert_window_seconds)
+    clock.advance(alert_settings.alerts.window_seconds)
     partner.route("/down", 200)
     pipeline.deliver(pipeline.sweep())  # the late p-down postback, now delivered
     recovered = []

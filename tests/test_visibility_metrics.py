@@ -123,7 +123,7 @@ def test_metrics_match_partner_and_database(
 
 def test_metrics_window_moves_with_time(settings: Settings, store: Store, scenario: Scenario,
                                         clock: Clock, redis_client: redis.Redis) -> None:
-    clock.advance(settings.metrics_window_seconds + 60)
+    clock.advance(settings.metrics.window_seconds + 60)
     s = scrape(settings, store, redis_client, clock)
     assert value(s, "postback_attempt_duration_seconds_gcount", partner="p-ok") == 0
     assert value(s, "postback_recent_attempts", partner="p-ok", failure_class="delivered") == 0

@@ -227,14 +227,14 @@ def test_bucket_seconds(span: int, step: int) -> None:
 
 
 def test_dashboard_tokens() -> None:
-    s = Settings(admin_token="admin-secret")
+    s = Settings.build(admin_token="admin-secret")
     link = dashboard_link(s, "http://h:8000/", NOW)
     assert link.startswith("http://h:8000/dashboard/session?t=")
     token = link.split("t=", 1)[1]
     assert check_token(s, "link", token, NOW + timedelta(seconds=599))
     assert not check_token(s, "link", token, NOW + timedelta(seconds=601))  # expired
     assert not check_token(s, "session", token, NOW)  # a link is not a session
-    assert not check_token(Settings(admin_token="other"), "link", token, NOW)
+    assert not check_token(Settings.build(admin_token="other"), "link", token, NOW)
     forged = str(int(NOW.timestamp()) + 10**6) + "." + token.split(".")[1]
     assert not check_token(s, "link", forged, NOW)
     session = make_token(s.with_overrides(dashboard_secret="dash"), "session", NOW, 60)
@@ -246,13 +246,13 @@ def test_dashboard_tokens() -> None:
 @pytest.mark.parametrize(
     ("settings", "env", "address", "dev", "expected_env"),
     [
-        (Settings(flower_basic_auth=("ops:pw",)), {}, "0.0.0.0", False,
+        (Settings.build(flower_basic_auth=("ops:pw",)), {}, "0.0.0.0", False,
          {"FLOWER_BASIC_AUTH": "ops:pw"}),
-        (Settings(flower_basic_auth=("a:1", "b:2")), {}, "0.0.0.0", False,
+        (Settings.build(flower_basic_auth=("a:1", "b:2")), {}, "0.0.0.0", False,
          {"FLOWER_BASIC_AUTH": "a:1,b:2"}),
         (Settings(), {"FLOWER_BASIC_AUTH": "x:y"}, "0.0.0.0", False,
          {"FLOWER_BASIC_AUTH": "x:y"}),
-        (Settings(flower_auth=r".*@example\.com", flower_auth_provider="flower.views.auth."
+        (Settings.build(flower_auth=r".*@example\.com", flower_auth_provider="flower.views.auth."
                   "GoogleAuth2LoginHandler", flower_oauth2_key="k", flower_oauth2_secret="s",
                   flower_oauth2_redirect_uri="https://f.example/login"), {}, "0.0.0.0", False,
          {"FLOWER_AUTH": r".*@example\.com",
@@ -276,8 +276,9 @@ def test_flower_command(settings: Settings, env: dict[str, str], address: str, d
         (Settings(), "0.0.0.0", False, "Flower needs authentication"),
         (Settings(), "127.0.0.1", False, "Flower needs authentication"),
         (Settings(), "0.0.0.0", True, "--dev without authentication listens on loopback only"),
-        (Settings(flower_basic_auth=("nopassword",)), "0.0.0.0", False, "user:password pairs"),
-        (Settings(flower_auth=".*"), "0.0.0.0", False,
+        (Settings.build(flower_basic_auth=("nopassword",)), "0.0.0.0", False,
+         "user:password pairs"),
+        (Settings.build(flower_auth=".*"), "0.0.0.0", False,
          "Flower OAuth needs POSTBACK_FLOWER_AUTH_PROVIDER, POSTBACK_FLOWER_OAUTH2_KEY"),
     ],
 )

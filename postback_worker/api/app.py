@@ -19,7 +19,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                producer: Producer | None = None) -> Starlette:
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
-    store = store or Store(make_engine(settings.database_url))
+    store = store or Store(make_engine(settings.database.url))
     producer = producer or Producer(settings)
     api = Api(settings, store, producer)
     routes = [

@@ -61,16 +61,18 @@ class Api:
         self.store = store
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.keys = KeyChecker(store.engine, settings.api_key_cache_seconds, clock=self.clock)
+        self.keys = KeyChecker(store.engine, settings.security.api_key_cache_seconds,
+                               clock=self.clock)
         # Single-event requests share Redis messages (group commit); see api/batcher.py.
-        self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest_batch_events,
-                               max_wait=settings.ingest_batch_wait)
+        self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest.batch_events,
+                               max_wait=settings.ingest.batch_wait)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
 
     async def _offer_token_hash(self, offer_id: str) -> str | None:
         """An offer's security token hash, cached for config_cache_seconds."""
         cached = self._offer_tokens.get(offer_id)
-        if cached is not None and time.monotonic() - cached[0] < self.settings.config_cache_seconds:
+        ttl = self.settings.delivery.config_cache_seconds
+        if cached is not None and time.monotonic() - cached[0] < ttl:
             return cached[1]
         offer = await run_in_threadpool(self.store.get_offer, offer_id[:64])
         stored = offer.get("security_token_hash") if offer else None
@@ -82,13 +84,14 @@ class Api:
     # -- helpers --------------------------------------------------------------------------
 
     async def _json(self, request: Request) -> Any:
+        limit = self.settings.ingest.max_request_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.settings.max_request_bytes:
-            raise HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+        if length and length.isdigit() and int(length) > limit:
+            raise HttpError(413, f"request body larger than {limit} "
                                   "bytes; split the batch")
         body = await request.body()
-        if len(body) > self.settings.max_request_bytes:
-            raise HttpError(413, f"request body larger than {self.settings.max_request_bytes} "
+        if len(body) > limit:
+            raise HttpError(413, f"request body larger than {limit} "
                                   "bytes; split the batch")
         try:
             return orjson.loads(body)
@@ -99,7 +102,7 @@ class Api:
     def require(self, request: Request, scope: str = "admin") -> Principal:
         """The caller, if it holds a credential with `scope`; otherwise a 401 or 403."""
         given = bearer(request)
-        token = self.settings.admin_token
+        token = self.settings.security.admin_token
         if token and given and hmac.compare_digest(given.encode(), token.encode()):
             return BOOTSTRAP_ADMIN
         if not given:
@@ -149,7 +152,7 @@ class Api:
             params["user_agent"] = ua[:1024]
         try:
             click = parse_click(params, now=self.clock(), allow_unknown=True,
-                                max_field_length=self.settings.max_field_length)
+                                max_field_length=self.settings.ingest.max_field_length)
         except ValidationError as exc:
             return error_response(422, "invalid click", exc.errors)
         offer = await run_in_threadpool(self.store.get_offer, click.offer_id)
@@ -175,8 +178,9 @@ class Api:
         payload = self._items(await self._json(request), "clicks")
         now = self.clock()
         try:
-            clicks = parse_batch(payload, parse_click, max_items=self.settings.max_batch_size,
-                                 now=now, max_field_length=self.settings.max_field_length)
+            clicks = parse_batch(payload, parse_click,
+                                 max_items=self.settings.ingest.max_batch_size,
+                                 now=now, max_field_length=self.settings.ingest.max_field_length)
         except ValidationError as exc:
             return error_response(422, "invalid clicks", exc.errors)
         offers = {o["id"] for o in await run_in_threadpool(self.store.list_offers)}
@@ -224,9 +228,9 @@ class Api:
         self.require(request, "ingest")
         payload = self._items(await self._json(request), "events")
         items = payload if isinstance(payload, list) else [payload]
-        if len(items) > self.settings.max_batch_size:
+        if len(items) > self.settings.ingest.max_batch_size:
             return error_response(413, "batch too large", [FieldError(
-                "events", f"at most {self.settings.max_batch_size} events per request")])
+                "events", f"at most {self.settings.ingest.max_batch_size} events per request")])
         try:
             events = self.producer.validate(items)
         except ValidationError as exc:

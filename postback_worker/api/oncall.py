@@ -28,7 +28,6 @@ from postback_worker.ops.oncall.partner_health import (
     set_limits,
 )
 from postback_worker.ops.oncall.replay import celery_enqueue, get_run
-from postback_worker.pipeline.guardrails import make_redis
 
 FILTER_FIELDS = ("partner_id", "offer_id", "failure_class", "since", "until", "last_status")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -54,8 +53,7 @@ class _OnCall:
     def redis(self) -> Any:
         if self._redis is None:
 
-            self._redis = make_redis(self.api.settings.redis_url,
-                                     self.api.settings.redis_sentinel_master)
+            self._redis = self.api.settings.redis.client()
         return self._redis
 
     async def body(self, request: Request) -> dict[str, Any]:
@@ -132,7 +130,7 @@ class _OnCall:
         except ValidationError as exc:
             errors += exc.errors
             filt = Filter()
-        rate = self.api.settings.replay_rate
+        rate = self.api.settings.oncall.replay_rate
         if data.get("rate") is not None:
             try:
                 rate = replay.parse_rate(str(data["rate"]))

@@ -59,8 +59,9 @@ class SecurityRoutes:
         if self._sender is None:
 
             s = self.api.settings
-            self._sender = Sender(concurrency=1, excerpt_bytes=s.response_excerpt_bytes,
-                                  user_agent=s.user_agent, allow_networks=s.allow_networks)
+            self._sender = Sender(concurrency=1, excerpt_bytes=s.delivery.response_excerpt_bytes,
+                                  user_agent=s.delivery.user_agent,
+                                  allow_networks=s.delivery.allow_networks)
         return self._sender
 
     async def _body(self, request: Request) -> Any:
@@ -122,7 +123,7 @@ class SecurityRoutes:
         try:
             data = _object(await self._body(request), {"action": str, "header": str},
                            ("action",))
-            grace = timedelta(hours=self.api.settings.signing_grace_hours)
+            grace = timedelta(hours=self.api.settings.security.signing_grace_hours)
             secret, summary = await run_in_threadpool(
                 change_signing, self.api.store, request.path_params["partner_id"],
                 data["action"], self.api.clock(), grace, data.get("header"))

@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from postback_worker import redisconn
 from postback_worker.api.core import Api
 from postback_worker.api.http import HttpError, error_response, json_response
 from postback_worker.domain.events import FieldError
@@ -44,19 +43,18 @@ class Visibility:
         if self._pid != os.getpid():
             self._clients, self._pid = {}, os.getpid()
         if url not in self._clients:
-            self._clients[url] = redisconn.client(
-                url, master=self.settings.redis_sentinel_master, timeout=3)
+            self._clients[url] = self.settings.redis.client(url=url, timeout=3)
         return self._clients[url]
 
     @property
     def redis(self) -> Any:
-        """Where circuit states live (settings.redis_url)."""
-        return self._client(self.settings.redis_url)
+        """Where circuit states live (settings.redis.url)."""
+        return self._client(self.settings.redis.url)
 
     @property
     def broker(self) -> Any:
         """Where the Celery queues live (the broker)."""
-        return self._client(self.settings.effective_broker_url)
+        return self._client(self.settings.redis.effective_broker_url)
 
     # -- auth -----------------------------------------------------------------------------
 
@@ -69,7 +67,7 @@ class Visibility:
         self.api.require(request, "admin")
 
     def scraper(self, request: Request) -> None:
-        token = self.settings.metrics_token
+        token = self.settings.metrics.token
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if token and given and hmac.compare_digest(given.encode(), token.encode()):
             return

@@ -34,8 +34,8 @@ def db_upgrade(revision: str) -> None:
     from postback_worker.store.db import upgrade
 
     settings = load_settings()
-    upgrade(settings.database_url, revision)
-    click.echo(f"database at {_safe_url(settings.database_url)} is at revision {revision}")
+    upgrade(settings.database.url, revision)
+    click.echo(f"database at {_safe_url(settings.database.url)} is at revision {revision}")
 
 
 @db.command("current")

@@ -40,13 +40,11 @@ def _bad(message: str) -> None:
 
 
 def _redis(settings: Any) -> Any | None:
-    from postback_worker.pipeline.guardrails import make_redis
-
-    client = make_redis(settings.redis_url, settings.redis_sentinel_master)
+    client = settings.redis.client()
     try:
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any connection problem: say so, go on
-        click.echo(f"warning: Redis at {settings.redis_url} does not answer ({exc}); circuit "
+        click.echo(f"warning: Redis at {settings.redis.url} does not answer ({exc}); circuit "
                    "states are unknown", err=True)
         return None
     return client
@@ -182,7 +180,7 @@ def dlq_replay(dry_run: bool, rate_text: str | None, limit: int | None, wait: fl
     filt = _filter(kw)
     settings = load_settings()
     try:
-        rate = replay.parse_rate(rate_text) if rate_text else settings.replay_rate
+        rate = replay.parse_rate(rate_text) if rate_text else settings.oncall.replay_rate
     except ValueError as exc:
         _bad(f"--rate: {exc}")
         return

@@ -30,7 +30,7 @@ def open_store(settings: Settings) -> Any:
     from postback_worker.store.db import make_engine
     from postback_worker.store.repo import Store
 
-    return Store(make_engine(settings.database_url))
+    return Store(make_engine(settings.database.url))
 
 
 def fail_validation(exc: ValidationError) -> None:

@@ -84,8 +84,9 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
     settings = load_settings()
     store = open_store(settings)
     row = _partner_row(partner_id)
-    with Sender(concurrency=1, excerpt_bytes=settings.response_excerpt_bytes,
-                user_agent=settings.user_agent, allow_networks=settings.allow_networks) as sender:
+    with Sender(concurrency=1, excerpt_bytes=settings.delivery.response_excerpt_bytes,
+                user_agent=settings.delivery.user_agent,
+                allow_networks=settings.delivery.allow_networks) as sender:
         report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
                                transaction_id=transaction_id, payout=payout, clock=utcnow)
     if fmt == "json":
@@ -127,7 +128,8 @@ def partners_signing(partner_id: str, action: str | None, header: str | None) ->
     settings = load_settings()
     try:
         secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
-                                         timedelta(hours=settings.signing_grace_hours), header)
+                                         timedelta(hours=settings.security.signing_grace_hours),
+                                         header)
     except ValidationError as exc:
         fail_validation(exc)
         return

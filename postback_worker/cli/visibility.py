@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from postback_worker import redisconn
 from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
 
@@ -158,7 +157,7 @@ def alerts_evaluate() -> None:
     from postback_worker.ops.visibility.alerts import evaluate
 
     settings = load_settings()
-    client = redisconn.client(settings.redis_url, master=settings.redis_sentinel_master)
+    client = settings.redis.client()
     events = evaluate(settings, open_store(settings), client, now=datetime.now(UTC))
     for e in events:
         click.echo(f"{e.action} #{e.alert_id}: {e.text}")

@@ -135,14 +135,7 @@ class Guardrails:
     def __init__(self, redis_client: Any, settings: Settings) -> None:
         self.redis = redis_client
         self.settings = settings
-        self.config = g.BreakerConfig(
-            min_attempts=settings.breaker_min_attempts,
-            failure_ratio=settings.breaker_failure_ratio,
-            window=settings.breaker_window,
-            cooldown=settings.breaker_cooldown,
-            max_cooldown=settings.breaker_max_cooldown,
-            probe_timeout=settings.breaker_probe_timeout,
-        )
+        self.config: g.BreakerConfig = settings.breaker
         self._take = redis_client.register_script(_TAKE)
         self._acquire = redis_client.register_script(_ACQUIRE)
 
@@ -188,7 +181,7 @@ class Guardrails:
         """Decide, for one partner's claimed postbacks, which fire now and which wait."""
         verdict = Verdict()
         ids = list(postback_ids)
-        if self.settings.breaker_enabled:
+        if self.settings.breaker.enabled:
             _, _, admission = self._update_circuit(
                 partner_id, lambda c: g.admit(c, now, self.config), now)
         else:  # the partner's Retry-After still holds every postback to it
@@ -206,13 +199,13 @@ class Guardrails:
                     verdict.wait[pid] = (self.config.probe_timeout / 3, admission.reason)
                 ids = ids[:1]
         if limits.max_concurrency:
-            expires = now + limits.timeout * 2 + self.settings.lease_seconds
+            expires = now + limits.timeout * 2 + self.settings.delivery.lease_seconds
             got = self._acquire(
                 keys=[inflight_key(partner_id)],
                 args=[limits.max_concurrency, now, expires,
-                      int(limits.timeout * 2 + self.settings.lease_seconds) + 60, *ids])
+                      int(limits.timeout * 2 + self.settings.delivery.lease_seconds) + 60, *ids])
             acquired = {_text(x) for x in got}
-            spare = self.settings.guard_wait
+            spare = self.settings.oncall.guard_wait
             for i, pid in enumerate(p for p in ids if p not in acquired):
                 verdict.wait[pid] = (spare + 0.05 * i,
                                      f"concurrency cap of {limits.max_concurrency} reached")
@@ -247,7 +240,7 @@ class Guardrails:
     def record(self, partner_id: str, *, now: float, total: int, failed: int,
                probe_ok: bool | None, retry_after_until: float | None) -> tuple[str, str]:
         """Count results in the window and move the circuit; returns (state before, after)."""
-        if not self.settings.breaker_enabled:
+        if not self.settings.breaker.enabled:
             if retry_after_until is not None:
                 self._update_circuit(partner_id, lambda c: (g.hold(c, retry_after_until), None),
                                      now)
@@ -303,9 +296,3 @@ def _buckets(raw: dict[Any, Any]) -> dict[int, tuple[int, int]]:
         entry[0 if kind == "t" else 1] += int(_text(v))
     return {i: (t, f) for i, (t, f) in out.items()}
 
-
-def make_redis(url: str, master: str = "") -> Any:
-    """A Redis client for guardrails (short timeouts: a slow Redis must not stall firing)."""
-    from postback_worker.redisconn import client
-
-    return client(url, master=master, timeout=5)

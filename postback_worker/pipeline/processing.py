@@ -80,7 +80,7 @@ class Pipeline:
         self.sender = sender
         self.clock = clock
         self.rand = rand
-        self.catalog = Catalog(store, settings.config_cache_seconds)
+        self.catalog = Catalog(store, settings.delivery.config_cache_seconds)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         # Without Redis (unit tests, tools) pauses still hold; breaker and limits are off.
         self.guard = Guardrails(redis, settings) if redis is not None else None
@@ -235,7 +235,7 @@ class Pipeline:
         now = self.clock()
         token = secrets.token_hex(8)
         claimed = self.store.claim(
-            now=now, lease_until=now + timedelta(seconds=self.settings.lease_seconds),
+            now=now, lease_until=now + timedelta(seconds=self.settings.delivery.lease_seconds),
             token=token, ids=ids, conversion_ids=conversion_ids,
         )
         for c in claimed:
@@ -270,7 +270,7 @@ class Pipeline:
                             headers=signing.headers_for(p, c["id"], c["url"], now, c["method"]))
             for c, p in sendable
         ]
-        flush_every = max(1, self.settings.delivery_concurrency)
+        flush_every = max(1, self.settings.delivery.concurrency)
         started = extended = self.clock()
         unanswered = {c["id"] for c, _ in sendable}
         for index, outcome in self.sender.send_iter(requests):
@@ -286,7 +286,7 @@ class Pipeline:
     def _keep_leases(self, ids: set[str], token: str, last: datetime) -> datetime:
         """Renew leases once a third of their time has passed, for batches slower than a lease."""
         now = self.clock()
-        lease = self.settings.lease_seconds
+        lease = self.settings.delivery.lease_seconds
         if ids and (now - last).total_seconds() > lease / 3:
             self.store.extend_leases(sorted(ids), token, now + timedelta(seconds=lease))
             return now
@@ -297,7 +297,7 @@ class Pipeline:
     def _limits(self, partner_id: str) -> Limits:
         """The partner's pause and limits, cached like the catalog."""
         mono = time.monotonic()
-        stale = mono - self._controls_at >= self.settings.config_cache_seconds
+        stale = mono - self._controls_at >= self.settings.delivery.config_cache_seconds
         if stale or partner_id not in self._controls:
             self._controls = {
                 r["id"]: Limits(paused=bool(r["paused"]), paused_reason=r["paused_reason"],
@@ -315,7 +315,7 @@ class Pipeline:
         if limits.paused:
             why = "partner paused" + (f" ({limits.paused_reason})" if limits.paused_reason
                                       else "") + "; 'postback-worker partners resume' releases it"
-            later = now + timedelta(seconds=self.settings.pause_recheck)
+            later = now + timedelta(seconds=self.settings.oncall.pause_recheck)
             buf.released.extend(_release(c, later, why, now) for c in group)
             result.count(result.postbacks, WAITING, len(group))
             return []
@@ -412,7 +412,7 @@ class Pipeline:
             # waits for the circuit instead of being dead-lettered for the outage.
             state = repo.RETRY_SCHEDULED
             reason = f"{repo.WAITING_PREFIX}circuit open (probe failed: {text})"
-            next_at = now + timedelta(seconds=self.settings.breaker_cooldown)
+            next_at = now + timedelta(seconds=self.settings.breaker.cooldown)
         elif decision.action == "delivered":
             state, reason = repo.DELIVERED, None
         elif decision.action == "retry":
@@ -462,16 +462,17 @@ class Pipeline:
         now = self.clock()
         return self.store.sweep_due(
             now=now,
-            stale_pending_before=now - timedelta(seconds=self.settings.lease_seconds),
-            requeue_at=now + timedelta(seconds=self.settings.requeue_after),
-            limit=self.settings.sweep_batch,
+            stale_pending_before=now - timedelta(seconds=self.settings.delivery.lease_seconds),
+            requeue_at=now + timedelta(seconds=self.settings.sweep.requeue_after),
+            limit=self.settings.sweep.batch,
         )
 
     def stuck_conversions(self) -> list[dict[str, Any]]:
         """Conversions persisted but never processed (their message was lost), as messages."""
         now = self.clock()
         rows = self.store.stuck_conversions(
-            now - timedelta(seconds=self.settings.stuck_conversion_after), self.settings.sweep_batch
+            now - timedelta(seconds=self.settings.sweep.stuck_conversion_after),
+            self.settings.sweep.batch,
         )
         return [_conversion_message(r) for r in rows]
 

@@ -35,15 +35,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     for module in (tasks_oncall, tasks_visibility, tasks_retention):
         extra_beat.update(module.beat_schedule(settings))
     return {
-        "broker_url": settings.effective_broker_url,
+        "broker_url": settings.redis.effective_broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout,
+            **settings.redis.broker_transport_options(),
             # Look for messages of dead workers every few seconds (each look is one ZRANGE).
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 2)),
+            "unacked_restore_interval": max(1, min(10, settings.redis.visibility_timeout // 2)),
             "unacked_restore_throttle": 1,
-            **({"master_name": settings.redis_sentinel_master}
-               if settings.redis_sentinel_master else {}),
         },
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -68,12 +66,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "sweep-due-postbacks": {
                 "task": TASK_SWEEP,
-                "schedule": settings.sweep_interval,
-                "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.sweep_interval * 5)},
+                "schedule": settings.sweep.interval,
+                "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.sweep.interval * 5)},
             },
             "requeue-stuck-conversions": {
                 "task": TASK_REQUEUE_STUCK,
-                "schedule": max(30.0, settings.stuck_conversion_after / 2),
+                "schedule": max(30.0, settings.sweep.stuck_conversion_after / 2),
                 "options": {"queue": MAINTENANCE},
             },
             **extra_beat,
@@ -106,18 +104,15 @@ def build_pipeline(settings: Settings) -> Any:
     from postback_worker.store.db import make_engine
     from postback_worker.store.repo import Store
 
-    store = Store(make_engine(settings.database_url))
+    store = Store(make_engine(settings.database.url))
     sender = Sender(
-        concurrency=settings.delivery_concurrency,
-        excerpt_bytes=settings.response_excerpt_bytes,
-        user_agent=settings.user_agent,
-        allow_networks=settings.allow_networks,
+        concurrency=settings.delivery.concurrency,
+        excerpt_bytes=settings.delivery.response_excerpt_bytes,
+        user_agent=settings.delivery.user_agent,
+        allow_networks=settings.delivery.allow_networks,
     )
-    from postback_worker.pipeline.guardrails import make_redis
-
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
-    return Pipeline(settings, store, sender, redis=make_redis(settings.redis_url,
-                                                               settings.redis_sentinel_master))
+    return Pipeline(settings, store, sender, redis=settings.redis.client())
 
 
 def create_app(settings: Settings | None = None) -> Celery:

@@ -49,14 +49,14 @@ def register(app: Celery) -> None:
         # once drains at worker speed rather than one batch per beat tick.
         pipeline = services.pipeline
         queued = 0
-        while queued < pipeline.settings.sweep_max_per_run:
+        while queued < pipeline.settings.sweep.max_per_run:
             ids = pipeline.sweep()
             with app.producer_or_acquire() as producer:
                 for i in range(0, len(ids), DELIVER_CHUNK):
                     deliver_postbacks.apply_async((ids[i : i + DELIVER_CHUNK],),
                                                   queue=RETRIES, producer=producer)
             queued += len(ids)
-            if len(ids) < pipeline.settings.sweep_batch:
+            if len(ids) < pipeline.settings.sweep.batch:
                 break
         return {"postbacks_queued": queued}
 

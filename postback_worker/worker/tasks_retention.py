@@ -38,7 +38,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
         "purge-expired-data": {
             "task": TASK_PURGE,
-            "schedule": settings.retention_interval,
-            "options": {"queue": MAINTENANCE, "expires": settings.retention_interval},
+            "schedule": settings.retention.interval,
+            "options": {"queue": MAINTENANCE, "expires": settings.retention.interval},
         },
     }

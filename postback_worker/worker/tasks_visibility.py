@@ -10,8 +10,7 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import OperationalError
 
-from postback_worker import redisconn
-from postback_worker.settings import Settings
+from postback_worker.settings import RedisSettings, Settings
 from postback_worker.worker.queues import MAINTENANCE
 
 log = logging.getLogger(__name__)
@@ -22,15 +21,14 @@ TASK_EVALUATE_ALERTS = "postback_worker.evaluate_alerts"
 class _RedisPerProcess:
     """One Redis client per worker process (built after fork)."""
 
-    def __init__(self, url: str, master: str = "") -> None:
-        self.url = url
-        self.master = master
+    def __init__(self, redis: RedisSettings) -> None:
+        self.redis = redis
         self._pid = -1
         self._client: Any = None
 
     def get(self) -> Any:
         if self._pid != os.getpid():
-            self._client = redisconn.client(self.url, master=self.master)
+            self._client = self.redis.client()
             self._pid = os.getpid()
         return self._client
 
@@ -38,8 +36,7 @@ class _RedisPerProcess:
 def register(app: Celery) -> None:
     """Register this module's tasks on `app`."""
     services = app.postback_services  # type: ignore[attr-defined]
-    redis_client = _RedisPerProcess(services.settings.redis_url,
-                                    services.settings.redis_sentinel_master)
+    redis_client = _RedisPerProcess(services.settings.redis)
 
     @app.task(name=TASK_EVALUATE_ALERTS, bind=True, acks_late=False, ignore_result=True)
     def evaluate_alerts(self: Task) -> dict[str, Any]:
@@ -61,8 +58,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
         "evaluate-alerts": {
             "task": TASK_EVALUATE_ALERTS,
-            "schedule": settings.alert_interval,
+            "schedule": settings.alerts.interval,
             # A late message is useless: the next run looks at fresher figures.
-            "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.alert_interval)},
+            "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.alerts.interval)},
         },
     }

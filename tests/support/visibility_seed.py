@@ -47,7 +47,7 @@ class Scenario:
 
 
 def run_pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=settings.allow_networks, concurrency=8)
+    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
     yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")
     sender.close()
 

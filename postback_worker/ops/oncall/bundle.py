@@ -92,7 +92,7 @@ def collect(store: Store, settings: Settings, partner_id: str, since: datetime,
     }
     files = {
         "SUMMARY.txt": _summary(partner, since, until, now, counts, diagnosis.summary(),
-                                settings.egress_ips),
+                                settings.delivery.egress_ips),
         "counts.json": json.dumps(counts, indent=2, sort_keys=True),
         "ids.csv": _ids_csv(undelivered, expired),
         "attempts_sample.csv": _attempts_csv(_sample(attempts)),
@@ -103,7 +103,7 @@ def collect(store: Store, settings: Settings, partner_id: str, since: datetime,
         "offers.json": json.dumps(
             [{k: o[k] for k in ("id", "name", "campaign_type", "lifespan_days", "updated_at")}
              for o in offers], indent=2, default=_iso),
-        "egress_ips.txt": "\n".join(settings.egress_ips) + "\n" if settings.egress_ips else
+        "egress_ips.txt": "\n".join(ips) + "\n" if (ips := settings.delivery.egress_ips) else
         "(no egress IPs configured: set POSTBACK_EGRESS_IPS)\n",
     }
     return files

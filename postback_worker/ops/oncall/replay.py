@@ -169,7 +169,7 @@ def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: st
         for n, c in enumerate(c for c in ready if c.postback_id in dead):
             # The run driver takes them in this order; the sweeper is a safety net only if the
             # driver falls `requeue_after` seconds behind its schedule.
-            slot = now + timedelta(seconds=n / rate + settings.requeue_after)
+            slot = now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
             conn.execute(update(t.postbacks).where(pb.id == c.postback_id,
                                                    pb.state == repo.DEAD_LETTERED).values(
                 state=repo.QUEUED, url=c.new_url, next_attempt_at=slot, first_attempt_at=None,
@@ -251,9 +251,9 @@ def celery_enqueue(settings: Settings) -> Enqueue:
 
     from postback_worker.worker.queues import REPLAY
 
-    app = Celery("postback_worker_oncall", broker=settings.effective_broker_url)
+    app = Celery("postback_worker_oncall", broker=settings.redis.effective_broker_url)
     app.conf.update(task_serializer="json", broker_connection_retry_on_startup=True,
-                    broker_transport_options={"visibility_timeout": settings.visibility_timeout})
+                    broker_transport_options=settings.redis.broker_transport_options())
 
     def enqueue(name: str, args: list[Any]) -> None:
         app.send_task(name, args=args, queue=REPLAY, retry=True,

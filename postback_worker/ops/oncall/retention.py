@@ -68,15 +68,15 @@ class Purger:
     def run(self) -> PurgeResult:
         now = self.clock()
         s = self.settings
-        days, warning = click_retention_days(s.click_retention_days, self.longest_lifespan())
+        days, warning = click_retention_days(s.retention.click_days, self.longest_lifespan())
         if warning:
             log.warning("retention: %s", warning)
         result = PurgeResult(now=now, click_days=days, warning=warning)
         jobs: list[tuple[str, Callable[[Connection, datetime, int], int], datetime]] = [
             ("clicks", self._clicks, now - timedelta(days=days)),
             ("delivered_postbacks", self._delivered,
-             now - timedelta(days=s.delivered_retention_days)),
-            ("attempts", self._attempts, now - timedelta(days=s.attempt_retention_days)),
+             now - timedelta(days=s.retention.delivered_days)),
+            ("attempts", self._attempts, now - timedelta(days=s.retention.attempt_days)),
         ]
         for name, job, cutoff in jobs:
             total, more = self._batches(job, cutoff)
@@ -89,9 +89,9 @@ class Purger:
 
     def _batches(self, job: Callable[[Connection, datetime, int], int],
                  cutoff: datetime) -> tuple[int, bool]:
-        size = max(1, self.settings.retention_batch)
+        size = max(1, self.settings.retention.batch)
         total = 0
-        for _ in range(max(1, self.settings.retention_max_batches)):
+        for _ in range(max(1, self.settings.retention.max_batches)):
             with self.store.engine.begin() as conn:
                 if self.store.dialect == "postgresql":
                     conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")

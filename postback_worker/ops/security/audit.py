@@ -85,12 +85,12 @@ def _offer_findings(offers: list[dict[str, Any]], expired: dict[str, tuple[int, 
                           f"for {ct.value}")
         lost, attributed = expired.get(oid, (0, 0))
         total = lost + attributed
-        if total >= MIN_CONVERSIONS and lost / total >= s.audit_expired_share:
+        if total >= MIN_CONVERSIONS and lost / total >= s.audit.expired_share:
             yield Finding("warning", "offer", oid, "expired_clicks",
                           f"{lost} of {total} conversions in the last {EXPIRED_WINDOW_DAYS} days "
                           f"({lost / total:.0%}) came after the {days}-day lifespan and were "
                           "lost; consider a longer lifespan, then re-attribute")
-        if now - o["updated_at"] > timedelta(days=s.audit_stale_days):
+        if now - o["updated_at"] > timedelta(days=s.audit.stale_days):
             yield Finding("info", "offer", oid, "unchanged",
                           f"configuration unchanged for {_days(now - o['updated_at'])} days; "
                           "review it")
@@ -105,35 +105,35 @@ def _partner_findings(partners: list[dict[str, Any]], stats: dict[str, dict[str,
                           f"postback_url {problem.describe()}")
         st = stats.get(pid, {})
         if not p["enabled"]:
-            if now - p["updated_at"] > timedelta(days=s.audit_paused_days):
+            if now - p["updated_at"] > timedelta(days=s.audit.paused_days):
                 yield Finding("warning", "partner", pid, "disabled",
                               f"disabled for {_days(now - p['updated_at'])} days; enable it "
                               "or remove it")
             continue
         if p.get("paused") and p.get("paused_at") is not None and \
-                now - p["paused_at"] > timedelta(days=s.audit_paused_days):
+                now - p["paused_at"] > timedelta(days=s.audit.paused_days):
             reason = f" ({p['paused_reason']})" if p.get("paused_reason") else ""
             yield Finding("warning", "partner", pid, "paused",
                           f"paused for {_days(now - p['paused_at'])} days{reason}; its "
                           "postbacks are waiting")
         last = st.get("last_delivered")
         recent = st.get("recent_attempts", 0)
-        if last is None or now - last > timedelta(days=s.audit_silent_days):
+        if last is None or now - last > timedelta(days=s.audit.silent_days):
             since = "never" if last is None else f"not for {_days(now - last)} days"
             if recent:
                 yield Finding("error", "partner", pid, "no_delivery",
-                              f"no successful delivery in {s.audit_silent_days} days ({since}) "
+                              f"no successful delivery in {s.audit.silent_days} days ({since}) "
                               f"despite {recent} attempts")
             else:
                 yield Finding("warning", "partner", pid, "no_delivery",
-                              f"no successful delivery in {s.audit_silent_days} days ({since}); "
+                              f"no successful delivery in {s.audit.silent_days} days ({since}); "
                               "no attempts either")
         attempts, failed = st.get("window_attempts", 0), st.get("window_failed", 0)
-        if attempts >= MIN_ATTEMPTS and failed / attempts >= s.audit_failure_rate:
+        if attempts >= MIN_ATTEMPTS and failed / attempts >= s.audit.failure_rate:
             yield Finding("error", "partner", pid, "failure_rate",
                           f"{failed} of {attempts} attempts in the last {FAILURE_WINDOW_DAYS} "
                           f"days failed ({failed / attempts:.0%})")
-        if now - p["updated_at"] > timedelta(days=s.audit_stale_days):
+        if now - p["updated_at"] > timedelta(days=s.audit.stale_days):
             yield Finding("info", "partner", pid, "unchanged",
                           f"configuration unchanged for {_days(now - p['updated_at'])} days; "
                           "review it")
@@ -147,7 +147,7 @@ def _partner_stats(conn: Any, now: datetime, s: Settings) -> dict[str, dict[str,
         .where(pb.c.state == "delivered").group_by(pb.c.partner_id))
     for pid, last in rows:
         stats.setdefault(pid, {})["last_delivered"] = last
-    since_silent = now - timedelta(days=s.audit_silent_days)
+    since_silent = now - timedelta(days=s.audit.silent_days)
     since_window = now - timedelta(days=FAILURE_WINDOW_DAYS)
     rows = conn.execute(
         select(pb.c.partner_id,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from postback_worker.settings import AlertSettings
+
 FAILURE_RATE = "failure_rate"
 DEAD_LETTERS = "dead_letters_growing"
 RETRY_BACKLOG = "retry_backlog_overdue"
@@ -21,15 +23,9 @@ LOST_CONVERSIONS = "lost_conversions"
 
 
 @dataclass(frozen=True)
-class Thresholds:
-    failure_rate: float = 0.05
-    min_volume: int = 20
-    clear_ratio: float = 0.5
-    window_seconds: int = 900
-    dead_letter_growth: int = 10
-    retry_overdue_seconds: int = 600
-    lost_rate: float = 0.05
-    lost_min_volume: int = 20
+class Thresholds(AlertSettings):
+    """The alert settings, plus the egress IPs that alert texts name."""
+
     egress_ips: tuple[str, ...] = ()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -87,20 +87,13 @@ class WebhookSink:
 
 def sinks_for(settings: Settings) -> list[Sink]:
     sinks: list[Sink] = [LogSink()]
-    if settings.alert_webhook_url:
-        sinks.append(WebhookSink(settings.alert_webhook_url))
+    if settings.alerts.webhook_url:
+        sinks.append(WebhookSink(settings.alerts.webhook_url))
     return sinks
 
 
 def thresholds(settings: Settings) -> Thresholds:
-    return Thresholds(
-        failure_rate=settings.alert_failure_rate, min_volume=settings.alert_min_volume,
-        clear_ratio=settings.alert_clear_ratio, window_seconds=settings.alert_window_seconds,
-        dead_letter_growth=settings.alert_dead_letter_growth,
-        retry_overdue_seconds=settings.alert_retry_overdue_seconds,
-        lost_rate=settings.alert_lost_rate, lost_min_volume=settings.alert_lost_min_volume,
-        egress_ips=settings.egress_ips,
-    )
+    return Thresholds(**asdict(settings.alerts), egress_ips=settings.delivery.egress_ips)
 
 
 def snapshot(conn: Connection, redis_client: Any, now: datetime,
@@ -171,7 +164,7 @@ def evaluate(settings: Settings, store: Store, redis_client: Any, *,
         ).scalar():
             log.info("alert evaluation skipped: another evaluation is running")
             return []
-        snap = snapshot(conn, redis_client, now, settings.alert_window_seconds)
+        snap = snapshot(conn, redis_client, now, settings.alerts.window_seconds)
         observed = conditions(snap, thresholds(settings))
         open_rows = {r["key"]: dict(r) for r in conn.execute(
             select(t.alerts).where(AL.state == "open")).mappings()}

@@ -26,7 +26,7 @@ class NoSigningKey(Exception):
 
 
 def signing_key(settings: Settings) -> bytes:
-    key = settings.dashboard_secret or settings.admin_token
+    key = settings.security.dashboard_secret or settings.security.admin_token
     if not key:
         raise NoSigningKey("set POSTBACK_DASHBOARD_SECRET (or POSTBACK_ADMIN_TOKEN) to issue "
                            "dashboard links")

@@ -22,32 +22,32 @@ def flower_command(settings: Settings, env: Mapping[str, str], *, address: str, 
                    dev: bool, extra: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
     """argv for `celery flower` and the environment variables to add."""
     add: dict[str, str] = {}
-    basic = ",".join(settings.flower_basic_auth) or env.get("FLOWER_BASIC_AUTH", "")
+    basic = ",".join(settings.flower.basic_auth) or env.get("FLOWER_BASIC_AUTH", "")
     for pair in filter(None, basic.split(",")):
         user, sep, password = pair.partition(":")
         if not (user and sep and password):
             raise FlowerConfigError("POSTBACK_FLOWER_BASIC_AUTH must be user:password pairs, "
                                     "comma-separated")
-    oauth = settings.flower_auth or env.get("FLOWER_AUTH", "")
+    oauth = settings.flower.auth or env.get("FLOWER_AUTH", "")
     if basic:
         add["FLOWER_BASIC_AUTH"] = basic
     if oauth:
-        provider = settings.flower_auth_provider or env.get("FLOWER_AUTH_PROVIDER", "")
+        provider = settings.flower.auth_provider or env.get("FLOWER_AUTH_PROVIDER", "")
         missing = [name for name, value in (
             ("POSTBACK_FLOWER_AUTH_PROVIDER", provider),
             ("POSTBACK_FLOWER_OAUTH2_KEY",
-             settings.flower_oauth2_key or env.get("FLOWER_OAUTH2_KEY", "")),
+             settings.flower.oauth2_key or env.get("FLOWER_OAUTH2_KEY", "")),
             ("POSTBACK_FLOWER_OAUTH2_SECRET",
-             settings.flower_oauth2_secret or env.get("FLOWER_OAUTH2_SECRET", "")),
+             settings.flower.oauth2_secret or env.get("FLOWER_OAUTH2_SECRET", "")),
             ("POSTBACK_FLOWER_OAUTH2_REDIRECT_URI",
-             settings.flower_oauth2_redirect_uri or env.get("FLOWER_OAUTH2_REDIRECT_URI", "")),
+             settings.flower.oauth2_redirect_uri or env.get("FLOWER_OAUTH2_REDIRECT_URI", "")),
         ) if not value]
         if missing:
             raise FlowerConfigError("Flower OAuth needs " + ", ".join(missing))
         add["FLOWER_AUTH"] = oauth
         add["FLOWER_AUTH_PROVIDER"] = provider
         for name in ("oauth2_key", "oauth2_secret", "oauth2_redirect_uri"):
-            value = getattr(settings, f"flower_{name}")
+            value = getattr(settings.flower, name)
             if value:
                 add[f"FLOWER_{name.upper()}"] = value
     if not (basic or oauth):

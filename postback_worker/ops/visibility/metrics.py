@@ -103,7 +103,7 @@ class VisibilityCollector(Collector):
                  clock: Callable[[], datetime] | None = None, broker_client: Any = None) -> None:
         self.settings = settings
         self.store = store
-        self.redis = redis_client  # circuit states (settings.redis_url)
+        self.redis = redis_client  # circuit states (settings.redis.url)
         self.broker = broker_client or redis_client  # Celery queues (the broker)
         self.clock = clock or (lambda: datetime.now(UTC))
 
@@ -129,14 +129,14 @@ class VisibilityCollector(Collector):
             errors.add_metric(["redis"], 1)
         window = GaugeMetricFamily("postback_metrics_window_seconds",
                                    "Window the postback_recent_* gauges and histograms cover")
-        window.add_metric([], float(self.settings.metrics_window_seconds))
+        window.add_metric([], float(self.settings.metrics.window_seconds))
         families.extend([window, errors])
         return families
 
     # -- PostgreSQL -----------------------------------------------------------------------
 
     def _database(self, now: datetime) -> list[Metric]:
-        since = now - timedelta(seconds=self.settings.metrics_window_seconds)
+        since = now - timedelta(seconds=self.settings.metrics.window_seconds)
         with self.store.engine.connect() as conn:
             ex = fg.Exclusions(conn)
             return [
