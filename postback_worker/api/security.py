@@ -129,8 +129,6 @@ class SecurityRoutes:
                 data["action"], self.api.clock(), grace, data.get("header"))
         except ValidationError as exc:
             return error_response(422, "invalid request", exc.errors)
-        except LookupError:
-            return error_response(404, f"no partner {request.path_params['partner_id']!r}")
         body: dict[str, Any] = {"message": summary}
         if secret:
             body["secret"] = secret

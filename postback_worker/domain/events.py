@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from postback_worker.domain.ids import new_id
+from postback_worker.errors import InvalidInput
 
 T = TypeVar("T")
 
@@ -38,12 +39,13 @@ class FieldError:
         return {"field": self.field, "message": self.message}
 
 
-class ValidationError(ValueError):
+class ValidationError(InvalidInput):
     """Input rejected; ``errors`` lists every bad field."""
 
+    errors: list[FieldError]
+
     def __init__(self, errors: list[FieldError]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
 
 
 class _Bad(Exception):

@@ -18,6 +18,7 @@ from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campai
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
 from postback_worker.domain.validator import TemplateProblem, host_of
+from postback_worker.errors import UnknownPartner
 from postback_worker.store import schema
 
 # resolve(host) returns normally when the host resolves and raises OSError when it does not.
@@ -268,7 +269,7 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
                    grace: timedelta, header: str | None = None) -> tuple[str | None, str]:
     """Enable, rotate or disable a partner's signing. Returns (new secret or None, summary).
 
-    Raises ValidationError for a bad action or header, LookupError for an unknown partner.
+    Raises ValidationError for a bad action or header, UnknownPartner for an unknown partner.
     """
     from postback_worker.delivery.signing import DEFAULT_SIGNATURE_HEADER, rotation
 
@@ -284,7 +285,7 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
         raise ValidationError(errors)
     row = store.get_partner(partner_id)
     if row is None:
-        raise LookupError(partner_id)
+        raise UnknownPartner(partner_id)
     secret: str | None = None
     if action == "disable":
         changes: dict[str, Any] = {"hmac_secret": None, "hmac_secret_previous": None,

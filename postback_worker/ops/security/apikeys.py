@@ -18,14 +18,15 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
+from postback_worker.errors import InvalidInput
 from postback_worker.store import schema as t
 
 SCOPES = ("ingest", "admin")
 PREFIX = "pbw_"
 
 
-class ApiKeyError(ValueError):
-    """Bad input for key management (unknown scope, unknown key)."""
+class ApiKeyError(InvalidInput):
+    """Bad input for key management (unknown scope, bad name)."""
 
 
 def hash_key(key: str) -> str:
