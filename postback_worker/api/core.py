@@ -141,7 +141,7 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
 
-        return json_response(document())
+        return json_response(document(self.settings.ingest))
 
     async def click(self, request: Request) -> Response:
         params = dict(request.query_params)

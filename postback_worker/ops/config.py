@@ -14,7 +14,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campaign_type
+from postback_worker.domain.campaigns import (
+    DEFAULT_LIFESPAN_DAYS,
+    CampaignType,
+    parse_campaign_type,
+)
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
 from postback_worker.domain.validator import TemplateProblem, host_of
@@ -27,11 +31,43 @@ HostResolver = Callable[[str], object]
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 
-OFFER_FIELDS = {"id", "name", "campaign_type", "lifespan_days", "landing_url", "allow_multiple"}
-PARTNER_FIELDS = {
-    "id", "name", "postback_url", "method", "timeout", "success_check", "fire_statuses",
-    "enabled", "scope", "offer_ids", "max_attempts", "base_delay", "max_delay", "horizon",
+_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+_LIST = {"anyOf": [{"type": "string", "maxLength": 2000},
+                   {"type": "array", "items": {"type": "string"}}],
+         "description": "comma-separated, or a list"}
+# JSON Schemas of what parse_offer / parse_partner accept: the field sets below and the
+# API's OpenAPI document are both built from them, so neither can drift from the other.
+OFFER_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id"], "additionalProperties": False,
+    "properties": {
+        "id": _ID_SCHEMA, "name": {"type": "string", "maxLength": 200},
+        "campaign_type": {"type": "string", "enum": [c.value for c in CampaignType]},
+        "lifespan_days": {"type": "integer", "minimum": 1, "maximum": 3650,
+                          "description": "default: the campaign type's"},
+        "landing_url": {"type": "string", "maxLength": 2000},
+        "allow_multiple": {"type": "boolean"},
+    },
 }
+PARTNER_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id", "postback_url"], "additionalProperties": False,
+    "properties": {
+        "id": _ID_SCHEMA, "name": {"type": "string", "maxLength": 200},
+        "postback_url": {"type": "string", "minLength": 1, "maxLength": 4000},
+        "method": {"type": "string", "enum": ["GET", "POST", "get", "post"]},
+        "timeout": {"type": "number", "minimum": 0.1, "maximum": 120},
+        "success_check": {"type": "string", "maxLength": 200},
+        "fire_statuses": _LIST,
+        "enabled": {"type": "boolean"},
+        "scope": {"type": "string", "enum": ["own", "global"]},
+        "offer_ids": _LIST,
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+        "base_delay": {"type": "number", "minimum": 0, "maximum": 86400},
+        "max_delay": {"type": "number", "minimum": 0, "maximum": 7 * 86400},
+        "horizon": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
+    },
+}
+OFFER_FIELDS = set(OFFER_SCHEMA["properties"])
+PARTNER_FIELDS = set(PARTNER_SCHEMA["properties"])
 
 
 class _Errors:
