@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-
 from postback_worker.domain.campaigns import (
     DEFAULT_LIFESPAN_DAYS,
     CampaignType,
@@ -23,7 +21,7 @@ from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.errors import UnknownPartner
-from postback_worker.store import schema
+from postback_worker.store import credentials
 
 # resolve(host) returns normally when the host resolves and raises OSError when it does not.
 HostResolver = Callable[[str], object]
@@ -263,10 +261,8 @@ def _token_hash(token: str) -> str:
 def set_offer_token(store: Any, offer_id: str, now: datetime) -> str | None:
     """Give the offer a new security token (the old one stops working); None: no such offer."""
     token = secrets.token_urlsafe(24)
-    with store.engine.begin() as conn:
-        result = conn.execute(update(schema.offers).where(schema.offers.c.id == offer_id)
-                              .values(security_token_hash=_token_hash(token), updated_at=now))
-    return token if result.rowcount else None
+    return token if credentials.set_offer_token_hash(store, offer_id, _token_hash(token),
+                                                     now) else None
 
 
 def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str | None:
@@ -274,15 +270,9 @@ def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str 
 
     The offer is `offer_id`, or the offer of the click named by `transaction_id`.
     """
-    offer_id = params.get("offer_id")
-    with store.engine.connect() as conn:
-        if not offer_id and params.get("transaction_id"):
-            offer_id = conn.execute(select(schema.clicks.c.offer_id).where(
-                schema.clicks.c.transaction_id == params["transaction_id"][:64])).scalar()
-        if not offer_id:
-            return "cannot check the security_token: pass offer_id or a known transaction_id"
-        stored = conn.execute(select(schema.offers.c.security_token_hash).where(
-            schema.offers.c.id == offer_id[:64])).scalar()
+    offer_id, stored = credentials.offer_token_hash(store, params)
+    if not offer_id:
+        return "cannot check the security_token: pass offer_id or a known transaction_id"
     return offer_token_problem(stored, token)
 
 
@@ -342,7 +332,5 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
         changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
     if changes:
         changes["updated_at"] = now
-        with store.engine.begin() as conn:
-            conn.execute(update(schema.partners).where(schema.partners.c.id == partner_id)
-                         .values(**changes))
+        credentials.update_partner_signing(store, partner_id, changes)
     return secret, summary
