@@ -288,10 +288,10 @@ def test_interrupted_delivery_is_resumed_after_the_lease(
     add_partner(store, "p1", partner.url)
     add_click(store, "tx1")
     event = conversion("tx1")
-    pipeline.sender, real = _DeadSender(), pipeline.sender
+    pipeline.dispatch.sender, real = _DeadSender(), pipeline.dispatch.sender
     with pytest.raises(RuntimeError):
         pipeline.process_conversions(messages(event))
-    pipeline.sender = real
+    pipeline.dispatch.sender = real
     (pb,) = store.postbacks_for(event.id)
     assert pb["state"] == "in_flight"
     assert pipeline.deliver([pb["id"]]).postbacks == {}  # lease still held
@@ -347,7 +347,7 @@ def test_long_batch_renews_its_leases(
         add_click(store, f"tx{i}")
     events = [conversion(f"tx{i}") for i in range(3)]
     seen: list[list[str]] = []
-    real = pipeline.sender
+    real = pipeline.dispatch.sender
 
     class SlowSender:
         def send_iter(self, reqs: list[object]):  # type: ignore[no-untyped-def]
@@ -356,8 +356,8 @@ def test_long_batch_renews_its_leases(
                 seen.append(pipeline.sweep())  # another worker's sweeper must find nothing
                 yield i, outcome
 
-    pipeline.settings = settings.with_overrides(delivery_concurrency=1)
-    pipeline.sender = SlowSender()  # type: ignore[assignment]
+    pipeline.dispatch.settings = settings.with_overrides(delivery_concurrency=1)
+    pipeline.dispatch.sender = SlowSender()  # type: ignore[assignment]
     pipeline.process_conversions(messages(*events))
     assert seen == [[], [], []]
     assert all(states(store, e.id)[1] == ["delivered"] for e in events)

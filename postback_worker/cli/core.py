@@ -19,6 +19,7 @@ from postback_worker.cli.output import (
     print_table,
 )
 from postback_worker.domain.events import ValidationError
+from postback_worker.domain.postback import PostbackState
 
 # -- db --------------------------------------------------------------------------------------
 
@@ -202,7 +203,7 @@ def show(conversion_id: str, fmt: str) -> None:
                    f" after {p['attempts']} attempt(s)"
                    + (f" - {p['reason']}" if p["reason"] else ""))
         click.echo(f"  {p['method']} {p['url']}")
-        if p["next_attempt_at"] and p["state"] == "retry_scheduled":
+        if p["next_attempt_at"] and p["state"] == PostbackState.RETRY_SCHEDULED:
             click.echo(f"  next attempt at {cell(p['next_attempt_at'])}")
         for a in p["attempts_log"]:
             click.echo(f"  #{a['attempt_no']} {cell(a['started_at'])} {a['duration_ms']:.1f} ms "

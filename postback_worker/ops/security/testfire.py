@@ -14,7 +14,8 @@ from sqlalchemy import insert
 
 from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
-from postback_worker.domain.diagnosis import TITLES, cause_of
+from postback_worker.domain.diagnosis import TITLES
+from postback_worker.domain.failures import FACTS, Cause, cause_of
 from postback_worker.domain.macros import TemplateError, macro_values, render
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import FailureClass, classify, describe
@@ -22,29 +23,6 @@ from postback_worker.store import schema
 
 TEST_STATE = "test"
 EXCERPT_CHARS = 300
-
-# What to do about each failure class (DESIGN.md's six causes, for one attempt).
-ADVICE: dict[str, str] = {
-    "delivered": "The partner accepted the postback. Nothing to do.",
-    "partner_5xx": "The partner's server failed (5xx). Real postbacks are retried with backoff; "
-                   "if it persists, ask the partner about an outage or maintenance.",
-    "timeout": "The partner did not answer in time. Real postbacks are retried; if it persists, "
-               "ask the partner about slowness or raise the partner's timeout.",
-    "throttled": "The partner is rate limiting us (429). Real postbacks wait for Retry-After; "
-                 "ask the partner for a higher limit or set the partner's rate_limit.",
-    "dns": "The partner's host name does not resolve. Check the spelling of the host in the "
-           "template, or ask the partner whether their DNS changed.",
-    "network": "The connection failed (refused, reset or TLS). Check the host and port, and "
-               "ask the partner whether their server or certificate changed.",
-    "auth": "The partner refused our credentials (401). Ask the partner for a current token "
-            "and update the template; postbacks with 401 are not retried.",
-    "blocked": "The partner's firewall refused us (403). Ask the partner to allowlist our "
-               "egress IP addresses (POSTBACK_EGRESS_IPS).",
-    "config": "The request or template is wrong for this partner (other 4xx, a redirect, a "
-              "failed success check, a refused address or a template that cannot render). "
-              "Compare the template with the partner's documentation and fix it.",
-}
-
 
 @dataclass
 class FireReport:
@@ -99,8 +77,8 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     except TemplateError as exc:
         return FireReport(partner["id"], method, mask_url(partner["postback_url"]), values,
                           failure_class="config", outcome="template cannot render",
-                          cause=TITLES[cause_of("config", None) or "incorrect_postback_url"],
-                          advice=ADVICE["config"],
+                          cause=TITLES[cause_of("config", None) or Cause.URL_CONFIG],
+                          advice=FACTS[FailureClass.CONFIG].advice,
                           problems=[p.describe() for p in exc.problems])
     result = FireReport(partner["id"], method, mask_url(url), values,
                         signed=bool(partner.get("hmac_secret")))
@@ -121,7 +99,7 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     result.failure_class = failure.value
     result.outcome = describe(outcome, failure)
     result.cause = TITLES[cause] if cause else None
-    result.advice = ADVICE[failure.value]
+    result.advice = FACTS[failure].advice
     _record(store, partner, postback_id, url, now, outcome, failure, result.outcome,
             (clock or (lambda: now))())
     return result
