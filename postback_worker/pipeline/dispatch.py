@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ from postback_worker.domain.postback import PostbackState, Settlement, settle
 from postback_worker.domain.retry import Outcome
 from postback_worker.pipeline.admission import Admission
 from postback_worker.pipeline.catalog import Catalog, Partner
+from postback_worker.pipeline.leases import LeaseKeeper
 from postback_worker.settings import Settings
 from postback_worker.store.postbacks import Claimed, dead_letter_row, release_row, update_row
 from postback_worker.store.repo import Store
@@ -56,6 +58,23 @@ class _Unsaved:
     dead: list[dict[str, Any]] = field(default_factory=list)
     dead_conversions: dict[str, str] = field(default_factory=dict)  # postback -> conversion
     released: list[dict[str, Any]] = field(default_factory=list)
+    first_at: float | None = None  # monotonic time of the oldest unsaved answer
+    observed: int = 0  # answers not yet reported to admission
+
+    def answer(self) -> None:
+        self.observed += 1
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+
+    def due(self, batch: int, wait_ms: float) -> bool:
+        """Save now: `batch` answers waiting, or the oldest has waited `wait_ms`."""
+        if len(self.updates) >= batch:
+            return True
+        return self.first_at is not None and (time.monotonic() - self.first_at) * 1000 >= wait_ms
+
+    def saved(self) -> None:
+        self.updates, self.attempts, self.dead, self.dead_conversions = [], [], [], {}
+        self.first_at = None
 
 
 class Dispatch:
@@ -82,7 +101,8 @@ class Dispatch:
         )
 
     def fire(self, claimed: list[Claimed], result: BatchResult) -> None:
-        """Fire claimed postbacks concurrently; save results in groups as they arrive."""
+        """Fire claimed postbacks concurrently; save answers in small groups as they arrive
+        (see `_Unsaved.due`), keeping the leases of those not saved yet alive meanwhile."""
         if not claimed:
             return
         unsaved = _Unsaved()
@@ -93,18 +113,21 @@ class Dispatch:
                             headers=signing.headers_for(p, c.id, c.url, now, c.method))
             for c, p in sendable
         ]
-        flush_every = max(1, self.settings.delivery.concurrency)
-        started = extended = self.clock()
-        unanswered = {c.id for c, _ in sendable}
-        for index, outcome in self.sender.send_iter(requests):
-            c, p = sendable[index]
-            unanswered.discard(c.id)
-            state = self._record(unsaved, c, p, outcome, started, c.id in probes)
-            result.count(result.postbacks, state)
-            if len(unsaved.updates) >= flush_every:
-                self._flush(unsaved)
-                extended = self._keep_leases(unanswered, claimed[0].token, extended)
-        self._flush(unsaved)
+        delivery = self.settings.delivery
+        started = self.clock()
+        keeper = LeaseKeeper(self.store, claimed[0].token, [c.id for c, _ in sendable],
+                             delivery.lease_seconds, self.clock)
+        with keeper:
+            for index, outcome in self.sender.send_iter(requests):
+                c, p = sendable[index]
+                state = self._record(unsaved, c, p, outcome, started, c.id in probes)
+                result.count(result.postbacks, state)
+                if unsaved.due(delivery.record_batch, delivery.record_wait_ms):
+                    with keeper.lock:
+                        keeper.saved(self._flush(unsaved))
+                keeper.tick()
+            with keeper.lock:
+                self._flush(unsaved, last=True)
 
     def _admit(self, claimed: list[Claimed], unsaved: _Unsaved,
                result: BatchResult) -> tuple[list[tuple[Claimed, Partner]], set[str]]:
@@ -132,15 +155,6 @@ class Dispatch:
             sendable.extend((c, partner) for c in admitted.fire)
         return sendable, probes
 
-    def _keep_leases(self, ids: set[str], token: str, last: datetime) -> datetime:
-        """Renew leases once a third of their time has passed, for batches slower than a lease."""
-        now = self.clock()
-        lease = self.settings.delivery.lease_seconds
-        if ids and (now - last).total_seconds() > lease / 3:
-            self.store.extend_leases(sorted(ids), token, now + timedelta(seconds=lease))
-            return now
-        return last
-
     def _record(self, unsaved: _Unsaved, c: Claimed, partner: Partner, outcome: Outcome,
                 started: datetime, probe: bool) -> PostbackState:
         now = self.clock()
@@ -163,9 +177,12 @@ class Dispatch:
         unsaved.updates.append(update_row(
             c, settled.state, settled.reason, now, next_attempt_at=settled.next_attempt_at,
             last_status=outcome.status_code, last_class=settled.failure))
+        unsaved.answer()
         return settled.state
 
-    def _flush(self, unsaved: _Unsaved) -> None:
+    def _flush(self, unsaved: _Unsaved, last: bool = False) -> list[str]:
+        """Save what is unsaved; returns the ids of the postbacks whose answers were saved."""
+        ids = [u["id"] for u in unsaved.updates]
         if unsaved.released:
             self.store.release(unsaved.released)
             unsaved.released = []
@@ -180,9 +197,12 @@ class Dispatch:
             if saved < len(unsaved.updates):
                 log.warning("%d postback lease(s) expired before their result was saved",
                             len(unsaved.updates) - saved)
-            unsaved.updates, unsaved.attempts, unsaved.dead = [], [], []
-            unsaved.dead_conversions = {}
-        self.admission.report(self.clock())
+            unsaved.saved()
+        # The breaker hears results about as often as before groups got small.
+        if last or unsaved.observed >= self.settings.delivery.concurrency:
+            self.admission.report(self.clock())
+            unsaved.observed = 0
+        return ids
 
     def sweep(self) -> list[str]:
         """Postbacks due for another attempt (or stuck), marked queued; the caller enqueues them."""
