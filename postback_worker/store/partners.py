@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, select
 
 from postback_worker.domain.attribution import ConversionState
 from postback_worker.domain.failures import FailureClass
@@ -17,10 +17,7 @@ from postback_worker.store.sql import StoreBase
 class PartnerRecords(StoreBase):
     def set_partner_fields(self, partner_id: str, **values: Any) -> bool:
         """Update some columns of one partner; False when there is no such partner."""
-        with self.engine.begin() as conn:
-            res = conn.execute(update(t.partners).where(t.partners.c.id == partner_id)
-                               .values(**values))
-            return bool(res.rowcount)
+        return self.update_by_id(t.partners, partner_id, values)
 
     def partner_counts(self, since: datetime) -> tuple[
             dict[str, int], dict[str, int], dict[str, tuple[int, int]]]:

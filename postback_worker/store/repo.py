@@ -84,6 +84,24 @@ class Store(ConversionRecords, PostbackRecords, DeadLetterReads, PartnerRecords,
     def list_partners(self) -> list[dict[str, Any]]:
         return self.list_rows(t.partners)
 
+    def set_offer_fields(self, offer_id: str, **values: Any) -> bool:
+        """Update some columns of one offer; False when there is no such offer."""
+        return self.update_by_id(t.offers, offer_id, values)
+
+    def offer_token_hash(self, offer_id: str | None,
+                         transaction_id: str | None) -> tuple[str | None, str | None]:
+        """(offer id, its security token hash): the offer named, or the offer of the click
+        named by `transaction_id`; (None, None) when neither is known."""
+        with self.engine.connect() as conn:
+            if not offer_id and transaction_id:
+                offer_id = conn.execute(select(t.clicks.c.offer_id).where(
+                    t.clicks.c.transaction_id == transaction_id[:64])).scalar()
+            if not offer_id:
+                return None, None
+            stored = conn.execute(select(t.offers.c.security_token_hash).where(
+                t.offers.c.id == offer_id[:64])).scalar()
+        return offer_id, stored
+
     # -- retention ------------------------------------------------------------------------
 
     def longest_lifespan(self) -> int | None:

@@ -31,6 +31,12 @@ class StoreBase:
             return sqlite.insert(table)
         return insert(table)
 
+    def update_by_id(self, table: Table, row_id: str, values: Mapping[str, Any]) -> bool:
+        """Set some columns of one row (by id); False when there is no such row."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(table).where(table.c.id == row_id).values(**values))
+            return bool(res.rowcount)
+
     def pick(self, column: Any, where: Any, size: int) -> Any:
         """SELECT column WHERE ... LIMIT size, skipping rows others hold (PostgreSQL)."""
         stmt = select(column).where(where).limit(size)
