@@ -107,6 +107,8 @@ class Dispatch:
             return
         unsaved = _Unsaved()
         sendable, probes = self._admit(claimed, unsaved, result)
+        if unsaved.updates or unsaved.released:  # skipped or waiting: save before firing
+            self._flush(unsaved)
         now = self.clock()
         requests = [
             PostbackRequest(postback_id=c.id, url=c.url, method=c.method, timeout=p.timeout,
