@@ -11,6 +11,7 @@ from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conve
 from support.partner import PartnerServer
 
 from postback_worker.ops.config import parse_partner
+from postback_worker.pipeline.leases import lease_problem
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
@@ -422,3 +423,26 @@ def test_answers_are_saved_in_small_groups_as_they_arrive(
     pipeline.process_conversions(messages(*events))
     assert saved_before == [k - k % 4 for k in range(12)]
     assert saved() == 12 and partner.count() == 12
+
+
+@pytest.mark.parametrize(
+    ("lease", "default_timeout", "partners", "problem"),
+    [
+        (120, 10.0, {"p1": 10.0, "p2": 30.0}, None),
+        (20, 10.0, {"p1": 10.0}, None),
+        (15, 10.0, {}, "(10 s, POSTBACK_DEFAULT_TIMEOUT)"),  # issue 15: lease 15, timeout 10
+        (30, 10.0, {"p1": 4.0, "slow": 16.0}, "(16 s, the timeout of partner slow)"),
+        (5, 2.0, {"p1": 2.5}, None),
+        (2, 0.5, {}, "at least 3 s"),
+    ],
+)
+def test_lease_must_be_twice_the_longest_timeout(
+    lease: int, default_timeout: float, partners: dict[str, float], problem: str | None
+) -> None:
+    s = Settings.build(lease_seconds=lease, default_timeout=default_timeout)
+    found = lease_problem(s, partners)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+        assert found.startswith(f"POSTBACK_LEASE_SECONDS={lease} is too short")
