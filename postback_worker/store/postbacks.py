@@ -282,6 +282,14 @@ class PostbackRecords(StoreBase):
                 conn.execute(delete(t.postbacks).where(pb.id.in_(ids), old))
         return len(ids)
 
+    def record_test_fire(self, *, conversion: Mapping[str, Any], postback: Mapping[str, Any],
+                         attempt: Mapping[str, Any]) -> None:
+        """A test fire's conversion, postback and attempt (state "test", is_test = true)."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(t.conversions).values(**conversion))
+            conn.execute(insert(t.postbacks).values(**postback))
+            conn.execute(insert(t.attempts).values(**attempt))
+
     # -- reads ----------------------------------------------------------------------------
 
     def postbacks_for(self, conversion_id: str) -> list[dict[str, Any]]:

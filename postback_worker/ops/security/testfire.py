@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
-
 from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.diagnosis import TITLES
@@ -19,7 +17,6 @@ from postback_worker.domain.failures import FACTS, Cause, cause_of
 from postback_worker.domain.macros import TemplateError, macro_values, render
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import FailureClass, classify, describe
-from postback_worker.store import schema
 
 TEST_STATE = "test"
 EXCERPT_CHARS = 300
@@ -110,20 +107,20 @@ def _record(store: Any, partner: Mapping[str, Any], postback_id: str, url: str,
             finished: datetime) -> None:
     conversion_id = "cv_test_" + postback_id.removeprefix("pb_test_")
     delivered = failure is FailureClass.DELIVERED
-    with store.engine.begin() as conn:
-        conn.execute(insert(schema.conversions).values(
+    store.record_test_fire(
+        conversion=dict(
             id=conversion_id, transaction_id="test-fire", offer_id=None, aff_id=partner["id"],
             goal_id="", status="approved", occurred_at=started, received_at=started,
-            state=TEST_STATE, reason="test fire (partners test --fire)", processed_at=finished))
-        conn.execute(insert(schema.postbacks).values(
+            state=TEST_STATE, reason="test fire (partners test --fire)", processed_at=finished),
+        postback=dict(
             id=postback_id, conversion_id=conversion_id, partner_id=partner["id"],
             url=mask_url(url), method=partner["method"], state=TEST_STATE,
             reason=None if delivered else text, attempts=1, first_attempt_at=started,
             last_attempt_at=started, last_status=outcome.status_code,
             last_class=failure.value, received_at=started, created_at=started,
             updated_at=finished, delivered_at=finished if delivered else None,
-            triggered_by="test-fire"))
-        conn.execute(insert(schema.attempts).values(
+            triggered_by="test-fire"),
+        attempt=dict(
             postback_id=postback_id, attempt_no=1, started_at=started,
             duration_ms=round(outcome.duration_ms, 3), url=mask_url(url),
             status_code=outcome.status_code, failure_class=failure.value,
