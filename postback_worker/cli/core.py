@@ -41,9 +41,7 @@ def db_upgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
-    from postback_worker.store.db import current_revision
-
-    revision = current_revision(open_store(load_settings()).engine)
+    revision = open_store(load_settings()).schema_revision()
     click.echo(revision or "none (run: postback-worker db upgrade)")
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import Table, delete, func, insert, select
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
 from postback_worker.store.conversions import ConversionRecords
+from postback_worker.store.db import current_revision
 from postback_worker.store.deadletters import DeadLetterReads
 from postback_worker.store.partners import PartnerRecords
 from postback_worker.store.postbacks import PostbackRecords
@@ -101,6 +102,10 @@ class Store(ConversionRecords, PostbackRecords, DeadLetterReads, PartnerRecords,
             stored = conn.execute(select(t.offers.c.security_token_hash).where(
                 t.offers.c.id == offer_id[:64])).scalar()
         return offer_id, stored
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at (None: not migrated)."""
+        return current_revision(self.engine)
 
     # -- retention ------------------------------------------------------------------------
 
