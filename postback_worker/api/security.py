@@ -59,9 +59,7 @@ class SecurityRoutes:
         if self._sender is None:
 
             s = self.api.settings
-            self._sender = Sender(concurrency=1, excerpt_bytes=s.delivery.response_excerpt_bytes,
-                                  user_agent=s.delivery.user_agent,
-                                  allow_networks=s.delivery.allow_networks)
+            self._sender = Sender.from_settings(s.delivery, concurrency=1)
         return self._sender
 
     async def _body(self, request: Request) -> Any:

@@ -84,9 +84,7 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
     settings = load_settings()
     store = open_store(settings)
     row = _partner_row(partner_id)
-    with Sender(concurrency=1, excerpt_bytes=settings.delivery.response_excerpt_bytes,
-                user_agent=settings.delivery.user_agent,
-                allow_networks=settings.delivery.allow_networks) as sender:
+    with Sender.from_settings(settings.delivery, concurrency=1) as sender:
         report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
                                transaction_id=transaction_id, payout=payout, clock=utcnow)
     if fmt == "json":

@@ -55,13 +55,13 @@ def cause_of(failure_class: str, status: int | None) -> str | None:
     """Which of the six causes a failure class (and status code) points to."""
     if failure_class in {"partner_5xx", "timeout"}:
         return PARTNER_DOWN
-    if failure_class in {"throttled", "auth"}:
+    if failure_class in {"throttled", "auth", "gone"}:
         return PROVIDER
     if failure_class == "config":
         return PROVIDER if status in ENDPOINT_GONE else URL_CONFIG
     if failure_class == "blocked":
         return FIREWALL
-    if failure_class in {"dns", "network"}:
+    if failure_class in {"dns", "network", "proxy"}:
         return NETWORK
     return None
 

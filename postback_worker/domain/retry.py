@@ -22,7 +22,9 @@ class FailureClass(StrEnum):
     NETWORK = "network"
     AUTH = "auth"
     BLOCKED = "blocked"
+    GONE = "gone"
     CONFIG = "config"
+    PROXY = "proxy"
 
 
 RETRYABLE: frozenset[FailureClass] = frozenset(
@@ -32,8 +34,12 @@ RETRYABLE: frozenset[FailureClass] = frozenset(
         FailureClass.THROTTLED,
         FailureClass.DNS,
         FailureClass.NETWORK,
+        FailureClass.PROXY,
     }
 )
+# Failures that say nothing about the partner: never counted against its circuit breaker or
+# failure rate (our egress proxy failed).
+NOT_THE_PARTNERS: frozenset[FailureClass] = frozenset({FailureClass.PROXY})
 
 
 class ErrorKind(StrEnum):
@@ -46,6 +52,7 @@ class ErrorKind(StrEnum):
     TLS = "tls"
     BLOCKED_ADDRESS = "blocked_address"
     INVALID_URL = "invalid_url"
+    PROXY = "proxy"
     OTHER = "other"
 
 
@@ -70,6 +77,7 @@ _ERROR_CLASS = {
     ErrorKind.OTHER: FailureClass.NETWORK,
     ErrorKind.BLOCKED_ADDRESS: FailureClass.CONFIG,
     ErrorKind.INVALID_URL: FailureClass.CONFIG,
+    ErrorKind.PROXY: FailureClass.PROXY,
 }
 
 _STATUS_CLASS = {
@@ -77,6 +85,7 @@ _STATUS_CLASS = {
     429: FailureClass.THROTTLED,
     401: FailureClass.AUTH,
     403: FailureClass.BLOCKED,
+    410: FailureClass.GONE,
 }
 
 _ERROR_TEXT = {
@@ -87,12 +96,15 @@ _ERROR_TEXT = {
     ErrorKind.TLS: "TLS failure",
     ErrorKind.BLOCKED_ADDRESS: "destination address is blocked by the egress guard",
     ErrorKind.INVALID_URL: "invalid URL",
+    ErrorKind.PROXY: "the egress proxy failed",
     ErrorKind.OTHER: "request failed",
 }
 
 _NOT_RETRIED = {
     FailureClass.AUTH: "auth (HTTP 401) is not retried; the partner's credentials need fixing",
     FailureClass.BLOCKED: "blocked (HTTP 403) is not retried; the partner must allowlist us",
+    FailureClass.GONE: "gone (HTTP 410) is not retried; the partner is paused until its "
+                       "endpoint is fixed and it is resumed",
     FailureClass.CONFIG: "config (bad URL, redirect or 4xx) is not retried; fix the postback URL",
 }
 

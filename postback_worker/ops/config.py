@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import socket
@@ -14,9 +15,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from postback_worker.delivery.proxy import DIRECT, ProxyError, parse_proxy
 from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campaign_type
 from postback_worker.domain.events import FieldError, ValidationError
-from postback_worker.domain.macros import validate_template
+from postback_worker.domain.macros import BODY_FORMATS, validate_body, validate_template
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.store import schema
 
@@ -24,13 +27,22 @@ from postback_worker.store import schema
 HostResolver = Callable[[str], object]
 
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 
 OFFER_FIELDS = {"id", "name", "campaign_type", "lifespan_days", "landing_url", "allow_multiple"}
 PARTNER_FIELDS = {
     "id", "name", "postback_url", "method", "timeout", "success_check", "fire_statuses",
     "enabled", "scope", "offer_ids", "max_attempts", "base_delay", "max_delay", "horizon",
+    "body_format", "body_template", "headers", "egress_proxy",
 }
+# Custom headers may not replace what the sender or signing sets.
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "x-postback-id",
+    "x-postback-timestamp", "x-postback-signature", "webhook-id", "webhook-timestamp",
+    "webhook-signature", "proxy-authorization",
+})
+MAX_HEADERS = 20
 
 
 class _Errors:
@@ -159,14 +171,83 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "horizon": e.number("horizon", low=0, high=30 * 86400),
     }
     enabled = e.flag("enabled", True)
+    body_format, body_template = _body(e, method)
+    headers = _headers(e, data.get("headers"))
+    proxy = _proxy(e, data.get("egress_proxy"))
     e.check()
     return {
         "id": partner_id, "name": name, "postback_url": url, "method": method,
+        "body_format": body_format, "body_template": body_template,
+        "custom_headers": json.dumps(headers, sort_keys=True) if headers else None,
+        "egress_proxy": proxy,
         "timeout": timeout if timeout is not None else 10.0,
         "success_check": success_check or None, "fire_statuses": ",".join(statuses),
         "enabled": enabled, "scope": scope, "offer_ids": _csv(data.get("offer_ids")) or None,
         **overrides, "created_at": now, "updated_at": now,
     }
+
+
+def _body(e: _Errors, method: str) -> tuple[str | None, str | None]:
+    """(body_format, body_template): both or neither, and only for POST."""
+    fmt = e.text("body_format")
+    template = e.text("body_template", limit=20000)
+    if fmt is None and template is None:
+        return None, None
+    if fmt not in BODY_FORMATS:
+        e.add("body_format", "must be form or json (with body_template)")
+        return None, None
+    if method != "POST":
+        e.add("body_format", "a request body needs method POST")
+    if not template:
+        e.add("body_template", f"required with body_format {fmt}")
+        return fmt, None
+    for p in validate_body(template, fmt):
+        if p.severity == "error":
+            e.add("body_template", p.describe())
+    return fmt, template
+
+
+def _headers(e: _Errors, raw: Any) -> dict[str, str]:
+    """Custom headers from {name: value} or ["Name: value", ...]."""
+    if raw in (None, "", {}, []):
+        return {}
+    items: list[tuple[Any, Any]] = []
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, list | tuple) and all(isinstance(x, str) for x in raw):
+        items = [tuple(x.split(":", 1)) if ":" in x else (x, None) for x in raw]
+    else:
+        e.add("headers", 'must be an object {"Name": "value"} or a list of "Name: value"')
+        return {}
+    out: dict[str, str] = {}
+    for name, value in items:
+        name = str(name).strip()
+        if not _HEADER.fullmatch(name) or name.lower() in RESERVED_HEADERS:
+            e.add("headers", f"{name!r} is not a header name we may set (letters, digits "
+                             "and '-', not one the request already uses)")
+        elif not isinstance(value, str) or not value.strip() or len(value) > 4000 or any(
+                ch in value for ch in "\r\n\0"):
+            e.add("headers", f"{name}: the value must be 1 to 4000 characters on one line")
+        else:
+            out[name] = value.strip()
+    if len(out) > MAX_HEADERS:
+        e.add("headers", f"at most {MAX_HEADERS} headers")
+    return out
+
+
+def _proxy(e: _Errors, raw: Any) -> str | None:
+    """A partner's egress proxy: http://[user:password@]host:port, or "direct"."""
+    if raw in (None, ""):
+        return None
+    text = str(raw).strip()
+    if text == DIRECT:
+        return DIRECT
+    try:
+        parse_proxy(text)
+    except ProxyError as exc:
+        e.add("egress_proxy", str(exc))
+        return None
+    return text
 
 
 # -- template reports (the validator plus a DNS check) ----------------------------------------
@@ -194,19 +275,22 @@ def template_report(url: str, *, dns: bool = False,
 
 # -- secrets are never shown -----------------------------------------------------------------
 
-SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous")
+SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous", "custom_headers")
 
 
 def redact_partner(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A partner row safe to show or export: signing secrets replaced by what they imply."""
+    """A partner row safe to show or export: secrets replaced by what they imply (signing on,
+    header names with masked values, proxy credentials masked)."""
     out = {k: v for k, v in row.items() if k not in SECRET_PARTNER_FIELDS}
     out["signing"] = bool(row.get("hmac_secret"))
     out["signing_rotation_until"] = (row.get("hmac_previous_until")
                                      if row.get("hmac_secret_previous") else None)
-    from postback_worker.domain.masking import mask_url
-
-    if isinstance(out.get("postback_url"), str):
-        out["postback_url"] = mask_url(out["postback_url"])
+    out["headers"] = mask_headers(load_headers(row.get("custom_headers")))
+    for key in ("postback_url", "egress_proxy"):
+        if isinstance(out.get(key), str):
+            out[key] = mask_url(out[key])
+    if isinstance(out.get("body_template"), str):
+        out["body_template"] = mask_body(out["body_template"], out.get("body_format"))
     return out
 
 
@@ -261,7 +345,6 @@ def offer_token_problem(stored_hash: str | None, token: str) -> str | None:
 # -- partner signing keys --------------------------------------------------------------------
 
 SIGNING_ACTIONS = ("enable", "rotate", "disable")
-_HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 
 
 def change_signing(store: Any, partner_id: str, action: str, now: datetime,

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.attribution import (
     ClickFacts,
@@ -29,9 +28,10 @@ from postback_worker.domain.attribution import (
 )
 from postback_worker.domain.events import ConversionEvent
 from postback_worker.domain.ids import new_id
-from postback_worker.domain.macros import TemplateError, macro_values, render
+from postback_worker.domain.macros import TemplateError, macro_values, render, render_body
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import (
+    NOT_THE_PARTNERS,
     RETRYABLE,
     FailureClass,
     classify,
@@ -215,8 +215,9 @@ class Pipeline:
             )
             return row
         try:
-            row["url"] = render_postback_url(partner.postback_url, {**d.conv,
-                                             "offer_id": d.offer_id}, click, pid, now)
+            row["url"], row["body"] = render_postback(
+                partner.postback_url, {**d.conv, "offer_id": d.offer_id}, click, pid, now,
+                partner.body_format, partner.body_template)
         except TemplateError as exc:
             row.update(url=partner.postback_url, state=repo.DEAD_LETTERED, next_attempt_at=None,
                        reason=f"config: template cannot render: {exc}", last_class="config")
@@ -266,8 +267,9 @@ class Pipeline:
             sendable.extend((c, p) for c in self._admit(p, group, buf, now, result))
         requests = [
             PostbackRequest(postback_id=c["id"], url=c["url"], method=c["method"],
-                            timeout=p.timeout,
-                            headers=signing.headers_for(p, c["id"], c["url"], now, c["method"]))
+                            timeout=p.timeout, headers=p.headers, body=c.get("body"),
+                            content_type=p.content_type, signing=p.signing, signed_at=now,
+                            proxy=p.egress_proxy)
             for c, p in sendable
         ]
         flush_every = max(1, self.settings.delivery.concurrency)
@@ -346,6 +348,9 @@ class Pipeline:
         """Feed one result to the breaker (batched until the next flush) and free its slot."""
         if self.guard is None:
             return
+        if failure in NOT_THE_PARTNERS:  # our egress proxy failed: says nothing of the partner
+            self._free_slot(buf, c, partner)
+            return
         stats = buf.stats.setdefault(partner.id, _Stats())
         stats.total += 1
         if failure in RETRYABLE:
@@ -356,6 +361,10 @@ class Pipeline:
             cap = partner.policy(self.settings.retry).max_retry_after
             until = now.timestamp() + min(retry_after, cap)
             stats.hold_until = max(stats.hold_until or 0.0, until)
+        self._free_slot(buf, c, partner)
+
+    def _free_slot(self, buf: _Buffer, c: Mapping[str, Any], partner: Partner) -> None:
+        assert self.guard is not None
         if partner.id in buf.slotted:
             from redis.exceptions import RedisError
 
@@ -421,6 +430,10 @@ class Pipeline:
             next_at = now + timedelta(seconds=decision.delay)
         else:
             state, reason = repo.DEAD_LETTERED, f"{text}; {decision.reason}"
+            if failure == FailureClass.GONE:
+                buf.gone.setdefault(partner.id, (
+                    f"HTTP 410 Gone for postback {c['id']} at {now:%Y-%m-%d %H:%M:%S} UTC: "
+                    "the partner removed its endpoint; fix the postback URL, then resume"))
             buf.dead.append(_dead_letter_row(
                 {"id": c["id"], "partner_id": c["partner_id"], "attempts": attempt_no,
                  "reason": reason}, None, failure.value, outcome.status_code, now,
@@ -431,6 +444,10 @@ class Pipeline:
         return state
 
     def _flush(self, buf: _Buffer) -> None:
+        for partner_id, why in buf.gone.items():
+            if self.store.pause_gone(partner_id, why, self.clock()):
+                log.warning("partner %s paused: %s", partner_id, why)
+        buf.gone.clear()
         if buf.released:
             self.store.release(buf.released)
             buf.released = []
@@ -500,14 +517,21 @@ class _Buffer:
     probes: set[str] = field(default_factory=set)
     slotted: set[str] = field(default_factory=set)
     stats: dict[str, _Stats] = field(default_factory=dict)
+    # Partners that answered 410 Gone in this batch -> why they are paused.
+    gone: dict[str, str] = field(default_factory=dict)
 
 
-def render_postback_url(template: str, conversion: Mapping[str, Any],
-                        click: Mapping[str, Any], postback_id: str, now: datetime) -> str:
-    """A postback URL from a template, a stored conversion and its click (raises TemplateError)."""
+def render_postback(template: str, conversion: Mapping[str, Any], click: Mapping[str, Any],
+                    postback_id: str, now: datetime, body_format: str | None = None,
+                    body_template: str | None = None) -> tuple[str, str | None]:
+    """A postback's URL and body (None without a body template) from the partner's templates,
+    a stored conversion and its click, with the same macro values (raises TemplateError)."""
     values = macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
                           random_value=secrets.token_hex(8))
-    return render(template, values)
+    url = render(template, values)
+    if body_format and body_template:
+        return url, render_body(body_template, body_format, values)
+    return url, None
 
 
 def _release(c: Mapping[str, Any], next_at: datetime, why: str,

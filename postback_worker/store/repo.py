@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from postback_worker.domain.masking import mask_url
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.store import schema as t
 
 # Postback states.
@@ -282,7 +282,7 @@ class Store:
                                 last_attempt_at=now, updated_at=now,
                                 first_attempt_at=func.coalesce(pb.first_attempt_at, now))
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
-                                   pb.attempts, pb.first_attempt_at, pb.received_at)
+                                   pb.body, pb.attempts, pb.first_attempt_at, pb.received_at)
                     )
                     claimed.extend(dict(r) for r in conn.execute(stmt).mappings())
         return claimed
@@ -419,6 +419,16 @@ class Store:
                 "first_attempt_at": case((pb.attempts == 0, None), else_=pb.first_attempt_at),
             })
 
+    def pause_gone(self, partner_id: str, reason: str, now: datetime) -> bool:
+        """Pause a partner that answered 410 Gone (unless already paused); True if it was."""
+        p = t.partners.c
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(t.partners).where(p.id == partner_id, p.paused.is_(False))
+                .values(paused=True, paused_at=now, paused_reason=reason, paused_by="gone",
+                        updated_at=now))
+            return bool(res.rowcount)
+
     def wake_waiting(self, partner_id: str, now: datetime) -> int:
         """Make a partner's waiting postbacks due now (resume, circuit closed)."""
         pb = t.postbacks.c
@@ -452,6 +462,8 @@ def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
 
 # Never stored in history snapshots, exports or bundles.
 SECRET_COLUMNS = frozenset({"hmac_secret", "hmac_secret_previous", "security_token_hash"})
+# Shown as names with masked values.
+HEADER_COLUMNS = frozenset({"custom_headers"})
 
 
 def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,6 +472,10 @@ def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if key in SECRET_COLUMNS:
             out[key] = "(set, not shown)" if value else None
+        elif key in HEADER_COLUMNS:
+            out[key] = mask_headers(load_headers(value)) if value else None
+        elif key == "body_template" and value:
+            out[key] = mask_body(value, row.get("body_format"))
         elif isinstance(value, str) and key.endswith("url"):
             out[key] = mask_url(value)
         else:

@@ -108,6 +108,18 @@ partners = Table(
     # Secret rotation: the previous secret still signs (a second signature) until this time.
     Column("hmac_secret_previous", Text),
     Column("hmac_previous_until", UTCDateTime),
+    # "hmac" (X-Postback-Signature, the default) or "standard" (Standard Webhooks).
+    Column("signature_scheme", String(20)),
+    # POST bodies: "form" or "json" from body_template (None: the URL's query string as a form).
+    Column("body_format", String(10)),
+    Column("body_template", Text),
+    # Custom request headers, a JSON object; secrets: never shown, exported or logged.
+    Column("custom_headers", Text),
+    # Forward proxy for this partner's postbacks (overrides POSTBACK_EGRESS_PROXY; "direct":
+    # none). May carry credentials: masked when shown.
+    Column("egress_proxy", Text),
+    # Who paused the partner: "operator", or "gone" (the partner answered 410 Gone).
+    Column("paused_by", String(20)),
 )
 
 # Every saved version of an offer or partner (secrets redacted), for audits and bundles.
@@ -183,6 +195,8 @@ postbacks = Table(
     Column("partner_id", String(64), nullable=False),
     Column("url", Text, nullable=False),
     Column("method", String(8), nullable=False),
+    # The rendered request body (POST with a body template), else None.
+    Column("body", Text),
     # pending, queued, in_flight, retry_scheduled, delivered, dead_lettered, skipped
     Column("state", String(20), nullable=False),
     Column("reason", Text),

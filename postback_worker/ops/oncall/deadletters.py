@@ -17,7 +17,7 @@ from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 FAILURE_CLASSES = ("partner_5xx", "timeout", "throttled", "dns", "network", "auth", "blocked",
-                   "config")
+                   "gone", "config", "proxy")
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

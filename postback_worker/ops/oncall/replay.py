@@ -22,7 +22,7 @@ from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
 from postback_worker.ops.oncall.deadletters import DEAD_JOIN, Filter
-from postback_worker.pipeline.processing import render_postback_url
+from postback_worker.pipeline.processing import render_postback
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
@@ -45,6 +45,7 @@ class Candidate:
     old_url: str
     new_url: str | None
     problem: str | None = None
+    new_body: str | None = None
 
     @property
     def rerendered(self) -> bool:
@@ -104,8 +105,9 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
             cand.problem = "conversion or click no longer stored (retention)"
         else:
             try:
-                cand.new_url = render_postback_url(partner["postback_url"], conv, click,
-                                                   r["postback_id"], now)
+                cand.new_url, cand.new_body = render_postback(
+                    partner["postback_url"], conv, click, r["postback_id"], now,
+                    partner.get("body_format"), partner.get("body_template"))
             except TemplateError as exc:
                 cand.problem = f"current template cannot render: {exc}"
         out.candidates.append(cand)
@@ -172,8 +174,9 @@ def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: st
             slot = now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
             conn.execute(update(t.postbacks).where(pb.id == c.postback_id,
                                                    pb.state == repo.DEAD_LETTERED).values(
-                state=repo.QUEUED, url=c.new_url, next_attempt_at=slot, first_attempt_at=None,
-                lease_until=None, lease_token=None, triggered_by=tag, updated_at=now,
+                state=repo.QUEUED, url=c.new_url, body=c.new_body, next_attempt_at=slot,
+                first_attempt_at=None, lease_until=None, lease_token=None, triggered_by=tag,
+                updated_at=now,
                 reason=f"replay run {run_id} queued"))
             conn.execute(update(t.dead_letters).where(dl.postback_id == c.postback_id).values(
                 replayed_at=now, replay_count=dl.replay_count + 1))

@@ -107,7 +107,10 @@ def next_step(top_class: str | None, top_status: str | None, egress_ips: Sequenc
     if top_class == "blocked" or top_status == "403":
         ips = ", ".join(egress_ips) if egress_ips else "(none configured: set POSTBACK_EGRESS_IPS)"
         return f"ask the partner to allowlist our egress IPs: {ips}"
-    if top_status in {"404", "400", "410"} or top_class == "config":
+    if top_class == "gone" or top_status == "410":
+        return ("the partner's endpoint is gone (410) and the partner is paused: get the new "
+                "URL, fix it (postback-worker partners add), then partners resume and dlq replay")
+    if top_status in {"404", "400"} or top_class == "config":
         return ("check the partner's postback URL template (postback-worker partners list; "
                 "fix it with postback-worker partners add)")
     if top_class == "timeout":
