@@ -77,7 +77,11 @@ async def tunnel(proxy: Proxy, ip: str, port: int, timeout: float,
                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a CONNECT tunnel to ip:port through `proxy`; raises ProxyFailed."""
     try:
-        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(proxy.host, proxy.port), timeout)
+    except TimeoutError:
+        raise ProxyFailed(f"the egress proxy {proxy.key} did not accept a connection within "
+                          f"{timeout:g} s") from None
     except OSError as exc:
         raise ProxyFailed(f"cannot connect to the egress proxy {proxy.key}: "
                           f"{exc.strerror or exc}") from None
@@ -88,7 +92,8 @@ async def tunnel(proxy: Proxy, ip: str, port: int, timeout: float,
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            OSError) as exc:
         writer.close()
         raise ProxyFailed(f"the egress proxy {proxy.key} closed the tunnel request "
                           f"({type(exc).__name__})") from None

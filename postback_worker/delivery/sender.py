@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from urllib3 import exceptions as u3exc
 from urllib3.util import Url, make_headers, parse_url
 
 from postback_worker.delivery.guard import Resolver, parse_networks, resolve_and_check
-from postback_worker.delivery.proxy import ProxyFailed, parse_proxy
+from postback_worker.delivery.proxy import Proxy, ProxyError, ProxyFailed, choose, parse_proxy
 from postback_worker.delivery.signing import SigningKeys, request_headers
 from postback_worker.delivery.transport import Transport
 from postback_worker.domain.retry import ErrorKind, Outcome
@@ -184,6 +185,14 @@ def _describe(exc: BaseException, req: PostbackRequest) -> str:
     return _scrub(f"{type(exc).__name__}: {exc}", req)
 
 
+@lru_cache(maxsize=256)
+def _proxy_for(partner_proxy: str | None, default: str) -> Proxy | None:
+    try:
+        return choose(partner_proxy, default)
+    except ProxyError as exc:
+        raise ProxyFailed(f"unusable egress proxy address: {exc}") from None
+
+
 class Sender:
     """Sends postbacks over pooled keep-alive connections; see module docstring."""
 
@@ -279,9 +288,11 @@ class Sender:
         ip = addresses[0]
         tls_name = target.host if target.scheme == "https" else None
         payload = self._payload(req, target)
+        proxy = _proxy_for(req.proxy, self.egress_proxy)
         response = await self.transport.exchange(
-            (target.scheme, ip, target.port, tls_name or ""), payload, self.excerpt_bytes,
-            lambda: self.transport.open(ip, target.port, tls_name))
+            (target.scheme, ip, target.port, tls_name or "", proxy.key if proxy else ""),
+            payload, self.excerpt_bytes,
+            lambda: self.transport.open(ip, target.port, tls_name, proxy, req.timeout / 2))
         return Outcome(
             status_code=response.status,
             error_message=_describe(response.error, req) if response.error else "",

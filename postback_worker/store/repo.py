@@ -419,6 +419,15 @@ class Store:
                 "first_attempt_at": case((pb.attempts == 0, None), else_=pb.first_attempt_at),
             })
 
+    def set_rendered(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> int:
+        """New URL and body for postbacks still waiting (rows: id, url, body)."""
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            return self.bulk_update(
+                conn, t.postbacks, [{**r, "now": now} for r in rows], match={"id": "id"},
+                assign={"url": "url", "body": "body", "updated_at": "now"})
+
     def pause_gone(self, partner_id: str, reason: str, now: datetime) -> bool:
         """Pause a partner that answered 410 Gone (unless already paused); True if it was."""
         p = t.partners.c

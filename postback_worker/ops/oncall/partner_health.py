@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 
 from postback_worker.domain import guards as g
+from postback_worker.ops.oncall.replay import rerender_waiting
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store import repo
@@ -90,10 +91,16 @@ def resume(store: Store, settings: Settings, redis_client: Any | None, partner_i
            now: datetime) -> int:
     """Fire again: clear the pause, close an open circuit, make waiting postbacks due now.
 
+    After a 410 Gone pause the waiting postbacks are first rendered again with the partner's
+    current templates (the endpoint they were rendered for is gone).
+
     Returns how many waiting postbacks were released.
     """
+    row = store.get_partner(partner_id)
     _set(store, partner_id, paused=False, paused_at=None, paused_reason=None, paused_by=None,
          updated_at=now)
+    if row is not None and row.get("paused_by") == "gone":
+        rerender_waiting(store, partner_id, now)
     if redis_client is not None:
         Guardrails(redis_client, settings).close(partner_id, now.timestamp())
     return store.wake_waiting(partner_id, now)

@@ -83,6 +83,15 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
         stmt = stmt.limit(limit)
     with store.engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    out = Plan(filt)
+    out.candidates = rerender(store, rows, now)
+    return out
+
+
+def rerender(store: Store, rows: list[dict[str, Any]], now: datetime) -> list[Candidate]:
+    """Render postbacks (rows: postback_id, partner_id, failure_class, url, conversion_id)
+    again from their stored conversion and click with the partners' current templates."""
+    with store.engine.connect() as conn:
         conv_ids = list({r["conversion_id"] for r in rows})
         convs: dict[str, dict[str, Any]] = {}
         for i in range(0, len(conv_ids), 500):
@@ -91,7 +100,7 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
                 convs[c["id"]] = dict(c)
         clicks = store.clicks_by_transaction(conn, [c["transaction_id"] for c in convs.values()])
     partners = {p["id"]: p for p in store.list_partners()}
-    out = Plan(filt)
+    out: list[Candidate] = []
     for r in rows:
         cand = Candidate(r["postback_id"], r["partner_id"], r["failure_class"], r["url"], None)
         partner = partners.get(r["partner_id"])
@@ -110,8 +119,23 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
                     partner.get("body_format"), partner.get("body_template"))
             except TemplateError as exc:
                 cand.problem = f"current template cannot render: {exc}"
-        out.candidates.append(cand)
+        out.append(cand)
     return out
+
+
+def rerender_waiting(store: Store, partner_id: str, now: datetime) -> int:
+    """Render a partner's waiting postbacks again with its current templates (after a 410
+    Gone pause, the endpoint they were rendered for no longer exists). Returns how many."""
+    pb = t.postbacks.c
+    with store.engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(
+            select(pb.id.label("postback_id"), pb.partner_id, pb.last_class.label(
+                "failure_class"), pb.url, pb.conversion_id)
+            .where(pb.partner_id == partner_id, pb.state == repo.RETRY_SCHEDULED,
+                   pb.reason.like(repo.WAITING_PREFIX + "%"))).mappings()]
+    fresh = [c for c in rerender(store, rows, now) if c.new_url is not None]
+    return store.set_rendered([{"id": c.postback_id, "url": c.new_url, "body": c.new_body}
+                               for c in fresh], now)
 
 
 @dataclass
