@@ -119,12 +119,13 @@ class SecurityRoutes:
     async def signing(self, request: Request) -> Response:
         self.api.require(request, "admin")
         try:
-            data = _object(await self._body(request), {"action": str, "header": str},
-                           ("action",))
+            data = _object(await self._body(request),
+                           {"action": str, "header": str, "scheme": str}, ("action",))
             grace = timedelta(hours=self.api.settings.security.signing_grace_hours)
             secret, summary = await run_in_threadpool(
                 change_signing, self.api.store, request.path_params["partner_id"],
-                data["action"], self.api.clock(), grace, data.get("header"))
+                data["action"], self.api.clock(), grace, data.get("header"),
+                data.get("scheme"))
         except ValidationError as exc:
             return error_response(422, "invalid request", exc.errors)
         except LookupError:

@@ -91,8 +91,12 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
         print_json(report.to_dict())
     else:
         click.echo(f"{report.method} {report.url}")
+        for name, value in report.headers.items():
+            click.echo(f"{name}: {value}")
         if report.signed:
-            click.echo("signed: yes (X-Postback-Timestamp and signature headers)")
+            click.echo(f"signed: yes ({report.signature_scheme})")
+        if report.body is not None:
+            click.echo(f"body: {report.body}")
         for problem in report.problems:
             click.echo(f"error: {problem}")
         if report.fired:
@@ -117,8 +121,12 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
               help="New secret; the old one also signs during the grace period.")
 @click.option("--disable", "action", flag_value="disable", help="Stop signing.")
 @click.option("--header", help="Signature header name (default X-Postback-Signature).")
-def partners_signing(partner_id: str, action: str | None, header: str | None) -> None:
-    """Enable, rotate or disable HMAC-SHA256 signing; a new secret is printed once."""
+@click.option("--scheme", type=click.Choice(["hmac", "standard"]),
+              help="hmac: X-Postback-Signature (default); standard: Standard Webhooks "
+                   "(webhook-id, webhook-timestamp, webhook-signature).")
+def partners_signing(partner_id: str, action: str | None, header: str | None,
+                     scheme: str | None) -> None:
+    """Enable, rotate or disable request signing; a new secret is printed once."""
     from postback_worker.ops.config import change_signing
 
     if action is None:
@@ -127,7 +135,7 @@ def partners_signing(partner_id: str, action: str | None, header: str | None) ->
     try:
         secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
                                          timedelta(hours=settings.security.signing_grace_hours),
-                                         header)
+                                         header, scheme)
     except ValidationError as exc:
         fail_validation(exc)
         return

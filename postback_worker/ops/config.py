@@ -16,6 +16,13 @@ from typing import Any
 from sqlalchemy import select, update
 
 from postback_worker.delivery.proxy import DIRECT, ProxyError, parse_proxy
+from postback_worker.delivery.signing import (
+    DEFAULT_SIGNATURE_HEADER,
+    HMAC,
+    SCHEMES,
+    new_secret,
+    rotation,
+)
 from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campaign_type
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import BODY_FORMATS, validate_body, validate_template
@@ -175,10 +182,12 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     headers = _headers(e, data.get("headers"))
     proxy = _proxy(e, data.get("egress_proxy"))
     e.check()
+    # Custom headers are secrets given once: saving a partner without "headers" keeps them.
+    kept = {"custom_headers": json.dumps(headers, sort_keys=True) if headers else None
+            } if "headers" in data else {}
     return {
         "id": partner_id, "name": name, "postback_url": url, "method": method,
-        "body_format": body_format, "body_template": body_template,
-        "custom_headers": json.dumps(headers, sort_keys=True) if headers else None,
+        "body_format": body_format, "body_template": body_template, **kept,
         "egress_proxy": proxy,
         "timeout": timeout if timeout is not None else 10.0,
         "success_check": success_check or None, "fire_statuses": ",".join(statuses),
@@ -348,13 +357,16 @@ SIGNING_ACTIONS = ("enable", "rotate", "disable")
 
 
 def change_signing(store: Any, partner_id: str, action: str, now: datetime,
-                   grace: timedelta, header: str | None = None) -> tuple[str | None, str]:
+                   grace: timedelta, header: str | None = None,
+                   scheme: str | None = None) -> tuple[str | None, str]:
     """Enable, rotate or disable a partner's signing. Returns (new secret or None, summary).
+
+    `scheme`: "hmac" (X-Postback-Signature) or "standard" (Standard Webhooks); None keeps the
+    partner's (hmac at first). Changing the scheme starts over with a new secret: a secret of
+    one scheme cannot sign for the other, so there is no grace period.
 
     Raises ValidationError for a bad action or header, LookupError for an unknown partner.
     """
-    from postback_worker.delivery.signing import DEFAULT_SIGNATURE_HEADER, rotation
-
     errors = []
     if action not in SIGNING_ACTIONS:
         errors.append(FieldError("action", f"must be one of {', '.join(SIGNING_ACTIONS)}"))
@@ -363,29 +375,44 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
                                 "x-postback-timestamp", "authorization"}):
         errors.append(FieldError("header", "must be a header name of letters, digits and '-' "
                                            "that the request does not already use"))
+    if scheme is not None and scheme not in SCHEMES:
+        errors.append(FieldError("scheme", f"must be one of {', '.join(SCHEMES)}"))
     if errors:
         raise ValidationError(errors)
     row = store.get_partner(partner_id)
     if row is None:
         raise LookupError(partner_id)
+    current = row.get("signature_scheme") or HMAC
+    switching = scheme is not None and scheme != current and bool(row.get("hmac_secret"))
+    scheme = scheme or current
+    if switching and action == "enable":
+        action = "rotate"
     secret: str | None = None
     if action == "disable":
         changes: dict[str, Any] = {"hmac_secret": None, "hmac_secret_previous": None,
                                    "hmac_previous_until": None}
         summary = f"partner {partner_id}: signing disabled"
+    elif switching:
+        secret = new_secret(scheme)
+        changes = {"hmac_secret": secret, "hmac_secret_previous": None,
+                   "hmac_previous_until": None}
+        summary = (f"partner {partner_id}: signing switched from {current} to {scheme} with a "
+                   "new secret; the old secret no longer signs")
     elif action == "enable" and row.get("hmac_secret"):
         changes = {}
         summary = (f"partner {partner_id}: signing is already enabled "
                    "(use rotate for a new secret)")
     else:
-        changes = rotation(row if action == "rotate" else {}, now, grace)
+        changes = rotation(row if action == "rotate" else {}, now, grace, scheme=scheme)
         secret = changes["hmac_secret"]
-        summary = (f"partner {partner_id}: signing enabled" if action == "enable" or
+        summary = (f"partner {partner_id}: signing enabled ({scheme})" if action == "enable" or
                    not row.get("hmac_secret") else
                    f"partner {partner_id}: secret rotated; the old one also signs until "
                    f"{(now + grace).strftime('%Y-%m-%d %H:%M:%S')} UTC")
     if header is not None or (secret and not row.get("signature_header")):
         changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
+    if changes and secret:
+        changes["signature_scheme"] = scheme
     if changes:
         changes["updated_at"] = now
         with store.engine.begin() as conn:

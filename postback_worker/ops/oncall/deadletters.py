@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select, update
 
 from postback_worker.domain.events import FieldError, ValidationError
-from postback_worker.domain.masking import mask_url
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.store import repo
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
@@ -171,7 +171,8 @@ def stats(store: Store, filt: Filter) -> dict[str, Any]:
 
 
 def show(store: Store, postback_id: str) -> dict[str, Any] | None:
-    """One postback with its dead letter (if any) and every attempt; URLs masked."""
+    """One postback with its dead letter (if any) and every attempt; URLs and bodies masked,
+    the partner's custom headers by name only."""
     with store.engine.connect() as conn:
         pb = conn.execute(select(t.postbacks).where(t.postbacks.c.id == postback_id)
                           ).mappings().first()
@@ -181,6 +182,13 @@ def show(store: Store, postback_id: str) -> dict[str, Any] | None:
             t.dead_letters.c.postback_id == postback_id)).mappings().first()
     postback = {k: v for k, v in pb.items() if k not in {"lease_token"}}
     postback["url"] = mask_url(pb["url"])
+    partner = store.get_partner(pb["partner_id"]) or {}
+    body_format = partner.get("body_format") or ("form" if pb["method"] == "POST" else None)
+    postback["body"] = mask_body(pb.get("body"), body_format)
+    postback["body_format"] = body_format if pb.get("body") else None
+    postback["headers"] = mask_headers(load_headers(partner.get("custom_headers")))
+    postback["signature_scheme"] = (partner.get("signature_scheme") or "hmac"
+                                    if partner.get("hmac_secret") else None)
     attempts = [{k: v for k, v in a.items() if k != "postback_id"}
                 for a in store.attempts_for([postback_id])]
     return {"postback": postback, "dead_letter": dict(dead) if dead else None,
