@@ -18,7 +18,12 @@ from postback_worker.api.http import HttpError, error_response, json_response
 from postback_worker.delivery.sender import Sender
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.masking import mask_url
-from postback_worker.ops.config import change_signing, set_offer_token, template_report
+from postback_worker.ops.config import (
+    body_report,
+    change_signing,
+    set_offer_token,
+    template_report,
+)
 from postback_worker.ops.security import apikeys
 from postback_worker.ops.security.audit import run_audit
 from postback_worker.ops.security.testfire import run_test_fire
@@ -76,10 +81,12 @@ class SecurityRoutes:
     async def validate_url(self, request: Request) -> Response:
         self.api.require(request, "admin")
         try:
-            data = _object(await self._body(request), {"url": str, "dns": bool}, ("url",))
+            data = _object(await self._body(request), {
+                "url": str, "dns": bool, "body_template": str, "body_format": str}, ("url",))
         except ValidationError as exc:
             return error_response(422, "invalid request", exc.errors)
-        return await self._report(data["url"], bool(data.get("dns")))
+        return await self._report(data["url"], bool(data.get("dns")), None,
+                                  data.get("body_format"), data.get("body_template"))
 
     async def validate_partner(self, request: Request) -> Response:
         self.api.require(request, "admin")
@@ -88,15 +95,20 @@ class SecurityRoutes:
             return error_response(422, "invalid request", [FieldError("dns", "must be true or "
                                                                              "false")])
         row = await self._partner(request)
-        return await self._report(row["postback_url"], dns in {"true", "1"}, row["id"])
+        return await self._report(row["postback_url"], dns in {"true", "1"}, row["id"],
+                                  row.get("body_format"), row.get("body_template"))
 
-    async def _report(self, url: str, dns: bool, partner_id: str | None = None) -> Response:
+    async def _report(self, url: str, dns: bool, partner_id: str | None,
+                      body_format: str | None, body_template: str | None) -> Response:
         problems = await run_in_threadpool(lambda: template_report(url, dns=dns))
-        errors = sum(p.severity == "error" for p in problems)
+        body_problems = body_report(body_format, body_template)
+        every = [*problems, *body_problems]
+        errors = sum(p.severity == "error" for p in every)
         return json_response({"partner_id": partner_id, "url": mask_url(url),
                               "valid": errors == 0, "errors": errors,
-                              "warnings": len(problems) - errors,
-                              "problems": [p.to_dict() for p in problems]})
+                              "warnings": len(every) - errors,
+                              "problems": [p.to_dict() for p in problems],
+                              "body_problems": [p.to_dict() for p in body_problems]})
 
     async def test(self, request: Request) -> Response:
         self.api.require(request, "admin")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from typing import Any
 
 import click
 
@@ -28,7 +29,7 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _partner_row(partner_id: str) -> dict[str, object]:
+def _partner_row(partner_id: str) -> dict[str, Any]:
     row = open_store(load_settings()).get_partner(partner_id)
     if row is None:
         _fail(f"no partner {partner_id!r}")
@@ -42,19 +43,31 @@ def _partner_row(partner_id: str) -> dict[str, object]:
 @click.argument("partner_id", required=False)
 @click.option("--url", help="Validate this template instead of a saved partner's.")
 @click.option("--no-dns", is_flag=True, help="Do not check that the host resolves.")
+@click.option("--body", "body_template", help="Also check this body template (with --url).")
+@click.option("--body-format", type=click.Choice(["form", "json"]), default="json",
+              show_default=True, help="The format of --body.")
 @FORMAT
-def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt: str) -> None:
-    """Check a postback template; exit code 1 when it has errors (warnings do not count)."""
-    from postback_worker.ops.config import template_report
+def partners_validate(partner_id: str | None, url: str | None, no_dns: bool,
+                      body_template: str | None, body_format: str, fmt: str) -> None:
+    """Check a postback template (and body template); exit code 1 when it has errors
+    (warnings do not count)."""
+    from postback_worker.ops.config import body_report, template_report
 
     if bool(partner_id) == bool(url):
         _fail("give a partner ID or --url URL (one of them)")
-    template = url if url is not None else str(_partner_row(str(partner_id))["postback_url"])
+    if url is not None:
+        template, fmt_body = url, (body_format if body_template is not None else None)
+    else:
+        row = _partner_row(str(partner_id))
+        template, fmt_body = str(row["postback_url"]), row.get("body_format")
+        body_template = row.get("body_template")
     problems = template_report(template, dns=not no_dns)
-    errors = sum(p.severity == "error" for p in problems)
+    body_problems = body_report(fmt_body, body_template)
+    errors = sum(p.severity == "error" for p in [*problems, *body_problems])
     if fmt == "json":
         print_json({"partner_id": partner_id, "url": mask_url(template), "valid": errors == 0,
-                    "problems": [p.to_dict() for p in problems]})
+                    "problems": [p.to_dict() for p in problems],
+                    "body_problems": [p.to_dict() for p in body_problems]})
     else:
         shown = mask_url(template)
         click.echo(shown)
@@ -62,8 +75,10 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt
             if shown == template and "\n" not in template[:p.position]:
                 click.echo(" " * p.position + "^")
             click.echo(f"{p.severity}: {p.describe()}")
-        click.echo(f"{errors} error(s), {len(problems) - errors} warning(s)"
-                   if problems else "template OK")
+        for p in body_problems:
+            click.echo(f"body {p.severity}: {p.describe()}")
+        total = len(problems) + len(body_problems)
+        click.echo(f"{errors} error(s), {total - errors} warning(s)" if total else "template OK")
     if errors:
         sys.exit(1)
 

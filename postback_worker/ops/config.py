@@ -282,6 +282,13 @@ def template_report(url: str, *, dns: bool = False,
     return problems
 
 
+def body_report(body_format: str | None, body_template: str | None) -> list[TemplateProblem]:
+    """Every problem of a body template ([] without one)."""
+    if not body_format and not body_template:
+        return []
+    return list(validate_body(body_template or "", body_format or ""))
+
+
 # -- secrets are never shown -----------------------------------------------------------------
 
 SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous", "custom_headers")
