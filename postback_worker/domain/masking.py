@@ -70,12 +70,15 @@ def mask_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return {name: MASK for name in (headers or {})}
 
 
-def load_headers(raw: str | None) -> dict[str, str]:
-    """Custom headers as stored (a JSON object); {} when unset or unreadable."""
+def load_headers(raw: str | Mapping[str, object] | None) -> dict[str, str]:
+    """Custom headers as stored (a JSON object, or already loaded); {} when unset or
+    unreadable."""
     if not raw:
         return {}
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
+    value: object = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {}
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
