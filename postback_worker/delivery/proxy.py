@@ -5,7 +5,9 @@ the proxy to `CONNECT <checked IP>:<port>`, so the proxy can neither re-resolve 
 be used to reach an address the guard refuses. TLS (for https) runs inside the tunnel, with the
 partner's host name for SNI and the certificate check. Anything that goes wrong with the proxy
 itself (cannot connect, refuses the tunnel, answers garbage) raises `ProxyFailed`, which the
-sender reports as its own failure class (`proxy`): never the partner's fault.
+sender reports as its own failure class (`proxy`): never the partner's fault. A proxy that
+answers 502 or 504 to CONNECT could not reach the partner: that is the partner's `network`
+failure, as it would be without the proxy.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ class ProxyError(ValueError):
 
 class ProxyFailed(Exception):
     """The egress proxy itself failed (unreachable, refused the tunnel, broken answer)."""
+
+
+class TargetUnreachable(ConnectionRefusedError):
+    """The proxy works but could not connect to the partner (502/504 to CONNECT): a network
+    failure of the partner's, like a refused direct connection."""
+
+
+# CONNECT answers meaning "the proxy is fine, the partner's address did not answer".
+UPSTREAM_FAILED = frozenset({502, 504})
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,12 +84,31 @@ def choose(partner_proxy: str | None, default: str) -> Proxy | None:
     return parse_proxy(chosen)
 
 
-async def tunnel(proxy: Proxy, ip: str, port: int, timeout: float,
-                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a CONNECT tunnel to ip:port through `proxy`; raises ProxyFailed."""
+class _Handshake(asyncio.Protocol):
+    """Reads the proxy's answer to CONNECT; the caller then hands the transport on."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if not self.done.done() and (end >= 0 or len(self.buffer) > _HEAD_LIMIT):
+            self.done.set_result(bytes(self.buffer[:end]) if end >= 0 else b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(b"")
+
+
+async def tunnel(proxy: Proxy, ip: str, port: int, timeout: float) -> asyncio.Transport:
+    """A transport tunnelled to ip:port through `proxy` (CONNECT); raises ProxyFailed, or
+    TargetUnreachable when the proxy could not reach the partner."""
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(proxy.host, proxy.port), timeout)
+        transport, hs = await asyncio.wait_for(
+            loop.create_connection(_Handshake, proxy.host, proxy.port), timeout)
     except TimeoutError:
         raise ProxyFailed(f"the egress proxy {proxy.key} did not accept a connection within "
                           f"{timeout:g} s") from None
@@ -89,21 +119,27 @@ async def tunnel(proxy: Proxy, ip: str, port: int, timeout: float,
     lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
     if proxy.authorization:
         lines.append(f"Proxy-Authorization: {proxy.authorization}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-            OSError) as exc:
-        writer.close()
-        raise ProxyFailed(f"the egress proxy {proxy.key} closed the tunnel request "
-                          f"({type(exc).__name__})") from None
+        head = await asyncio.wait_for(asyncio.shield(hs.done), timeout)
+    except TimeoutError:
+        transport.close()
+        raise ProxyFailed(f"the egress proxy {proxy.key} did not answer CONNECT within "
+                          f"{timeout:g} s") from None
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1", errors="replace")
     parts = status_line.split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit() or not parts[0].startswith("HTTP/"):
-        writer.close()
-        raise ProxyFailed(f"the egress proxy {proxy.key} answered {status_line[:80]!r}")
-    if not 200 <= int(parts[1]) < 300:
-        writer.close()
+        transport.close()
+        raise ProxyFailed(f"the egress proxy {proxy.key} answered {status_line[:80]!r}"
+                          if status_line else
+                          f"the egress proxy {proxy.key} closed the tunnel request")
+    status = int(parts[1])
+    if status in UPSTREAM_FAILED:
+        transport.close()
+        raise TargetUnreachable(f"the egress proxy {proxy.key} could not reach {authority}: "
+                                f"{status_line[:120]}")
+    if not 200 <= status < 300:
+        transport.close()
         raise ProxyFailed(f"the egress proxy {proxy.key} refused the tunnel to {authority}: "
                           f"{status_line[:120]}")
-    return reader, writer
+    return transport

@@ -275,8 +275,7 @@ class Transport:
                 _Conn, host=ip, port=port, ssl=context,
                 server_hostname=tls_name if context is not None else None)
             return conn
-        _, writer = await tunnel(proxy, ip, port, proxy_timeout)
-        raw: asyncio.BaseTransport = writer.transport
+        raw: asyncio.BaseTransport = await tunnel(proxy, ip, port, proxy_timeout)
         conn = _Conn()
         if context is not None:
             try:
