@@ -7,7 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from support.helpers import Clock, add_click, add_offer, add_partner, conversion, messages
+from support.helpers import (
+    Clock,
+    add_click,
+    add_offer,
+    add_partner,
+    conversion,
+    messages,
+    run_due,
+)
 from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
@@ -27,12 +35,6 @@ def pipeline(settings: Settings, store: Store, clock: Clock,
     yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test",
                    redis=redis_client)
     sender.close()
-
-
-def _run_due(pipeline: Pipeline) -> None:
-    ids = pipeline.sweep()
-    if ids:
-        pipeline.deliver(ids)
 
 
 def test_410_pauses_the_partner_alerts_and_replay_after_the_fix_delivers(
@@ -58,7 +60,7 @@ def test_410_pauses_the_partner_alerts_and_replay_after_the_fix_delivers(
     pipeline.process_conversions(messages(*later))
     for _ in range(3):
         clock.advance(settings.oncall.pause_recheck + 1)
-        _run_due(pipeline)
+        run_due(pipeline)
     assert partner.count() == 1
     waiting = [store.postbacks_for(e.id)[0] for e in later]
     assert {(p["state"], p["attempts"]) for p in waiting} == {("retry_scheduled", 0)}
@@ -79,7 +81,7 @@ def test_410_pauses_the_partner_alerts_and_replay_after_the_fix_delivers(
     run, _ = replay_ops.start(store, settings, Filter(partner_id="p1"), who="test", rate=100,
                               now=clock(), enqueue=None)
     assert run.queued == 1 and run.rerendered == 1
-    _run_due(pipeline)
+    run_due(pipeline)
     pipeline.deliver([pb["id"]])
     final = [store.postbacks_for(e.id)[0] for e in (first, *later)]
     assert [p["state"] for p in final] == ["delivered"] * 3

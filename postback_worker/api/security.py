@@ -1,16 +1,19 @@
-"""HTTP routes for template validation, test-fire, signing keys, security tokens, audit, API keys.
+"""HTTP routes for template validation, test-fire, signing keys, security tokens, audit, API keys,
+and a partner's own page (a signed link; see ops/visibility/partner_page.py).
 
 Every route here needs the `admin` scope.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
+from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from postback_worker.api.core import Api
@@ -27,6 +30,8 @@ from postback_worker.ops.config import (
 from postback_worker.ops.security import apikeys
 from postback_worker.ops.security.audit import run_audit
 from postback_worker.ops.security.testfire import run_test_fire
+from postback_worker.ops.visibility import partner_page
+from postback_worker.ops.visibility.dashboard_auth import NoSigningKey
 
 
 def _object(payload: Any, allowed: dict[str, type | tuple[type, ...]],
@@ -59,10 +64,10 @@ class SecurityRoutes:
     def __init__(self, api: Api) -> None:
         self.api = api
         self._sender: Sender | None = None
+        self._page_fired: dict[str, float] = {}
 
     def sender(self) -> Sender:
         if self._sender is None:
-
             s = self.api.settings
             self._sender = Sender.from_settings(s.delivery, concurrency=1)
         return self._sender
@@ -192,9 +197,71 @@ class SecurityRoutes:
         return json_response({"id": key_id, "revoked": True})
 
 
+    # -- a partner's own page (signed link, no API credential) ----------------------------
+
+    async def page_link(self, request: Request) -> Response:
+        self.api.require(request, "admin")
+        row = await self._partner(request)
+        days_text = request.query_params.get("days", str(partner_page.LINK_DAYS))
+        try:
+            days = float(days_text)
+            if not 0 < days <= partner_page.MAX_LINK_DAYS:
+                raise ValueError
+        except ValueError:
+            return error_response(422, "invalid request", [FieldError(
+                "days", f"must be a number of days above 0, at most "
+                        f"{partner_page.MAX_LINK_DAYS}")])
+        try:
+            url = partner_page.page_link(self.api.settings, str(request.base_url), row["id"],
+                                         self.api.clock(), days)
+        except NoSigningKey as exc:
+            return error_response(409, str(exc))
+        return json_response({"url": url, "expires_in": int(days * 86400)})
+
+    async def _page_partner(self, request: Request, token: str) -> dict[str, Any] | None:
+        pid = request.path_params["partner_id"]
+        if not partner_page.allowed(self.api.settings, pid, token, self.api.clock()):
+            return None
+        return await run_in_threadpool(self.api.store.get_partner, pid)
+
+    async def page(self, request: Request) -> Response:
+        token = request.query_params.get("t", "")
+        row = await self._page_partner(request, token)
+        if row is None:
+            return HTMLResponse(partner_page.refused_page(), status_code=403)
+        data = await run_in_threadpool(partner_page.gather, self.api.store, self.api.settings,
+                                       row, self.api.clock())
+        return HTMLResponse(partner_page.render_html(data, token))
+
+    async def page_test(self, request: Request) -> Response:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        token = (form.get("t") or [""])[0]
+        row = await self._page_partner(request, token)
+        if row is None:
+            return HTMLResponse(partner_page.refused_page(), status_code=403)
+        last = self._page_fired.get(row["id"], float("-inf"))
+        if time.monotonic() - last < PAGE_TEST_INTERVAL:
+            return HTMLResponse(f"<p>One test postback every {PAGE_TEST_INTERVAL:g} seconds; "
+                                "go back and try again shortly.</p>", status_code=429)
+        self._page_fired[row["id"]] = time.monotonic()
+        report = await run_in_threadpool(
+            lambda: run_test_fire(self.api.store, row, self.api.clock(), sender=self.sender(),
+                                  fire=True, clock=self.api.clock))
+        data = await run_in_threadpool(partner_page.gather, self.api.store, self.api.settings,
+                                       row, self.api.clock())
+        return HTMLResponse(partner_page.render_html(data, token, report.to_dict()))
+
+
+# Seconds between test postbacks sent from a partner's page.
+PAGE_TEST_INTERVAL = 5.0
+
+
 def routes(api: Api) -> list[BaseRoute]:
     r = SecurityRoutes(api)
     return [
+        Route("/v1/partners/{partner_id}/page-link", r.page_link, methods=["POST"]),
+        Route("/partner-page/{partner_id}", r.page, methods=["GET"]),
+        Route("/partner-page/{partner_id}/test", r.page_test, methods=["POST"]),
         Route("/v1/templates/validate", r.validate_url, methods=["POST"]),
         Route("/v1/partners/{partner_id}/validate", r.validate_partner, methods=["GET"]),
         Route("/v1/partners/{partner_id}/test", r.test, methods=["POST"]),

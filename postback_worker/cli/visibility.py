@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from postback_worker.cli.core import partners
 from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
 
@@ -192,6 +193,26 @@ def dashboard_link(base_url: str, since: str | None, until: str | None,
     path = "/dashboard" + (f"?{urlencode(params)}" if params else "")
     try:
         click.echo(make_link(load_settings(), base_url, datetime.now(UTC), path))
+    except NoSigningKey as exc:
+        _fail(str(exc))
+
+
+@partners.command("page-link")
+@click.argument("partner_id")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="Where the API is reachable from the partner's browser.")
+@click.option("--days", type=click.FloatRange(min=0.01, max=90), default=7.0, show_default=True,
+              help="How long the link works.")
+def partners_page_link(partner_id: str, base_url: str, days: float) -> None:
+    """Print a link to the partner's own page (its postbacks only), to give to the partner."""
+    from postback_worker.ops.visibility.dashboard_auth import NoSigningKey
+    from postback_worker.ops.visibility.partner_page import page_link
+
+    settings = load_settings()
+    if open_store(settings).get_partner(partner_id) is None:
+        _fail(f"no partner {partner_id!r}")
+    try:
+        click.echo(page_link(settings, base_url, partner_id, datetime.now(UTC), days))
     except NoSigningKey as exc:
         _fail(str(exc))
 
