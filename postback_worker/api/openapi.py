@@ -55,7 +55,12 @@ _PARTNER = {
                    "timeout": {"type": "number", "minimum": 0.1, "maximum": 120},
                    "fire_statuses": {"type": "string", "maxLength": 200},
                    "scope": {"type": "string", "enum": ["own", "global"]},
-                   "enabled": {"type": "boolean"}},
+                   "enabled": {"type": "boolean"},
+                   "body_format": {"type": "string", "enum": ["form", "json"]},
+                   "body_template": {"type": "string", "minLength": 1, "maxLength": 20000},
+                   "headers": {"type": "object", "maxProperties": 20,
+                               "additionalProperties": {"type": "string", "maxLength": 4000}},
+                   "egress_proxy": {"type": "string", "maxLength": 500}},
 }
 _OFFER = {
     "type": "object", "required": ["id"], "additionalProperties": False,
@@ -115,7 +120,9 @@ def document() -> dict[str, Any]:
             "security": admin, "requestBody": {"required": True, **_json({
                 "type": "object", "required": ["url"], "additionalProperties": False,
                 "properties": {"url": {"type": "string", "minLength": 1, "maxLength": 4000},
-                               "dns": {"type": "boolean"}}})},
+                               "dns": {"type": "boolean"},
+                               "body_format": {"type": "string", "enum": ["form", "json"]},
+                               "body_template": {"type": "string", "maxLength": 4000}}})},
             "responses": _responses("200", "400", *_AUTH, "413", "422")}},
         "/v1/partners/{partner_id}/validate": {"get": {
             "security": admin, "parameters": [_path("partner_id"),
@@ -133,8 +140,15 @@ def document() -> dict[str, Any]:
                 "type": "object", "required": ["action"], "additionalProperties": False,
                 "properties": {
                     "action": {"type": "string", "enum": ["enable", "rotate", "disable"]},
-                    "header": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,100}$"}}})},
+                    "header": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,100}$"},
+                    "scheme": {"type": "string", "enum": ["hmac", "standard"]}}})},
             "responses": _responses("200", "400", *_AUTH, "404", "413", "422")}},
+        "/v1/partners/{partner_id}/page-link": {"post": {
+            "security": admin, "parameters": [
+                _path("partner_id"),
+                _query("days", {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                                "maximum": 90})],
+            "responses": _responses("200", *_AUTH, "404", "422")}},
         "/v1/offers/{offer_id}/security-token": {"post": {
             "security": admin, "parameters": [_path("offer_id")],
             "responses": _responses("200", *_AUTH, "404")}},
