@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
 import redis
 import requests
+from click.testing import CliRunner
 from conftest import ADMIN
 from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
 
+from postback_worker.cli import main
 from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import redact_partner
 from postback_worker.ops.oncall import bundle
@@ -152,3 +155,43 @@ def test_api_refuses_bad_bodies_and_headers_naming_the_field(
         "url": base["postback_url"], "body_format": "json", "body_template": '{"a": "{tid}"}'})
     assert r.json()["valid"] is False
     assert r.json()["body_problems"][0]["code"] == "unknown_macro"
+
+
+def test_cli_bodies_headers_validate_dlq_show_and_page_link(
+        store: Store, pg_url: str, settings: Settings, partner: PartnerServer,
+        pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    monkeypatch.setenv("POSTBACK_ADMIN_TOKEN", "t0ken")
+    cli = CliRunner()
+    body = tmp_path / "body.json"
+    body.write_text(JSON_BODY)
+    r = cli.invoke(main, ["partners", "add", "--id", "p1", "--url", partner.url + "/pb",
+                          "--method", "POST", "--body-format", "json", "--body", f"@{body}",
+                          "--header", f"X-Api-Key: {API_KEY}"])
+    assert r.exit_code == 0, r.output
+    r = cli.invoke(main, ["partners", "add", "--id", "p2", "--url", partner.url + "/pb",
+                          "--method", "POST", "--body-format", "json", "--body",
+                          '{"tid": {transaction_id}}'])
+    assert r.exit_code == 2 and "error: body_template: position 8:" in r.output, r.output
+    r = cli.invoke(main, ["partners", "validate", "--no-dns", "--url",
+                          "https://p.example/pb?tid={transaction_id}", "--body",
+                          '{"tid": "{tid}"}'])
+    assert r.exit_code == 1 and "body error: position 9: unknown macro {tid}" in r.output
+    r = cli.invoke(main, ["partners", "test", "p1"])
+    assert "X-Api-Key: ***" in r.output and '"api_key": "***"' in r.output
+    assert API_KEY not in r.output and "body-secret-456" not in r.output
+    add_offer(store)
+    add_click(store, "tx1")
+    partner.set_response(status=500)
+    event = conversion("tx1")
+    pipeline.process_conversions(messages(event))
+    (pb,) = store.postbacks_for(event.id)
+    r = cli.invoke(main, ["dlq", "show", pb["id"]])
+    assert r.exit_code == 0, r.output
+    assert "X-Api-Key: ***" in r.output and 'body (json): {"click_id": "tx1"' in r.output
+    assert API_KEY not in r.output
+    r = cli.invoke(main, ["partners", "page-link", "p1", "--base-url", "https://pb.example",
+                          "--days", "3"])
+    assert r.exit_code == 0 and r.output.startswith("https://pb.example/partner-page/p1?t=")
+    r = cli.invoke(main, ["partners", "page-link", "nobody"])
+    assert r.exit_code != 0 and "no partner 'nobody'" in r.output
