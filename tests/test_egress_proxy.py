@@ -33,9 +33,10 @@ LOOPBACK = ("127.0.0.0/8",)
 class ForwardProxy:
     """proxy.py in its own process; its log shows every CONNECT it served."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, *extra: str) -> None:
         self.port = free_port()
         self.log = log
+        self.extra = extra
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -43,7 +44,7 @@ class ForwardProxy:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port",
-                 str(self.port), "--num-workers", "1", "--num-acceptors", "1"],
+                 str(self.port), "--num-workers", "1", "--num-acceptors", "1", *self.extra],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
@@ -117,6 +118,23 @@ def test_https_through_the_tunnel_checks_the_partners_certificate(
         assert p.count() == 1
     _wait_logged(proxy, port, 2)
     assert proxy.connects(port) == 2
+
+
+def test_proxy_credentials_and_a_refusing_proxy(tmp_path: Path, partner: PartnerServer) -> None:
+    p = ForwardProxy(tmp_path / "auth-proxy.log", "--basic-auth", "egress:s3cret").start()
+    try:
+        base = p.url.replace("http://", "")
+        with Sender(allow_networks=LOOPBACK) as sender:
+            ok = sender.send(PostbackRequest("pb1", f"{partner.url}/pb",
+                                             proxy=f"http://egress:s3cret@{base}"))
+            refused = sender.send(PostbackRequest("pb2", f"{partner.url}/pb",
+                                                  proxy=f"http://egress:wrong@{base}"))
+    finally:
+        p.stop()
+    assert ok.status_code == 200, ok
+    assert refused.error is ErrorKind.PROXY, refused
+    assert "refused the tunnel" in refused.error_message and "s3cret" not in str(refused)
+    assert partner.count() == 1
 
 
 def test_the_address_guard_applies_to_the_target_not_the_proxy(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -52,7 +53,16 @@ class Proxy:
 
     @property
     def key(self) -> str:
+        """host:port, for messages (never the credentials)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def pool_key(self) -> str:
+        """Tunnels are pooled per proxy and per credential (a digest, not the secret)."""
+        if not self.authorization:
+            return self.key
+        digest = hashlib.sha256(self.authorization.encode()).hexdigest()[:16]
+        return f"{self.key}#{digest}"
 
 
 def parse_proxy(url: str) -> Proxy:

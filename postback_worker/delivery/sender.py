@@ -290,7 +290,7 @@ class Sender:
         payload = self._payload(req, target)
         proxy = _proxy_for(req.proxy, self.egress_proxy)
         response = await self.transport.exchange(
-            (target.scheme, ip, target.port, tls_name or "", proxy.key if proxy else ""),
+            (target.scheme, ip, target.port, tls_name or "", proxy.pool_key if proxy else ""),
             payload, self.excerpt_bytes,
             lambda: self.transport.open(ip, target.port, tls_name, proxy, req.timeout / 2))
         return Outcome(
