@@ -199,7 +199,7 @@ class Pipeline:
         pid = new_id("pb")
         row: dict[str, Any] = {
             "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
-            "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
+            "body": None, "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
             "created_at": now, "updated_at": now, "next_attempt_at": now,
             "state": repo.PENDING, "reason": None,
         }
