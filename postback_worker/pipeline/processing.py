@@ -199,9 +199,9 @@ class Pipeline:
         pid = new_id("pb")
         row: dict[str, Any] = {
             "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
-            "body": None, "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
-            "created_at": now, "updated_at": now, "next_attempt_at": now,
-            "state": repo.PENDING, "reason": None,
+            "body": None, "method": partner.method, "attempts": 0,
+            "received_at": d.conv["received_at"], "created_at": now, "updated_at": now,
+            "next_attempt_at": now, "state": repo.PENDING, "reason": None,
         }
         if not partner.enabled:
             row.update(state=repo.SKIPPED, reason="partner disabled", next_attempt_at=None)
