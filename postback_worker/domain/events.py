@@ -202,6 +202,8 @@ class ConversionEvent:
     device_id: str | None
     occurred_at: datetime
     received_at: datetime
+    # The address that reported it by GET /postback with the offer's token (else None).
+    source_ip: str | None = None
 
     def to_message(self) -> dict[str, str | None]:
         """JSON-safe dict; datetimes as ISO 8601 with ``Z``."""
@@ -233,11 +235,13 @@ class ConversionEvent:
             device_id=opt("device_id"),
             occurred_at=_utc(datetime.fromisoformat(str(d["occurred_at"]))),
             received_at=_utc(datetime.fromisoformat(str(d["received_at"]))),
+            source_ip=opt("source_ip"),
         )
 
 
+# What a client may send (source_ip is set by the API from the connection, never taken).
 CONVERSION_FIELDS: frozenset[str] = frozenset(
-    f.name for f in fields(ConversionEvent) if f.name != "received_at"
+    f.name for f in fields(ConversionEvent) if f.name not in {"received_at", "source_ip"}
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import secrets
@@ -37,7 +38,9 @@ _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 
-OFFER_FIELDS = {"id", "name", "campaign_type", "lifespan_days", "landing_url", "allow_multiple"}
+OFFER_FIELDS = {"id", "name", "campaign_type", "lifespan_days", "landing_url", "allow_multiple",
+                "allowed_ips", "min_click_seconds", "max_click_seconds", "daily_cap",
+                "daily_payout_cap", "affiliate_daily_cap", "affiliate_daily_payout_cap"}
 PARTNER_FIELDS = {
     "id", "name", "postback_url", "method", "timeout", "success_check", "fire_statuses",
     "enabled", "scope", "offer_ids", "max_attempts", "base_delay", "max_delay", "horizon",
@@ -137,14 +140,38 @@ def parse_offer(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         for p in problems:
             e.add("landing_url", f"position {p.position}: {p.message}")
     allow_multiple = e.flag("allow_multiple", False)
+    rules = _inbound_rules(e)
     e.check()
     assert ct is not None
     return {
+        **rules,
         "id": offer_id, "name": name, "campaign_type": ct.value,
         "lifespan_days": lifespan if lifespan is not None else DEFAULT_LIFESPAN_DAYS[ct],
         "landing_url": landing, "allow_multiple": allow_multiple,
         "created_at": now, "updated_at": now,
     }
+
+
+def _inbound_rules(e: _Errors) -> dict[str, Any]:
+    """An offer's inbound rules: advertiser networks, click-to-conversion time, daily caps."""
+    nets = [n.strip() for n in (_csv(e.data.get("allowed_ips")) or "").split(",") if n.strip()]
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            e.add("allowed_ips", f"{net!r} is not an IP address or network (CIDR)")
+    rules: dict[str, Any] = {"allowed_ips": ",".join(nets) or None}
+    year = 366 * 86400
+    for name in ("min_click_seconds", "max_click_seconds"):
+        rules[name] = e.number(name, integer=True, low=0, high=year)
+    low, high = rules["min_click_seconds"], rules["max_click_seconds"]
+    if low is not None and high is not None and low >= high:
+        e.add("max_click_seconds", "must be more than min_click_seconds")
+    for name in ("daily_cap", "affiliate_daily_cap"):
+        rules[name] = e.number(name, integer=True, low=1, high=10**9)
+    for name in ("daily_payout_cap", "affiliate_daily_payout_cap"):
+        rules[name] = e.number(name, low=0.01, high=10**12)
+    return rules
 
 
 def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postback_worker.delivery.signing import SigningKeys
+from postback_worker.domain.attribution import Caps
 from postback_worker.domain.masking import load_headers
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.store.repo import Store
@@ -83,10 +84,21 @@ class Offer:
     id: str
     lifespan_days: int
     allow_multiple: bool
+    # Inbound rules (ops/config.py parse_offer): None / empty when not set.
+    min_seconds: int | None = None
+    max_seconds: int | None = None
+    allowed_networks: tuple[str, ...] = ()
+    caps: Caps = field(default_factory=Caps)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Offer:
-        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]))
+        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]),
+                   min_seconds=row.get("min_click_seconds"),
+                   max_seconds=row.get("max_click_seconds"),
+                   allowed_networks=_split(row.get("allowed_ips")),
+                   caps=Caps(row.get("daily_cap"), row.get("daily_payout_cap"),
+                             row.get("affiliate_daily_cap"),
+                             row.get("affiliate_daily_payout_cap")))
 
 
 class Catalog:

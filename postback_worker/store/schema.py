@@ -71,6 +71,15 @@ offers = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # SHA-256 of the advertiser's security token for GET /postback (the token is shown once).
     Column("security_token_hash", String(128)),
+    # Inbound rules: advertiser networks for GET /postback (comma-separated CIDRs), click-to-
+    # conversion time bounds (seconds), daily caps per offer and per affiliate (UTC days).
+    Column("allowed_ips", Text),
+    Column("min_click_seconds", Integer),
+    Column("max_click_seconds", Integer),
+    Column("daily_cap", Integer),
+    Column("daily_payout_cap", Float),
+    Column("affiliate_daily_cap", Integer),
+    Column("affiliate_daily_payout_cap", Float),
 )
 
 partners = Table(
@@ -169,6 +178,8 @@ conversions = Table(
     Column("adv_sub", String(255)),
     Column("ip", String(45)),
     Column("device_id", String(255)),
+    # The address that reported it by GET /postback with the offer's token (else None).
+    Column("source_ip", String(45)),
     Column("occurred_at", UTCDateTime, nullable=False),
     Column("received_at", UTCDateTime, nullable=False, index=True),
     Column("state", String(20), nullable=False),
