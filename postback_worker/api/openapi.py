@@ -69,7 +69,14 @@ _OFFER = {
                                      "enum": ["lead_gen", "ecommerce", "b2b_saas", "financial"]},
                    "lifespan_days": {"type": "integer", "minimum": 1, "maximum": 3650},
                    "landing_url": {"type": "string", "maxLength": 2000},
-                   "allow_multiple": {"type": "boolean"}},
+                   "allow_multiple": {"type": "boolean"},
+                   "allowed_ips": {"type": "string", "maxLength": 2000},
+                   "min_click_seconds": {"type": "integer", "minimum": 0},
+                   "max_click_seconds": {"type": "integer", "minimum": 0},
+                   "daily_cap": {"type": "integer", "minimum": 1},
+                   "affiliate_daily_cap": {"type": "integer", "minimum": 1},
+                   "daily_payout_cap": {"type": "number", "minimum": 0.01},
+                   "affiliate_daily_payout_cap": {"type": "number", "minimum": 0.01}},
 }
 
 

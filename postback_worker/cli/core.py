@@ -70,15 +70,26 @@ def offers() -> None:
 @click.option("--landing-url", help="Where /click redirects; may contain {transaction_id}.")
 @click.option("--allow-multiple", is_flag=True,
               help="Count every conversion of a click+goal, not only the first.")
+@click.option("--allowed-ips", help="Advertiser networks allowed to call GET /postback with the "
+                                    "offer's token (comma-separated CIDRs); default: any.")
+@click.option("--min-click-seconds", type=int,
+              help="A conversion sooner after its click is recorded as too_soon.")
+@click.option("--max-click-seconds", type=int,
+              help="A conversion later after its click is recorded as too_late.")
+@click.option("--daily-cap", type=int, help="Attributed conversions per UTC day (then capped).")
+@click.option("--daily-payout-cap", type=float, help="Payout per UTC day (then capped).")
+@click.option("--affiliate-daily-cap", type=int, help="Conversions per affiliate per UTC day.")
+@click.option("--affiliate-daily-payout-cap", type=float,
+              help="Payout per affiliate per UTC day.")
 def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_days: int | None,
-               landing_url: str | None, allow_multiple: bool) -> None:
+               landing_url: str | None, allow_multiple: bool, **rules: Any) -> None:
     """Create or update an offer."""
     from postback_worker.ops.config import parse_offer
 
     data: dict[str, Any] = {"id": offer_id, "campaign_type": campaign_type,
                             "allow_multiple": allow_multiple}
     for key, value in (("name", name), ("lifespan_days", lifespan_days),
-                       ("landing_url", landing_url)):
+                       ("landing_url", landing_url), *rules.items()):
         if value is not None:
             data[key] = value
     try:

@@ -22,9 +22,11 @@ from postback_worker.domain.attribution import (
     ConversionFacts,
     ConversionState,
     OfferFacts,
+    Usage,
     attribute,
     dedupe_key,
     fires_on,
+    over_cap,
 )
 from postback_worker.domain.events import ConversionEvent
 from postback_worker.domain.ids import new_id
@@ -38,7 +40,7 @@ from postback_worker.domain.retry import (
     describe,
     parse_retry_after,
 )
-from postback_worker.pipeline.catalog import Catalog, Partner
+from postback_worker.pipeline.catalog import Catalog, Offer, Partner
 from postback_worker.pipeline.guardrails import Guardrails, Limits
 from postback_worker.settings import Settings
 from postback_worker.store import repo
@@ -108,6 +110,7 @@ class Pipeline:
             clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
             decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
             self._mark_duplicates(conn, decided)
+            self._apply_caps(conn, decided, now)
             postbacks, dead = self._build_postbacks(decided, clicks, now)
             for row in postbacks:
                 row["triggered_by"] = triggered_by
@@ -129,11 +132,14 @@ class Pipeline:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
         offer = self.catalog.offer(offer_id)
         decision = attribute(
-            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"]),
+            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
+                            conv.get("source_ip")),
             None if click is None else ClickFacts(
                 click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
             ),
-            None if offer is None else OfferFacts(offer.id, offer.lifespan_days),
+            None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
+                                                  offer.min_seconds, offer.max_seconds,
+                                                  offer.allowed_networks),
         )
         return _Decided(
             conv=conv,
@@ -165,6 +171,35 @@ class Pipeline:
                 d.reason = (
                     f"duplicate of conversion {owner} (same offer, transaction_id and goal_id)"
                 )
+
+    def _apply_caps(self, conn: Any, decided: list[_Decided], now: datetime) -> None:
+        """Daily caps (UTC day) per offer and per affiliate: over a cap is `capped`."""
+        capped: dict[str, Offer] = {}
+        for d in decided:
+            offer = self.catalog.offer(d.offer_id) if d.state == ConversionState.ATTRIBUTED \
+                else None
+            if offer is not None and offer.caps.any:
+                capped[offer.id] = offer
+        if not capped:
+            return
+        day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        offer_used, aff_used = self.store.cap_usage(conn, sorted(capped), day)
+        for d in decided:
+            offer = capped.get(d.offer_id or "") if d.state == ConversionState.ATTRIBUTED \
+                else None
+            if offer is None or d.aff_id is None:
+                continue
+            payout = _money(d.conv["payout"])
+            used = offer_used.setdefault(offer.id, Usage())
+            aff = aff_used.setdefault((offer.id, d.aff_id), Usage())
+            why = over_cap(offer.caps, used, aff, payout, d.aff_id)
+            if why is not None:
+                d.state = ConversionState.CAPPED.value
+                d.reason = f"{why} (UTC day {day:%Y-%m-%d}); fires nothing"
+                continue
+            for u in (used, aff):
+                u.count += 1
+                u.payout += payout
 
     def _build_postbacks(self, decided: list[_Decided], clicks: Mapping[str, dict[str, Any]],
                          now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -556,8 +591,16 @@ def _conversion_row(e: ConversionEvent) -> dict[str, Any]:
         "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
         "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
         "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
+        "source_ip": e.source_ip,
         "state": ConversionState.RECEIVED.value, "reason": None, "processed_at": None,
     }
+
+
+def _money(value: Any) -> float:
+    try:
+        return float(value) if value not in (None, "") else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -566,7 +609,7 @@ def _conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
         goal_id=row["goal_id"] or "", payout=row["payout"], sale_amount=row["sale_amount"],
         currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
         device_id=row["device_id"], occurred_at=row["occurred_at"],
-        received_at=row["received_at"],
+        received_at=row["received_at"], source_ip=row.get("source_ip"),
     )
     return dict(event.to_message())
 
