@@ -96,10 +96,10 @@ def _print_report(data: dict[str, Any]) -> None:
              "p95_ms": millis(p["response_ms"]["p95"])} for p in data["partners"]]
     print_table(rows, ["partner_id", "postbacks", "delivered", "failed", "pending",
                        "failure_rate", "success_rate", "attempts", "failed_attempts", "p95_ms"])
-    click.echo("\nLost conversions by offer:")
+    click.echo("\nLost and refused conversions by offer:")
     lost = [{**r, "lost_rate": percent(r["lost_rate"])} for r in data["lost_conversions"]]
     print_table(lost, ["offer_id", "conversions", "expired_click", "unknown_click", "lost",
-                       "lost_rate"])
+                       "lost_rate", "too_soon", "too_late", "capped", "ip_not_allowed"])
 
 
 @report.command("failed")
