@@ -890,9 +890,11 @@ def main(argv: list[str] | None = None) -> int:
         systems = [ours_system(cfg, svc, m) for m in methods] if "ours" in wanted else []
         if "naive" in wanted:
             systems.append(naive_system(cfg, svc))
-        for system in systems:
-            configure_partner(svc.store, partner.base_url, system.partner_method)
-            for run_no in range(1, cfg.runs + 1):
+        # Runs alternate between the systems (ours GET, ours post-json, naive, GET, ...), so
+        # a machine that gets busier or quieter during the benchmark affects each alike.
+        for run_no in range(1, cfg.runs + 1):
+            for system in systems:
+                configure_partner(svc.store, partner.base_url, system.partner_method)
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
                 system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
         meta = {
