@@ -30,6 +30,7 @@ from postback_worker.delivery.proxy import Proxy, ProxyError, ProxyFailed, choos
 from postback_worker.delivery.signing import SigningKeys, request_headers
 from postback_worker.delivery.transport import Transport
 from postback_worker.domain.retry import ErrorKind, Outcome
+from postback_worker.errors import InvalidInput
 from postback_worker.settings import DeliverySettings
 
 DNS_CACHE_SECONDS = 30.0
@@ -69,7 +70,7 @@ class PostbackRequest:
         return f"PostbackRequest({self.postback_id!r}, method={self.method!r})"
 
 
-class InvalidURL(ValueError):
+class InvalidURL(InvalidInput):
     """The postback URL cannot be sent (no http/https scheme, no host, unparsable)."""
 
 

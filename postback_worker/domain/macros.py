@@ -23,13 +23,14 @@ from postback_worker.domain.validator import (
     validate,
     validate_body,
 )
+from postback_worker.errors import InvalidInput
 
 __all__ = ["BODY_FORMATS", "KNOWN_MACROS", "TemplateError", "TemplateProblem", "macro_names",
            "macro_values", "render", "render_body", "validate_body", "validate_template"]
 
 _MACRO = re.compile(r"\{([^{}]*)\}")
 
-class TemplateError(ValueError):
+class TemplateError(InvalidInput):
     """A template that cannot be rendered."""
 
     def __init__(self, problems: list[TemplateProblem]) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import Connection, func, insert, select, text, update
 
-from postback_worker.domain.retry import NOT_THE_PARTNERS
+from postback_worker.domain.failures import NOT_THE_PARTNERS
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alert_rules import (
     Condition,
