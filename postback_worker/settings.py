@@ -112,6 +112,9 @@ class DeliverySettings:
     allow_networks: tuple[str, ...] = ()
     # Our outbound addresses, which partners must allowlist (shown in alerts and bundles).
     egress_ips: tuple[str, ...] = ()
+    # Forward proxy for every postback (http://[user:password@]host:port, HTTP CONNECT to the
+    # checked partner address); empty: direct. A partner's egress_proxy overrides it.
+    egress_proxy: str = ""
     # Lifetime of cached offers/partners in a worker process.
     config_cache_seconds: float = 5.0
 

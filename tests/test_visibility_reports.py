@@ -95,7 +95,8 @@ def test_delivery_report_matches_partner_and_database(
     # Lost conversions per offer (the test fire's conversion is not counted).
     lost = {r["offer_id"]: r for r in report["lost_conversions"]}
     assert lost["o2"] == {"offer_id": "o2", "conversions": 2, "expired_click": 2,
-                          "unknown_click": 0, "lost": 2, "lost_rate": 1.0}
+                          "unknown_click": 0, "lost": 2, "lost_rate": 1.0, "too_soon": 0,
+                          "too_late": 0, "capped": 0, "ip_not_allowed": 0, "refused": 0}
     assert lost["o1"]["unknown_click"] == 1 and lost["o1"]["conversions"] == 6 + 3 + 2 + 1 + 1 + 1
 
 

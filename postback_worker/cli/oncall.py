@@ -136,6 +136,12 @@ def dlq_show(postback_id: str, fmt: str) -> None:
                f"{p['attempts']} attempt(s)")
     click.echo(f"  conversion {p['conversion_id']}")
     click.echo(f"  {p['method']} {p['url']}")
+    for name, value in p["headers"].items():
+        click.echo(f"  {name}: {value}")
+    if p["signature_scheme"]:
+        click.echo(f"  signed ({p['signature_scheme']})")
+    if p["body"]:
+        click.echo(f"  body ({p['body_format']}): {p['body']}")
     if p["reason"]:
         click.echo(f"  reason: {p['reason']}")
     if p["triggered_by"]:

@@ -71,6 +71,15 @@ offers = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # SHA-256 of the advertiser's security token for GET /postback (the token is shown once).
     Column("security_token_hash", String(128)),
+    # Inbound rules: advertiser networks for GET /postback (comma-separated CIDRs), click-to-
+    # conversion time bounds (seconds), daily caps per offer and per affiliate (UTC days).
+    Column("allowed_ips", Text),
+    Column("min_click_seconds", Integer),
+    Column("max_click_seconds", Integer),
+    Column("daily_cap", Integer),
+    Column("daily_payout_cap", Float),
+    Column("affiliate_daily_cap", Integer),
+    Column("affiliate_daily_payout_cap", Float),
 )
 
 partners = Table(
@@ -108,6 +117,18 @@ partners = Table(
     # Secret rotation: the previous secret still signs (a second signature) until this time.
     Column("hmac_secret_previous", Text),
     Column("hmac_previous_until", UTCDateTime),
+    # "hmac" (X-Postback-Signature, the default) or "standard" (Standard Webhooks).
+    Column("signature_scheme", String(20)),
+    # POST bodies: "form" or "json" from body_template (None: the URL's query string as a form).
+    Column("body_format", String(10)),
+    Column("body_template", Text),
+    # Custom request headers, a JSON object; secrets: never shown, exported or logged.
+    Column("custom_headers", Text),
+    # Forward proxy for this partner's postbacks (overrides POSTBACK_EGRESS_PROXY; "direct":
+    # none). May carry credentials: masked when shown.
+    Column("egress_proxy", Text),
+    # Who paused the partner: "operator", or "gone" (the partner answered 410 Gone).
+    Column("paused_by", String(20)),
 )
 
 # Every saved version of an offer or partner (secrets redacted), for audits and bundles.
@@ -157,6 +178,8 @@ conversions = Table(
     Column("adv_sub", String(255)),
     Column("ip", String(45)),
     Column("device_id", String(255)),
+    # The address that reported it by GET /postback with the offer's token (else None).
+    Column("source_ip", String(45)),
     Column("occurred_at", UTCDateTime, nullable=False),
     Column("received_at", UTCDateTime, nullable=False, index=True),
     Column("state", String(20), nullable=False),
@@ -183,6 +206,8 @@ postbacks = Table(
     Column("partner_id", String(64), nullable=False),
     Column("url", Text, nullable=False),
     Column("method", String(8), nullable=False),
+    # The rendered request body (POST with a body template), else None.
+    Column("body", Text),
     # pending, queued, in_flight, retry_scheduled, delivered, dead_lettered, skipped
     Column("state", String(20), nullable=False),
     Column("reason", Text),

@@ -108,12 +108,7 @@ def build_pipeline(settings: Settings) -> Any:
     from postback_worker.store.repo import Store
 
     store = Store(make_engine(settings.database.url))
-    sender = Sender(
-        concurrency=settings.delivery.concurrency,
-        excerpt_bytes=settings.delivery.response_excerpt_bytes,
-        user_agent=settings.delivery.user_agent,
-        allow_networks=settings.delivery.allow_networks,
-    )
+    sender = Sender.from_settings(settings.delivery)
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
     return Pipeline(settings, store, sender, redis=settings.redis.client())
 

@@ -20,6 +20,7 @@ DEAD_LETTERS = "dead_letters_growing"
 RETRY_BACKLOG = "retry_backlog_overdue"
 CIRCUIT_OPEN = "circuit_open"
 LOST_CONVERSIONS = "lost_conversions"
+PARTNER_GONE = "partner_gone"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Snapshot:
     oldest_due: datetime | None = None
     circuits: Mapping[str, str] = field(default_factory=dict)
     lost: Sequence[OfferLost] = ()
+    # Partners paused because they answered 410 Gone -> why (their pause reason).
+    gone: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,10 @@ def next_step(top_class: str | None, top_status: str | None, egress_ips: Sequenc
     if top_class == "blocked" or top_status == "403":
         ips = ", ".join(egress_ips) if egress_ips else "(none configured: set POSTBACK_EGRESS_IPS)"
         return f"ask the partner to allowlist our egress IPs: {ips}"
-    if top_status in {"404", "400", "410"} or top_class == "config":
+    if top_class == "gone" or top_status == "410":
+        return ("the partner's endpoint is gone (410) and the partner is paused: get the new "
+                "URL, fix it (postback-worker partners add), then partners resume and dlq replay")
+    if top_status in {"404", "400"} or top_class == "config":
         return ("check the partner's postback URL template (postback-worker partners list; "
                 "fix it with postback-worker partners add)")
     if top_class == "timeout":
@@ -204,6 +210,19 @@ def _circuit(partner_id: str, state: str) -> Condition:
                      details={"state": state})
 
 
+def _gone(partner_id: str, reason: str) -> Condition:
+    message = (
+        f"Partner {partner_id} answered 410 Gone and is paused: {reason}. Its postbacks wait "
+        "(no attempts spent). Next step: get the partner's new endpoint, fix it with "
+        f"postback-worker partners add, then postback-worker partners resume {partner_id} and "
+        f"postback-worker dlq replay --partner {partner_id}."
+    )
+    return Condition(key=f"{PARTNER_GONE}:{partner_id}", kind=PARTNER_GONE, active=True,
+                     message=message, partner_id=partner_id, severity="critical",
+                     summary=f"partner {partner_id} is paused after 410 Gone",
+                     details={"reason": reason})
+
+
 def _lost(o: OfferLost, th: Thresholds) -> Condition:
     lost = o.expired_click + o.unknown_click
     rate = lost / o.conversions if o.conversions else 0.0
@@ -238,6 +257,7 @@ def conditions(s: Snapshot, th: Thresholds) -> list[Condition]:
     out.append(_retry_backlog(s, th))
     out.extend(_circuit(pid, state) for pid, state in sorted(s.circuits.items()))
     out.extend(_lost(o, th) for o in s.lost if o.conversions)
+    out.extend(_gone(pid, why) for pid, why in sorted(s.gone.items()))
     return out
 
 

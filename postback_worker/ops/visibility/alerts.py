@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import Connection, func, insert, select, text, update
 
+from postback_worker.domain.failures import NOT_THE_PARTNERS
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alert_rules import (
     Condition,
@@ -104,6 +105,8 @@ def snapshot(conn: Connection, redis_client: Any, now: datetime,
     ex = fg.Exclusions(conn)
     partners: dict[str, dict[str, Any]] = {}
     for row in fg.attempt_window(conn, ex, since, until):
+        if row["failure_class"] in NOT_THE_PARTNERS:
+            continue  # our egress proxy failed: not the partner's failure rate
         p = partners.setdefault(row["partner_id"], {"attempts": 0, "failed": 0, "codes": {},
                                                     "classes": {}})
         p["attempts"] += row["count"]
@@ -129,6 +132,9 @@ def snapshot(conn: Connection, redis_client: Any, now: datetime,
         .where(fg.P.state.in_(["retry_scheduled", "queued"]), ex.real_postback())
     ).one()
     partner_ids = [r[0] for r in conn.execute(select(t.partners.c.id).order_by(t.partners.c.id))]
+    gone = {r.id: r.paused_reason or "410 Gone" for r in conn.execute(
+        select(t.partners.c.id, t.partners.c.paused_reason).where(
+            t.partners.c.paused.is_(True), t.partners.c.paused_by == "gone"))}
     circuits = circuit_states(redis_client, partner_ids) if redis_client is not None else {}
     lost = [OfferLost(r["offer_id"], r["conversions"], r["expired_click"], r["unknown_click"])
             for r in fg.lost_window(conn, ex, since, until)]
@@ -139,6 +145,7 @@ def snapshot(conn: Connection, redis_client: Any, now: datetime,
         new_dead_letters=sum(by_partner.values()),
         dead_letters_by_partner=by_partner, dead_letters_by_class=by_class,
         retry_backlog=int(backlog), oldest_due=fg.utc(oldest), circuits=circuits, lost=lost,
+        gone=gone,
     )
 
 

@@ -271,11 +271,13 @@ def _lost(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f"<tr><td>{escape(r['offer_id'] or '(no offer)')}</td><td class=\"n\">"
         f"{r['conversions']}</td><td class=\"n\">{r['expired_click']}</td><td class=\"n\">"
-        f"{r['unknown_click']}</td><td class=\"n\">{percent(r['lost_rate'])}</td></tr>"
+        f"{r['unknown_click']}</td><td class=\"n\">{percent(r['lost_rate'])}</td>"
+        + "".join(f'<td class="n">{r[s]}</td>' for s in fg.INBOUND_STATES) + "</tr>"
         for r in rows)
-    return ('<div class="card" style="margin-top:16px"><h2>Lost conversions by offer</h2>'
-            '<table id="lost"><tr><th>offer</th><th>conversions</th><th>expired click</th>'
-            f"<th>unknown click</th><th>lost</th></tr>{body}</table></div>")
+    return ('<div class="card" style="margin-top:16px"><h2>Lost and refused conversions by '
+            'offer</h2><table id="lost"><tr><th>offer</th><th>conversions</th><th>expired '
+            "click</th><th>unknown click</th><th>lost</th><th>too soon</th><th>too late</th>"
+            f"<th>capped</th><th>IP not allowed</th></tr>{body}</table></div>")
 
 
 def failed_html(rows: list[dict[str, Any]], title: str) -> str:

@@ -25,6 +25,8 @@ D = t.dead_letters.c
 FAILED_POSTBACK = "dead_lettered"
 PENDING_POSTBACK = ("pending", "queued", "in_flight", "retry_scheduled")
 LOST_STATES = ("expired_click", "unknown_click")
+# Refused by an offer's inbound rules (domain.attribution.INBOUND_REFUSED).
+INBOUND_STATES = ("too_soon", "too_late", "capped", "ip_not_allowed")
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -105,13 +107,15 @@ def duration_seconds() -> Any:
 
 def lost_window(conn: Connection, ex: Exclusions, since: datetime,
                 until: datetime, offer_id: str | None = None) -> list[dict[str, Any]]:
-    """Per offer: conversions received in [since, until), and those lost (expired/unknown)."""
+    """Per offer: conversions received in [since, until), those lost (expired/unknown), and
+    those refused by the offer's inbound rules (too soon, too late, capped, advertiser IP)."""
     stmt = (
         select(
             C.offer_id,
             func.count(),
             func.count().filter(C.state == "expired_click"),
             func.count().filter(C.state == "unknown_click"),
+            *[func.count().filter(C.state == s) for s in INBOUND_STATES],
         )
         .where(C.received_at >= since, C.received_at < until, C.state != "received",
                ex.real_conversion())
@@ -120,10 +124,12 @@ def lost_window(conn: Connection, ex: Exclusions, since: datetime,
     if offer_id:
         stmt = stmt.where(C.offer_id == offer_id)
     out = []
-    for offer, total, expired, unknown in conn.execute(stmt):
+    for offer, total, expired, unknown, *refused in conn.execute(stmt):
         lost = int(expired) + int(unknown)
+        by_rule = {s: int(n) for s, n in zip(INBOUND_STATES, refused, strict=True)}
         out.append({"offer_id": offer, "conversions": int(total), "expired_click": int(expired),
                     "unknown_click": int(unknown), "lost": lost,
-                    "lost_rate": rate(lost, int(total))})
+                    "lost_rate": rate(lost, int(total)), **by_rule,
+                    "refused": sum(by_rule.values())})
     out.sort(key=lambda r: (-r["lost"], r["offer_id"] or ""))
     return out

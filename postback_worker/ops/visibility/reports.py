@@ -263,7 +263,8 @@ def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield {"section": "partner", "key": p["partner_id"],
                    "metric": f"response_ms_{name}", "value": value}
     for row in report["lost_conversions"]:
-        for metric in ("conversions", "expired_click", "unknown_click", "lost", "lost_rate"):
+        for metric in ("conversions", "expired_click", "unknown_click", "lost", "lost_rate",
+                       *fg.INBOUND_STATES, "refused"):
             yield {"section": "lost_conversions", "key": row["offer_id"] or "", "metric": metric,
                    "value": row[metric]}
 
