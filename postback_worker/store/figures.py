@@ -1,0 +1,543 @@
+"""Every figure metrics, reports, alerts and the dashboard show: the SQL, in one place.
+
+`RawFigures` computes each figure from raw rows (SQLite, and the reference the tests compare
+with); `RollupFigures` reads the same figures from the rollups the PostgreSQL triggers keep
+(store/rollups.py), reading raw rows only for the partial hour or minute at each end of a
+range. `figures_for(store)` picks the one the database supports.
+
+Test fires are never counted: attempts with `is_test`, postbacks (and their conversions) that a
+test fire created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
+from typing import Any
+
+from sqlalchemy import Connection, Float, cast, func, literal, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from postback_worker.domain.masking import mask_url
+from postback_worker.store import schema as t
+from postback_worker.store.repo import Store
+
+A = t.attempts.c
+P = t.postbacks.c
+C = t.conversions.c
+D = t.dead_letters.c
+
+FAILED_POSTBACK = "dead_lettered"
+BACKLOG_STATES = ("pending", "queued", "in_flight", "retry_scheduled")
+# Report buckets of postback counts: every postback, and those in each final state.
+BUCKETS = {"delivered": "delivered", FAILED_POSTBACK: "failed", "skipped": "skipped"}
+HOUR = 3600
+MINUTE = 60
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """Timezone-aware UTC (SQLite and some aggregates return naive datetimes)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def duration_bucket(ms: float | None) -> float:
+    """Upper bound of a duration's histogram bucket: rounded up to two significant digits
+    (the Python twin of the SQL function pbw_duration_bucket)."""
+    if ms is None or ms <= 0:
+        return 0.0
+    d = Decimal(f"{ms:.15g}")
+    q = Decimal(1).scaleb(d.adjusted() - 1)
+    return float((d / q).to_integral_value(rounding=ROUND_CEILING) * q)
+
+
+class Exclusions:
+    """Ids of test-fire postbacks, loaded once (there are few; a partial index finds them)."""
+
+    def __init__(self, conn: Connection) -> None:
+        rows = conn.execute(select(A.postback_id).where(A.is_test.is_(True)).distinct())
+        self.postback_ids: list[str] = [r[0] for r in rows]
+
+    def real_postback(self, column: Any = P.id) -> ColumnElement[bool]:
+        if not self.postback_ids:
+            return literal(True)
+        return column.not_in(self.postback_ids)
+
+    def real_conversion(self) -> ColumnElement[bool]:
+        if not self.postback_ids:
+            return literal(True)
+        return C.id.not_in(select(P.conversion_id).where(P.id.in_(self.postback_ids)))
+
+
+def real_attempt() -> ColumnElement[bool]:
+    return A.is_test.is_(False)
+
+
+def seconds_between(later: Any, earlier: Any, dialect: str) -> Any:
+    """SQL expression: seconds from `earlier` to `later` (timestamps)."""
+    if dialect == "sqlite":
+        return (func.julianday(later) - func.julianday(earlier)) * 86400.0
+    return func.extract("epoch", later - earlier)
+
+
+def bucket_counts(value: Any, bounds: Sequence[float]) -> list[Any]:
+    """count(*) FILTER (WHERE value <= bound) for each bound (cumulative histogram buckets)."""
+    return [func.count().filter(value <= b) for b in bounds]
+
+
+def _floor(when: datetime, step: int) -> datetime:
+    ts = int(when.timestamp())
+    return datetime.fromtimestamp(ts - ts % step, UTC)
+
+
+def _ceil(when: datetime, step: int) -> datetime:
+    floor = _floor(when, step)
+    return floor if floor == when else floor + timedelta(seconds=step)
+
+
+def split(since: datetime, until: datetime, step: int
+          ) -> tuple[tuple[datetime, datetime] | None, list[tuple[datetime, datetime]]]:
+    """[since, until) as whole steps (or None) and the partial pieces at either end."""
+    inner_since, inner_until = _ceil(since, step), _floor(until, step)
+    if inner_since >= inner_until:
+        return None, [(since, until)]
+    edges = [(a, b) for a, b in ((since, inner_since), (inner_until, until)) if a < b]
+    return (inner_since, inner_until), edges
+
+
+def _add(totals: dict[Any, int], key: Any, n: int) -> None:
+    totals[key] = totals.get(key, 0) + int(n)
+
+
+def _status(code: int | None) -> int | None:
+    return None if code is None or code < 0 else int(code)
+
+
+class RawFigures:
+    """Figures from raw rows; cost grows with the rows in range."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dialect = store.dialect
+        self._ex: Exclusions | None = None
+
+    def connect(self) -> Any:
+        return self.store.engine.connect()
+
+    def exclusions(self, conn: Connection) -> Exclusions:
+        if self._ex is None:
+            self._ex = Exclusions(conn)
+        return self._ex
+
+    # -- history-wide counts (metrics counters and gauges) ---------------------------------
+
+    def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
+        """(partner, "delivered" | "failed", failure class or "") -> postbacks."""
+        out: dict[tuple[str, str, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            for partner, state, cls, n in conn.execute(
+                select(P.partner_id, P.state, P.last_class, func.count())
+                .where(P.state.in_(["delivered", FAILED_POSTBACK]), ex.real_postback())
+                .group_by(P.partner_id, P.state, P.last_class)
+            ):
+                failed = state == FAILED_POSTBACK
+                _add(out, (partner, BUCKETS[state], (cls or "config") if failed else ""), n)
+        return out
+
+    def attempt_totals(self) -> dict[tuple[str, str], int]:
+        """(partner, failure class) -> attempts."""
+        out: dict[tuple[str, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            for partner, cls, n in conn.execute(
+                select(P.partner_id, A.failure_class, func.count())
+                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                .where(real_attempt(), ex.real_postback())
+                .group_by(P.partner_id, A.failure_class)
+            ):
+                _add(out, (partner, cls), n)
+        return out
+
+    def conversion_states(self) -> dict[str, int]:
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            return {state: int(n) for state, n in conn.execute(
+                select(C.state, func.count()).where(ex.real_conversion()).group_by(C.state))}
+
+    def dead_letters(self) -> dict[tuple[str, str], int]:
+        """(partner, failure class) -> dead letters still waiting (postback dead-lettered)."""
+        out: dict[tuple[str, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            for partner, cls, n in conn.execute(
+                select(D.partner_id, D.failure_class, func.count())
+                .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
+                .where(P.state == FAILED_POSTBACK, ex.real_postback(D.postback_id))
+                .group_by(D.partner_id, D.failure_class)
+            ):
+                _add(out, (partner, cls), n)
+        return out
+
+    # -- backlog (cost grows with the backlog, not with history) ----------------------------
+
+    def retry_backlog(self) -> tuple[int, datetime | None]:
+        """Postbacks waiting for a retry (retry_scheduled or queued) and the oldest due time."""
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            n, oldest = conn.execute(
+                select(func.count(), func.min(P.next_attempt_at))
+                .where(P.state.in_(["retry_scheduled", "queued"]), ex.real_postback())).one()
+        return int(n), utc(oldest)
+
+    def backlog_by_partner(self) -> dict[str, tuple[int, datetime]]:
+        """Partner -> (postbacks not yet delivered nor given up, oldest creation time)."""
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            rows = conn.execute(
+                select(P.partner_id, func.count(), func.min(P.created_at))
+                .where(P.state.in_(BACKLOG_STATES), ex.real_postback())
+                .group_by(P.partner_id)).all()
+        out: dict[str, tuple[int, datetime]] = {}
+        for partner, n, oldest in rows:
+            when = utc(oldest)
+            assert when is not None
+            out[partner] = (int(n), when)
+        return out
+
+    def open_alerts_by_kind(self) -> dict[str, int]:
+        al = t.alerts.c
+        with self.connect() as conn:
+            return {kind: int(n) for kind, n in conn.execute(
+                select(al.kind, func.count()).where(al.state == "open").group_by(al.kind))}
+
+    # -- windows (metrics, alerts, partner health) ------------------------------------------
+
+    def attempt_window(self, since: datetime, until: datetime,
+                       partner_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
+        """(partner, status code, failure class) -> attempts started in [since, until)."""
+        out: dict[tuple[str, int | None, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            stmt = (
+                select(P.partner_id, A.status_code, A.failure_class, func.count())
+                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                .where(A.started_at >= since, A.started_at < until, real_attempt(),
+                       ex.real_postback())
+                .group_by(P.partner_id, A.status_code, A.failure_class)
+            )
+            if partner_id:
+                stmt = stmt.where(P.partner_id == partner_id)
+            for partner, code, cls, n in conn.execute(stmt):
+                _add(out, (partner, code, cls), n)
+        return out
+
+    def duration_histogram(self, since: datetime, until: datetime, bounds: Sequence[float]
+                           ) -> dict[str, tuple[list[int], int, float]]:
+        """Partner -> (cumulative counts per bound, count, sum) of attempt durations (seconds)
+        for attempts started in [since, until]."""
+        value = cast(A.duration_ms, Float) / 1000.0
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            rows = conn.execute(
+                select(P.partner_id, *bucket_counts(value, bounds), func.count(),
+                       func.coalesce(func.sum(value), 0.0))
+                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                .where(A.started_at >= since, A.started_at <= until, real_attempt(),
+                       ex.real_postback())
+                .group_by(P.partner_id)).all()
+        return _histograms(rows, len(bounds))
+
+    def latency_histogram(self, since: datetime, until: datetime, bounds: Sequence[float]
+                          ) -> dict[str, tuple[list[int], int, float]]:
+        """Partner -> histogram of seconds from conversion received to postback delivered, for
+        postbacks delivered in [since, until]."""
+        value = seconds_between(P.delivered_at, P.received_at, self.dialect)
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            rows = conn.execute(
+                select(P.partner_id, *bucket_counts(value, bounds), func.count(),
+                       func.coalesce(func.sum(value), 0.0))
+                .where(P.state == "delivered", P.delivered_at >= since, P.delivered_at <= until,
+                       ex.real_postback())
+                .group_by(P.partner_id)).all()
+        return _histograms(rows, len(bounds))
+
+    def dead_letters_window(self, since: datetime, until: datetime
+                            ) -> dict[tuple[str, str], int]:
+        """(partner, class) -> dead letters created in [since, until), postback still dead."""
+        out: dict[tuple[str, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            for partner, cls, n in conn.execute(
+                select(D.partner_id, D.failure_class, func.count())
+                .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
+                .where(D.created_at >= since, D.created_at < until,
+                       P.state == FAILED_POSTBACK, ex.real_postback(D.postback_id))
+                .group_by(D.partner_id, D.failure_class)
+            ):
+                _add(out, (partner, cls), n)
+        return out
+
+    def lost_counts(self, since: datetime, until: datetime, offer_id: str | None = None
+                    ) -> dict[tuple[str | None, str], int]:
+        """(offer, state) -> conversions received in [since, until) and processed."""
+        out: dict[tuple[str | None, str], int] = {}
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            stmt = (
+                select(C.offer_id, C.state, func.count())
+                .where(C.received_at >= since, C.received_at < until, C.state != "received",
+                       ex.real_conversion())
+                .group_by(C.offer_id, C.state))
+            if offer_id:
+                stmt = stmt.where(C.offer_id == offer_id)
+            for offer, state, n in conn.execute(stmt):
+                _add(out, (offer, state), n)
+        return out
+
+    # -- reports (postbacks created in a range, and their attempts) ------------------------
+
+    def _scope(self, ex: Exclusions, since: datetime, until: datetime, partner_id: str | None,
+               offer_id: str | None) -> list[ColumnElement[bool]]:
+        conds = [P.created_at >= since, P.created_at < until, ex.real_postback()]
+        if partner_id:
+            conds.append(P.partner_id == partner_id)
+        if offer_id:
+            conds.append(P.conversion_id.in_(select(C.id).where(C.offer_id == offer_id)))
+        return conds
+
+    def report_postbacks(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None) -> dict[tuple[str, str, str], int]:
+        """(partner, bucket, failure class or "") -> postbacks created in [since, until);
+        bucket: postbacks (all), delivered, failed, skipped."""
+        out: dict[tuple[str, str, str], int] = {}
+        with self.connect() as conn:
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            for partner, state, cls, n in conn.execute(
+                select(P.partner_id, P.state, P.last_class, func.count()).where(*where)
+                .group_by(P.partner_id, P.state, P.last_class)
+            ):
+                _add(out, (partner, "postbacks", ""), n)
+                if state in BUCKETS:
+                    failed = state == FAILED_POSTBACK
+                    _add(out, (partner, BUCKETS[state], (cls or "config") if failed else ""), n)
+        return out
+
+    def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,
+                        offer_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
+        """(partner, status code, failure class) -> attempts of postbacks created in range."""
+        out: dict[tuple[str, int | None, str], int] = {}
+        with self.connect() as conn:
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            for partner, code, cls, n in conn.execute(
+                select(P.partner_id, A.status_code, A.failure_class, func.count())
+                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                .where(*where, real_attempt())
+                .group_by(P.partner_id, A.status_code, A.failure_class)
+            ):
+                _add(out, (partner, code, cls), n)
+        return out
+
+    def report_durations(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None) -> dict[tuple[str, float], int]:
+        """(partner, duration bucket in ms) -> attempts of postbacks created in range."""
+        out: dict[tuple[str, float], int] = {}
+        joined = t.attempts.join(t.postbacks, P.id == A.postback_id)
+        with self.connect() as conn:
+            where = [*self._scope(self.exclusions(conn), since, until, partner_id, offer_id),
+                     real_attempt()]
+            if self.dialect == "postgresql":
+                bucket = func.pbw_duration_bucket(A.duration_ms)
+                for partner, b, n in conn.execute(
+                    select(P.partner_id, bucket, func.count()).select_from(joined)
+                    .where(*where).group_by(P.partner_id, bucket)
+                ):
+                    _add(out, (partner, float(b)), n)
+                return out
+            for partner, ms in conn.execute(select(P.partner_id, A.duration_ms)
+                                            .select_from(joined).where(*where)):
+                _add(out, (partner, duration_bucket(ms)), 1)
+        return out
+
+    # -- dashboard series ---------------------------------------------------------------------
+
+    def attempt_minutes(self, since: datetime, until: datetime, partner_id: str | None = None
+                        ) -> dict[tuple[datetime, str], int]:
+        """(minute, failure class) -> attempts started in [since, until), by start minute."""
+        out: dict[tuple[datetime, str], int] = {}
+        if self.dialect == "postgresql":
+            minute: Any = func.date_trunc("minute", A.started_at, "UTC")
+        else:
+            minute = func.strftime("%Y-%m-%d %H:%M:00", A.started_at)
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            stmt = (
+                select(minute, A.failure_class, func.count())
+                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                .where(A.started_at >= since, A.started_at < until, real_attempt(),
+                       ex.real_postback())
+                .group_by(minute, A.failure_class))
+            if partner_id:
+                stmt = stmt.where(P.partner_id == partner_id)
+            for m, cls, n in conn.execute(stmt):
+                when = datetime.fromisoformat(m) if isinstance(m, str) else m
+                key = (utc(when), cls)
+                _add(out, key, n)  # type: ignore[arg-type]
+        return out
+
+    # -- the failed-postback export -----------------------------------------------------------
+
+    def failed_postbacks(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None, limit: int | None = None
+                         ) -> Iterator[dict[str, Any]]:
+        """Every dead-lettered postback created in range, oldest first, streamed."""
+        last_url = (
+            select(A.url).where(A.postback_id == P.id, real_attempt())
+            .order_by(A.attempt_no.desc(), A.id.desc()).limit(1).scalar_subquery()
+        )
+        with self.connect() as conn:
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            stmt = (
+                select(P.id, P.conversion_id, C.transaction_id, C.offer_id,
+                       P.partner_id, P.last_status, P.last_class, P.attempts,
+                       P.created_at, P.last_attempt_at, P.reason, last_url, P.url)
+                .select_from(t.postbacks.join(t.conversions, C.id == P.conversion_id))
+                .where(*where, P.state == FAILED_POSTBACK)
+                .order_by(P.created_at, P.id)
+            )
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            for row in conn.execution_options(yield_per=1000).execute(stmt):
+                yield {
+                    "postback_id": row[0], "conversion_id": row[1], "transaction_id": row[2],
+                    "offer_id": row[3], "partner_id": row[4], "last_status": row[5],
+                    "last_class": row[6] or "config", "attempts": int(row[7]),
+                    "created_at": utc(row[8]), "last_attempt_at": utc(row[9]),
+                    "error": row[10] or "", "url": row[11] or mask_url(row[12] or ""),
+                }
+
+
+def _histograms(rows: Sequence[Any], nbounds: int) -> dict[str, tuple[list[int], int, float]]:
+    return {row[0]: ([int(v) for v in row[1:1 + nbounds]], int(row[1 + nbounds]),
+                     float(row[2 + nbounds] or 0.0)) for row in rows}
+
+
+class RollupFigures(RawFigures):
+    """The same figures from the trigger-kept rollups (PostgreSQL)."""
+
+    def _sum(self, table: Any, keys: Sequence[str], *where: Any) -> list[Any]:
+        cols = [table.c[k] for k in keys]
+        with self.connect() as conn:
+            return conn.execute(
+                select(*cols, func.sum(table.c.n)).where(*where).group_by(*cols)
+                .having(func.sum(table.c.n) != 0)).all()
+
+    def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
+        r = t.rollup_postbacks
+        return {(p, b, c): int(n) for p, b, c, n in self._sum(
+            r, ("partner_id", "bucket", "last_class"), r.c.bucket.in_(["delivered", "failed"]))}
+
+    def attempt_totals(self) -> dict[tuple[str, str], int]:
+        r = t.rollup_attempts
+        return {(p, c): int(n) for p, c, n in self._sum(r, ("partner_id", "failure_class"))}
+
+    def conversion_states(self) -> dict[str, int]:
+        return {s: int(n) for s, n in self._sum(t.rollup_conversions, ("state",))}
+
+    def dead_letters(self) -> dict[tuple[str, str], int]:
+        return {(p, c): int(n) for p, c, n in self._sum(t.rollup_dead_letters,
+                                                         ("partner_id", "failure_class"))}
+
+    def attempt_window(self, since: datetime, until: datetime,
+                       partner_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
+        inner, edges = split(since, until, MINUTE)
+        out: dict[tuple[str, int | None, str], int] = {}
+        for a, b in edges:
+            for key, n in super().attempt_window(a, b, partner_id).items():
+                _add(out, key, n)
+        if inner:
+            r = t.rollup_attempt_minutes
+            where = [r.c.minute >= inner[0], r.c.minute < inner[1]]
+            if partner_id:
+                where.append(r.c.partner_id == partner_id)
+            for p, code, cls, n in self._sum(r, ("partner_id", "status_code", "failure_class"),
+                                             *where):
+                _add(out, (p, _status(code), cls), n)
+        return out
+
+    def lost_counts(self, since: datetime, until: datetime, offer_id: str | None = None
+                    ) -> dict[tuple[str | None, str], int]:
+        inner, edges = split(since, until, HOUR)
+        out: dict[tuple[str | None, str], int] = {}
+        for a, b in edges:
+            for key, n in super().lost_counts(a, b, offer_id).items():
+                _add(out, key, n)
+        if inner:
+            r = t.rollup_conversions
+            where = [r.c.hour >= inner[0], r.c.hour < inner[1], r.c.state != "received"]
+            if offer_id:
+                where.append(r.c.offer_id == offer_id)
+            for offer, state, n in self._sum(r, ("offer_id", "state"), *where):
+                _add(out, (offer or None, state), n)
+        return out
+
+    def _report(self, method: str, table: Any, keys: Sequence[str], since: datetime,
+                until: datetime, partner_id: str | None, offer_id: str | None,
+                convert: Any) -> dict[Any, int]:
+        raw = getattr(super(), method)
+        if offer_id:  # rollups are not kept per offer: this one is counted from rows
+            return raw(since, until, partner_id, offer_id)  # type: ignore[no-any-return]
+        inner, edges = split(since, until, HOUR)
+        out: dict[Any, int] = {}
+        for a, b in edges:
+            for key, n in raw(a, b, partner_id).items():
+                _add(out, key, n)
+        if inner:
+            where = [table.c.hour >= inner[0], table.c.hour < inner[1]]
+            if partner_id:
+                where.append(table.c.partner_id == partner_id)
+            for row in self._sum(table, keys, *where):
+                _add(out, convert(row[:-1]), row[-1])
+        return out
+
+    def report_postbacks(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None) -> dict[tuple[str, str, str], int]:
+        return self._report("report_postbacks", t.rollup_postbacks,
+                            ("partner_id", "bucket", "last_class"), since, until, partner_id,
+                            offer_id, tuple)
+
+    def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,
+                        offer_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
+        return self._report("report_attempts", t.rollup_attempts,
+                            ("partner_id", "status_code", "failure_class"), since, until,
+                            partner_id, offer_id, lambda k: (k[0], _status(k[1]), k[2]))
+
+    def report_durations(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None) -> dict[tuple[str, float], int]:
+        return self._report("report_durations", t.rollup_durations, ("partner_id", "bucket_ms"),
+                            since, until, partner_id, offer_id,
+                            lambda k: (k[0], float(k[1])))
+
+    def attempt_minutes(self, since: datetime, until: datetime, partner_id: str | None = None
+                        ) -> dict[tuple[datetime, str], int]:
+        inner, edges = split(since, until, MINUTE)
+        out: dict[tuple[datetime, str], int] = {}
+        for a, b in edges:
+            for key, n in super().attempt_minutes(a, b, partner_id).items():
+                _add(out, key, n)
+        if inner:
+            r = t.rollup_attempt_minutes
+            where = [r.c.minute >= inner[0], r.c.minute < inner[1]]
+            if partner_id:
+                where.append(r.c.partner_id == partner_id)
+            for minute, cls, n in self._sum(r, ("minute", "failure_class"), *where):
+                _add(out, (utc(minute), cls), n)
+        return out
+
+
+def figures_for(store: Store) -> RawFigures:
+    """Rollups on PostgreSQL, raw rows elsewhere."""
+    return RollupFigures(store) if store.dialect == "postgresql" else RawFigures(store)
