@@ -53,12 +53,17 @@ def duration_bucket(ms: float | None) -> float:
     return float((d / q).to_integral_value(rounding=ROUND_CEILING) * q)
 
 
-class Exclusions:
-    """Ids of test-fire postbacks, loaded once (there are few; a partial index finds them)."""
+def test_postback_ids(conn: Connection) -> list[str]:
+    """Postbacks a test fire created (few; a partial index finds them)."""
+    return [r[0] for r in conn.execute(
+        select(A.postback_id).where(A.is_test.is_(True)).distinct())]
 
-    def __init__(self, conn: Connection) -> None:
-        rows = conn.execute(select(A.postback_id).where(A.is_test.is_(True)).distinct())
-        self.postback_ids: list[str] = [r[0] for r in rows]
+
+class Exclusions:
+    """What every figure leaves out: test-fire postbacks, their conversions and attempts."""
+
+    def __init__(self, postback_ids: list[str]) -> None:
+        self.postback_ids = postback_ids
 
     def real_postback(self, column: Any = P.id) -> ColumnElement[bool]:
         if not self.postback_ids:
@@ -70,9 +75,22 @@ class Exclusions:
             return literal(True)
         return C.id.not_in(select(P.conversion_id).where(P.id.in_(self.postback_ids)))
 
+    def real_attempt(self) -> ColumnElement[bool]:
+        return A.is_test.is_(False)
 
-def real_attempt() -> ColumnElement[bool]:
-    return A.is_test.is_(False)
+
+class OnlyTests(Exclusions):
+    """The opposite selection: only what belongs to test fires (rollups count it; readers
+    subtract it)."""
+
+    def real_postback(self, column: Any = P.id) -> ColumnElement[bool]:
+        return column.in_(self.postback_ids)
+
+    def real_conversion(self) -> ColumnElement[bool]:
+        return C.id.in_(select(P.conversion_id).where(P.id.in_(self.postback_ids)))
+
+    def real_attempt(self) -> ColumnElement[bool]:
+        return literal(True)
 
 
 def seconds_between(later: Any, earlier: Any, dialect: str) -> Any:
@@ -118,9 +136,10 @@ def _status(code: int | None) -> int | None:
 class RawFigures:
     """Figures from raw rows; cost grows with the rows in range."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, only_tests: bool = False) -> None:
         self.store = store
         self.dialect = store.dialect
+        self.only_tests = only_tests
         self._ex: Exclusions | None = None
 
     def connect(self) -> Any:
@@ -128,7 +147,8 @@ class RawFigures:
 
     def exclusions(self, conn: Connection) -> Exclusions:
         if self._ex is None:
-            self._ex = Exclusions(conn)
+            ids = test_postback_ids(conn)
+            self._ex = OnlyTests(ids) if self.only_tests else Exclusions(ids)
         return self._ex
 
     # -- history-wide counts (metrics counters and gauges) ---------------------------------
@@ -155,7 +175,7 @@ class RawFigures:
             for partner, cls, n in conn.execute(
                 select(P.partner_id, A.failure_class, func.count())
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(real_attempt(), ex.real_postback())
+                .where(ex.real_attempt(), ex.real_postback())
                 .group_by(P.partner_id, A.failure_class)
             ):
                 _add(out, (partner, cls), n)
@@ -224,7 +244,7 @@ class RawFigures:
             stmt = (
                 select(P.partner_id, A.status_code, A.failure_class, func.count())
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(A.started_at >= since, A.started_at < until, real_attempt(),
+                .where(A.started_at >= since, A.started_at < until, ex.real_attempt(),
                        ex.real_postback())
                 .group_by(P.partner_id, A.status_code, A.failure_class)
             )
@@ -245,7 +265,7 @@ class RawFigures:
                 select(P.partner_id, *bucket_counts(value, bounds), func.count(),
                        func.coalesce(func.sum(value), 0.0))
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(A.started_at >= since, A.started_at <= until, real_attempt(),
+                .where(A.started_at >= since, A.started_at <= until, ex.real_attempt(),
                        ex.real_postback())
                 .group_by(P.partner_id)).all()
         return _histograms(rows, len(bounds))
@@ -331,11 +351,12 @@ class RawFigures:
         """(partner, status code, failure class) -> attempts of postbacks created in range."""
         out: dict[tuple[str, int | None, str], int] = {}
         with self.connect() as conn:
-            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            ex = self.exclusions(conn)
+            where = self._scope(ex, since, until, partner_id, offer_id)
             for partner, code, cls, n in conn.execute(
                 select(P.partner_id, A.status_code, A.failure_class, func.count())
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(*where, real_attempt())
+                .where(*where, ex.real_attempt())
                 .group_by(P.partner_id, A.status_code, A.failure_class)
             ):
                 _add(out, (partner, code, cls), n)
@@ -347,8 +368,8 @@ class RawFigures:
         out: dict[tuple[str, float], int] = {}
         joined = t.attempts.join(t.postbacks, P.id == A.postback_id)
         with self.connect() as conn:
-            where = [*self._scope(self.exclusions(conn), since, until, partner_id, offer_id),
-                     real_attempt()]
+            ex = self.exclusions(conn)
+            where = [*self._scope(ex, since, until, partner_id, offer_id), ex.real_attempt()]
             if self.dialect == "postgresql":
                 bucket = func.pbw_duration_bucket(A.duration_ms)
                 for partner, b, n in conn.execute(
@@ -377,7 +398,7 @@ class RawFigures:
             stmt = (
                 select(minute, A.failure_class, func.count())
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(A.started_at >= since, A.started_at < until, real_attempt(),
+                .where(A.started_at >= since, A.started_at < until, ex.real_attempt(),
                        ex.real_postback())
                 .group_by(minute, A.failure_class))
             if partner_id:
@@ -395,7 +416,7 @@ class RawFigures:
                          ) -> Iterator[dict[str, Any]]:
         """Every dead-lettered postback created in range, oldest first, streamed."""
         last_url = (
-            select(A.url).where(A.postback_id == P.id, real_attempt())
+            select(A.url).where(A.postback_id == P.id, A.is_test.is_(False))
             .order_by(A.attempt_no.desc(), A.id.desc()).limit(1).scalar_subquery()
         )
         with self.connect() as conn:
@@ -426,7 +447,24 @@ def _histograms(rows: Sequence[Any], nbounds: int) -> dict[str, tuple[list[int],
 
 
 class RollupFigures(RawFigures):
-    """The same figures from the trigger-kept rollups (PostgreSQL)."""
+    """The same figures from the trigger-kept rollups (PostgreSQL): whole hours or minutes
+    from the rollups, minus what test fires added to them; partial ones from rows."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self._tests: RawFigures | None = None
+        self._tests_loaded = False
+
+    def tests(self) -> RawFigures | None:
+        """Raw figures of test-fire rows only, or None when there are none."""
+        if not self._tests_loaded:
+            with self.connect() as conn:
+                ids = test_postback_ids(conn)
+            if ids:
+                self._tests = RawFigures(self.store, only_tests=True)
+                self._tests._ex = OnlyTests(ids)
+            self._tests_loaded = True
+        return self._tests
 
     def _sum(self, table: Any, keys: Sequence[str], *where: Any) -> list[Any]:
         cols = [table.c[k] for k in keys]
@@ -435,73 +473,93 @@ class RollupFigures(RawFigures):
                 select(*cols, func.sum(table.c.n)).where(*where).group_by(*cols)
                 .having(func.sum(table.c.n) != 0)).all()
 
+    def _net(self, out: dict[Any, int], method: str, *args: Any) -> dict[Any, int]:
+        """`out` less the test fires' share of it (what `method` counts for them)."""
+        tests = self.tests()
+        if tests is not None:
+            for key, n in getattr(tests, method)(*args).items():
+                _add(out, key, -n)
+        return {k: n for k, n in out.items() if n}
+
     def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
         r = t.rollup_postbacks
-        return {(p, b, c): int(n) for p, b, c, n in self._sum(
+        out = {(p, b, c): int(n) for p, b, c, n in self._sum(
             r, ("partner_id", "bucket", "last_class"), r.c.bucket.in_(["delivered", "failed"]))}
+        return self._net(out, "postback_outcomes")
 
     def attempt_totals(self) -> dict[tuple[str, str], int]:
         r = t.rollup_attempts
-        return {(p, c): int(n) for p, c, n in self._sum(r, ("partner_id", "failure_class"))}
+        out = {(p, c): int(n) for p, c, n in self._sum(r, ("partner_id", "failure_class"))}
+        return self._net(out, "attempt_totals")
 
     def conversion_states(self) -> dict[str, int]:
-        return {s: int(n) for s, n in self._sum(t.rollup_conversions, ("state",))}
+        out = {s: int(n) for s, n in self._sum(t.rollup_conversions, ("state",))}
+        return self._net(out, "conversion_states")
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
-        return {(p, c): int(n) for p, c, n in self._sum(t.rollup_dead_letters,
-                                                         ("partner_id", "failure_class"))}
+        out = {(p, c): int(n) for p, c, n in self._sum(t.rollup_dead_letters,
+                                                        ("partner_id", "failure_class"))}
+        return self._net(out, "dead_letters")
+
+    def _hybrid(self, method: str, step: int, since: datetime, until: datetime,
+                extra: tuple[Any, ...], inner_rows: Any) -> dict[Any, int]:
+        """Rows for the partial steps at either end, rollups (less test fires) between."""
+        inner, edges = split(since, until, step)
+        out: dict[Any, int] = {}
+        raw = getattr(RawFigures, method)
+        for a, b in edges:
+            for key, n in raw(self, a, b, *extra).items():
+                _add(out, key, n)
+        if inner:
+            part: dict[Any, int] = {}
+            for key, n in inner_rows(*inner):
+                _add(part, key, n)
+            for key, n in self._net(part, method, *inner, *extra).items():
+                _add(out, key, n)
+        return {k: n for k, n in out.items() if n}
 
     def attempt_window(self, since: datetime, until: datetime,
                        partner_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
-        inner, edges = split(since, until, MINUTE)
-        out: dict[tuple[str, int | None, str], int] = {}
-        for a, b in edges:
-            for key, n in super().attempt_window(a, b, partner_id).items():
-                _add(out, key, n)
-        if inner:
-            r = t.rollup_attempt_minutes
-            where = [r.c.minute >= inner[0], r.c.minute < inner[1]]
+        r = t.rollup_attempt_minutes
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            where = [r.c.minute >= a, r.c.minute < b]
             if partner_id:
                 where.append(r.c.partner_id == partner_id)
             for p, code, cls, n in self._sum(r, ("partner_id", "status_code", "failure_class"),
                                              *where):
-                _add(out, (p, _status(code), cls), n)
-        return out
+                yield (p, _status(code), cls), int(n)
+
+        return self._hybrid("attempt_window", MINUTE, since, until, (partner_id,), rows)
 
     def lost_counts(self, since: datetime, until: datetime, offer_id: str | None = None
                     ) -> dict[tuple[str | None, str], int]:
-        inner, edges = split(since, until, HOUR)
-        out: dict[tuple[str | None, str], int] = {}
-        for a, b in edges:
-            for key, n in super().lost_counts(a, b, offer_id).items():
-                _add(out, key, n)
-        if inner:
-            r = t.rollup_conversions
-            where = [r.c.hour >= inner[0], r.c.hour < inner[1], r.c.state != "received"]
+        r = t.rollup_conversions
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            where = [r.c.hour >= a, r.c.hour < b, r.c.state != "received"]
             if offer_id:
                 where.append(r.c.offer_id == offer_id)
             for offer, state, n in self._sum(r, ("offer_id", "state"), *where):
-                _add(out, (offer or None, state), n)
-        return out
+                yield (offer or None, state), int(n)
+
+        return self._hybrid("lost_counts", HOUR, since, until, (offer_id,), rows)
 
     def _report(self, method: str, table: Any, keys: Sequence[str], since: datetime,
                 until: datetime, partner_id: str | None, offer_id: str | None,
                 convert: Any) -> dict[Any, int]:
-        raw = getattr(super(), method)
         if offer_id:  # rollups are not kept per offer: this one is counted from rows
-            return raw(since, until, partner_id, offer_id)  # type: ignore[no-any-return]
-        inner, edges = split(since, until, HOUR)
-        out: dict[Any, int] = {}
-        for a, b in edges:
-            for key, n in raw(a, b, partner_id).items():
-                _add(out, key, n)
-        if inner:
-            where = [table.c.hour >= inner[0], table.c.hour < inner[1]]
+            return getattr(RawFigures, method)(  # type: ignore[no-any-return]
+                self, since, until, partner_id, offer_id)
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            where = [table.c.hour >= a, table.c.hour < b]
             if partner_id:
                 where.append(table.c.partner_id == partner_id)
             for row in self._sum(table, keys, *where):
-                _add(out, convert(row[:-1]), row[-1])
-        return out
+                yield convert(tuple(row[:-1])), int(row[-1])
+
+        return self._hybrid(method, HOUR, since, until, (partner_id,), rows)
 
     def report_postbacks(self, since: datetime, until: datetime, partner_id: str | None = None,
                          offer_id: str | None = None) -> dict[tuple[str, str, str], int]:
@@ -523,19 +581,16 @@ class RollupFigures(RawFigures):
 
     def attempt_minutes(self, since: datetime, until: datetime, partner_id: str | None = None
                         ) -> dict[tuple[datetime, str], int]:
-        inner, edges = split(since, until, MINUTE)
-        out: dict[tuple[datetime, str], int] = {}
-        for a, b in edges:
-            for key, n in super().attempt_minutes(a, b, partner_id).items():
-                _add(out, key, n)
-        if inner:
-            r = t.rollup_attempt_minutes
-            where = [r.c.minute >= inner[0], r.c.minute < inner[1]]
+        r = t.rollup_attempt_minutes
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            where = [r.c.minute >= a, r.c.minute < b]
             if partner_id:
                 where.append(r.c.partner_id == partner_id)
             for minute, cls, n in self._sum(r, ("minute", "failure_class"), *where):
-                _add(out, (utc(minute), cls), n)
-        return out
+                yield (utc(minute), cls), int(n)
+
+        return self._hybrid("attempt_minutes", MINUTE, since, until, (partner_id,), rows)
 
 
 def figures_for(store: Store) -> RawFigures:

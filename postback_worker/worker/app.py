@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from celery import Celery
+from celery.signals import beat_init
 from kombu import Exchange, Queue
 
 from postback_worker.settings import Settings
@@ -113,6 +114,15 @@ def build_pipeline(settings: Settings) -> Any:
     )
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
     return Pipeline(settings, store, sender, redis=settings.redis.client())
+
+
+@beat_init.connect
+def quiet_beat(sender: Any = None, **_: Any) -> None:
+    """Beat publishes only periodic maintenance tasks: no task-sent events for them, so
+    Flower's task list keeps to real work (tasks a worker or the API publishes still send
+    theirs; maintenance tasks that run every few seconds send no worker events either)."""
+    if sender is not None:
+        sender.app.conf.task_send_sent_event = False
 
 
 def create_app(settings: Settings | None = None) -> Celery:

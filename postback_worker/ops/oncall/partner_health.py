@@ -12,6 +12,7 @@ from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
+from postback_worker.store.figures import figures_for
 from postback_worker.store.repo import Store
 
 
@@ -44,6 +45,7 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             .where(at.started_at >= hour_ago, at.is_test.is_(False))
             .group_by(pb.partner_id)).all()}
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
+    backlog = figures_for(store).backlog_by_partner()
     rows = []
     for p in store.list_partners():
         pid = p["id"]
@@ -55,6 +57,9 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             "window_attempts": None, "window_failed": None,
             "rate_limit": p["rate_limit"], "max_concurrency": p["max_concurrency"],
             "in_flight": None, "waiting": int(waiting.get(pid, 0)),
+            # Seconds since its oldest undelivered postback was created (None: no backlog).
+            "backlog_age_seconds": (max(0.0, (now - backlog[pid][1]).total_seconds())
+                                    if pid in backlog else None),
             "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
             "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
         }

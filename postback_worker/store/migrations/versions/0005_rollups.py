@@ -4,6 +4,7 @@ Revision ID: 0005
 Revises: 0003
 """
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -34,7 +35,7 @@ BACKLOG = "state IN ('pending', 'queued', 'in_flight', 'retry_scheduled')"
 
 def upgrade() -> None:
     for name, (time_col, cols) in TABLES.items():
-        columns = ([sa.Column(time_col, UTCDateTime(timezone=True), nullable=False)]
+        columns: list[sa.Column[Any]] = ([sa.Column(time_col, UTCDateTime(timezone=True), nullable=False)]
                    if time_col else [])
         columns += [sa.Column(c, typ, nullable=False) for c, typ in cols]
         op.create_table(name, *columns, sa.Column("n", sa.BigInteger(), nullable=False),
