@@ -2,9 +2,9 @@
 
 Builds a database per size with as many conversions, postbacks and attempts as the size says
 (one postback per conversion, one attempt per postback that fired), several partners, offers
-and failure classes, at the same rate for both sizes (about 3.9 of each per second: 1 million rows hold 3 days of
-history, 10 million rows 30 days), so the 10-million database only has more *history*. Then it
-times, with the code installed in this checkout:
+and failure classes, at the same rate for both sizes (about 3.9 of each per second: 1 million
+rows hold 3 days of history, 10 million rows 30 days), so the 10-million database only has
+more *history*. Then it times, with the code installed in this checkout:
 
   /metrics, the delivery report over 24 h and over 30 days, the failed-postback export of one
   day, the dashboard (24 h), `show` of one conversion, `dlq list` with filters, and the
