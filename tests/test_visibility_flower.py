@@ -32,10 +32,8 @@ def get_json(url: str, auth: tuple[str, str] | None = AUTH) -> object:
     return r.json()
 
 
-def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: Path,
-                                    celery_procs: Callable[..., Proc]) -> None:
-    add_offer(store, "o1")
-    celery_procs("worker", name="flowerw")
+def start_flower(settings: Settings, tmp_path: Path) -> tuple[Proc, str]:
+    """`postback-worker flower` with basic auth, answering; the process and its base URL."""
     port = free_port()
     env = {**os.environ, **settings.to_env(),
            "POSTBACK_FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
@@ -43,14 +41,27 @@ def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: 
                              "--address=127.0.0.1", f"--port={port}"],
                   env, tmp_path / "flower.log").start()
     base = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
 
+    def up() -> bool:
+        try:
+            return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
         wait_until(up, 60, message="Flower to answer")
+    except AssertionError:
+        flower.stop()
+        raise
+    return flower, base
+
+
+def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: Path,
+                                    celery_procs: Callable[..., Proc]) -> None:
+    add_offer(store, "o1")
+    celery_procs("worker", name="flowerw")
+    flower, base = start_flower(settings, tmp_path)
+    try:
         # Authentication is on: the API and the UI refuse anonymous and wrong credentials.
         assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
         assert requests.get(f"{base}/api/workers", auth=("ops", "nope"),
@@ -115,21 +126,8 @@ def test_periodic_maintenance_stays_out_of_flowers_task_list(
     partner.route("/pb", 503)
     celery_procs("worker", name="quietw")
     beat = celery_procs("beat")
-    port = free_port()
-    env = {**os.environ, **settings.to_env(),
-           "POSTBACK_FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
-    flower = Proc("flower", [sys.executable, "-m", "postback_worker.cli", "flower",
-                             "--address=127.0.0.1", f"--port={port}"],
-                  env, tmp_path / "flower.log").start()
-    base = f"http://127.0.0.1:{port}"
+    flower, base = start_flower(settings, tmp_path)
     try:
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_until(up, 60, message="Flower to answer")
         wait_until(lambda: get_json(f"{base}/api/workers?refresh=1"), 60, interval=0.5,
                    message="Flower to see the worker")
         (cid,) = Producer(settings).send_conversions([{"transaction_id": "tx-1"}])

@@ -11,7 +11,7 @@ test fire created.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -151,6 +151,14 @@ class RawFigures:
             self._ex = OnlyTests(ids) if self.only_tests else Exclusions(ids)
         return self._ex
 
+    def _grouped(self, make: Callable[[Exclusions], Any]) -> dict[Any, int]:
+        """Run the GROUP BY ... count() statement `make` builds: key columns -> count."""
+        out: dict[Any, int] = {}
+        with self.connect() as conn:
+            for row in conn.execute(make(self.exclusions(conn))):
+                _add(out, tuple(row[:-1]), row[-1])
+        return out
+
     # -- history-wide counts (metrics counters and gauges) ---------------------------------
 
     def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
@@ -169,17 +177,11 @@ class RawFigures:
 
     def attempt_totals(self) -> dict[tuple[str, str], int]:
         """(partner, failure class) -> attempts."""
-        out: dict[tuple[str, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
-            for partner, cls, n in conn.execute(
-                select(P.partner_id, A.failure_class, func.count())
-                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(ex.real_attempt(), ex.real_postback())
-                .group_by(P.partner_id, A.failure_class)
-            ):
-                _add(out, (partner, cls), n)
-        return out
+        return self._grouped(lambda ex: (
+            select(P.partner_id, A.failure_class, func.count())
+            .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+            .where(ex.real_attempt(), ex.real_postback())
+            .group_by(P.partner_id, A.failure_class)))
 
     def conversion_states(self) -> dict[str, int]:
         with self.connect() as conn:
@@ -189,17 +191,11 @@ class RawFigures:
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(partner, failure class) -> dead letters still waiting (postback dead-lettered)."""
-        out: dict[tuple[str, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
-            for partner, cls, n in conn.execute(
-                select(D.partner_id, D.failure_class, func.count())
-                .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
-                .where(P.state == FAILED_POSTBACK, ex.real_postback(D.postback_id))
-                .group_by(D.partner_id, D.failure_class)
-            ):
-                _add(out, (partner, cls), n)
-        return out
+        return self._grouped(lambda ex: (
+            select(D.partner_id, D.failure_class, func.count())
+            .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
+            .where(P.state == FAILED_POSTBACK, ex.real_postback(D.postback_id))
+            .group_by(D.partner_id, D.failure_class)))
 
     # -- backlog (cost grows with the backlog, not with history) ----------------------------
 
@@ -238,21 +234,16 @@ class RawFigures:
     def attempt_window(self, since: datetime, until: datetime,
                        partner_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
         """(partner, status code, failure class) -> attempts started in [since, until)."""
-        out: dict[tuple[str, int | None, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
+        def make(ex: Exclusions) -> Any:
             stmt = (
                 select(P.partner_id, A.status_code, A.failure_class, func.count())
                 .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
                 .where(A.started_at >= since, A.started_at < until, ex.real_attempt(),
                        ex.real_postback())
-                .group_by(P.partner_id, A.status_code, A.failure_class)
-            )
-            if partner_id:
-                stmt = stmt.where(P.partner_id == partner_id)
-            for partner, code, cls, n in conn.execute(stmt):
-                _add(out, (partner, code, cls), n)
-        return out
+                .group_by(P.partner_id, A.status_code, A.failure_class))
+            return stmt.where(P.partner_id == partner_id) if partner_id else stmt
+
+        return self._grouped(make)
 
     def duration_histogram(self, since: datetime, until: datetime, bounds: Sequence[float]
                            ) -> dict[str, tuple[list[int], int, float]]:
@@ -288,35 +279,25 @@ class RawFigures:
     def dead_letters_window(self, since: datetime, until: datetime
                             ) -> dict[tuple[str, str], int]:
         """(partner, class) -> dead letters created in [since, until), postback still dead."""
-        out: dict[tuple[str, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
-            for partner, cls, n in conn.execute(
-                select(D.partner_id, D.failure_class, func.count())
-                .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
-                .where(D.created_at >= since, D.created_at < until,
-                       P.state == FAILED_POSTBACK, ex.real_postback(D.postback_id))
-                .group_by(D.partner_id, D.failure_class)
-            ):
-                _add(out, (partner, cls), n)
-        return out
+        return self._grouped(lambda ex: (
+            select(D.partner_id, D.failure_class, func.count())
+            .select_from(t.dead_letters.join(t.postbacks, P.id == D.postback_id))
+            .where(D.created_at >= since, D.created_at < until, P.state == FAILED_POSTBACK,
+                   ex.real_postback(D.postback_id))
+            .group_by(D.partner_id, D.failure_class)))
 
     def lost_counts(self, since: datetime, until: datetime, offer_id: str | None = None
                     ) -> dict[tuple[str | None, str], int]:
         """(offer, state) -> conversions received in [since, until) and processed."""
-        out: dict[tuple[str | None, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
+        def make(ex: Exclusions) -> Any:
             stmt = (
                 select(C.offer_id, C.state, func.count())
                 .where(C.received_at >= since, C.received_at < until, C.state != "received",
                        ex.real_conversion())
                 .group_by(C.offer_id, C.state))
-            if offer_id:
-                stmt = stmt.where(C.offer_id == offer_id)
-            for offer, state, n in conn.execute(stmt):
-                _add(out, (offer, state), n)
-        return out
+            return stmt.where(C.offer_id == offer_id) if offer_id else stmt
+
+        return self._grouped(make)
 
     # -- reports (postbacks created in a range, and their attempts) ------------------------
 
@@ -349,18 +330,11 @@ class RawFigures:
     def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,
                         offer_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
         """(partner, status code, failure class) -> attempts of postbacks created in range."""
-        out: dict[tuple[str, int | None, str], int] = {}
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
-            where = self._scope(ex, since, until, partner_id, offer_id)
-            for partner, code, cls, n in conn.execute(
-                select(P.partner_id, A.status_code, A.failure_class, func.count())
-                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(*where, ex.real_attempt())
-                .group_by(P.partner_id, A.status_code, A.failure_class)
-            ):
-                _add(out, (partner, code, cls), n)
-        return out
+        return self._grouped(lambda ex: (
+            select(P.partner_id, A.status_code, A.failure_class, func.count())
+            .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+            .where(*self._scope(ex, since, until, partner_id, offer_id), ex.real_attempt())
+            .group_by(P.partner_id, A.status_code, A.failure_class)))
 
     def report_durations(self, since: datetime, until: datetime, partner_id: str | None = None,
                          offer_id: str | None = None) -> dict[tuple[str, float], int]:
