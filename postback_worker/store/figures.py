@@ -11,9 +11,9 @@ test fire created.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Float, cast, func, literal, select
@@ -45,12 +45,15 @@ def utc(value: datetime | None) -> datetime | None:
 
 def duration_bucket(ms: float | None) -> float:
     """Upper bound of a duration's histogram bucket: rounded up to two significant digits
-    (the Python twin of the SQL function pbw_duration_bucket)."""
+    (the twin of the SQL function pbw_duration_bucket, operation for operation)."""
     if ms is None or ms <= 0:
         return 0.0
-    d = Decimal(f"{ms:.15g}")
-    q = Decimal(1).scaleb(d.adjusted() - 1)
-    return float((d / q).to_integral_value(rounding=ROUND_CEILING) * q)
+    e = math.floor(math.log10(ms))
+    if e >= 1:
+        q = 10.0 ** (e - 1)
+        return math.ceil(ms / q - 1e-9) * q
+    k = 10.0 ** (1 - e)
+    return math.ceil(ms * k - 1e-9) / k
 
 
 def test_postback_ids(conn: Connection) -> list[str]:

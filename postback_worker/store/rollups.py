@@ -76,14 +76,19 @@ SOURCES = ("conversions", "postbacks", "attempts", "dead_letters")
 TABLES = tuple(dict.fromkeys(r.table for r in ROLLUPS))
 
 # Upper bound of a duration's histogram bucket: the value rounded up to two significant
-# digits (123.4 ms -> 130, 0.734 -> 0.74), computed in decimal so PostgreSQL and Python agree.
+# digits (123.4 ms -> 130, 0.734 -> 0.74), in float arithmetic that PostgreSQL inlines and that
+# Python repeats operation for operation (store/figures.py duration_bucket).
 BUCKET_FUNCTION = """
 CREATE OR REPLACE FUNCTION pbw_duration_bucket(ms double precision) RETURNS double precision
-LANGUAGE sql IMMUTABLE AS $$
-  SELECT CASE WHEN ms IS NULL OR ms <= 0 THEN 0::float8 ELSE
-    (SELECT (ceil(d / q) * q)::float8
-       FROM (SELECT d, 10::numeric ^ (floor(log(d)) - 1) AS q
-               FROM (SELECT ms::numeric AS d) a) b) END
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT CASE
+    WHEN ms IS NULL OR ms <= 0 THEN 0::float8
+    WHEN floor(log(ms)) >= 1
+      THEN ceil(ms / 10::float8 ^ (floor(log(ms)) - 1) - 1e-9)
+           * 10::float8 ^ (floor(log(ms)) - 1)
+    ELSE ceil(ms * 10::float8 ^ (1 - floor(log(ms))) - 1e-9)
+         / 10::float8 ^ (1 - floor(log(ms)))
+  END
 $$
 """
 
