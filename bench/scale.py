@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from postback_worker.ops.lookup import conversion_detail
 from postback_worker.ops.oncall import deadletters
@@ -144,6 +144,15 @@ def loadavg() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def compactor(engine: Any) -> Callable[[Any], int] | None:
+    """The rollup compaction, where this checkout and this database have rollups."""
+    try:
+        from postback_worker.store.rollups import compact_all
+    except ImportError:
+        return None
+    return compact_all if inspect(engine).has_table("rollup_postbacks") else None
+
+
 def build(url: str, rows: int, now: datetime) -> datetime:
     """Fill the database; returns the time of the oldest row."""
     span = timedelta(days=DAYS_PER_MILLION * rows / 1_000_000)
@@ -172,14 +181,10 @@ def build(url: str, rows: int, now: datetime) -> datetime:
                     "start": start, "step": step, "partners": PARTNERS, "offers": OFFERS,
                     "lo": lo, "hi": hi, "now": now})
         log(f"  {name}: {time.monotonic() - t0:.0f} s")
-    try:  # what beat's compact-rollups does (absent before rollups existed)
-        from postback_worker.store.rollups import compact_all
-    except ImportError:
-        pass
-    else:
+    compact = compactor(engine)
+    if compact is not None:  # what beat's compact-rollups does
         t0 = time.monotonic()
-        log(f"  rollup deltas compacted: {compact_all(engine)} in "
-            f"{time.monotonic() - t0:.0f} s")
+        log(f"  rollup deltas compacted: {compact(engine)} in {time.monotonic() - t0:.0f} s")
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
     engine.dispose()
@@ -197,7 +202,7 @@ def timed(fn: Callable[[], Any], runs: int) -> float:
 
 
 def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
-            runs: int) -> dict[str, float]:
+            runs: int, purge_day: int = 0) -> dict[str, float]:
     settings = Settings.build(database_url=url, redis_url=redis_url)
     store = Store(make_engine(url))
     rcli = redis.Redis.from_url(redis_url)
@@ -221,11 +226,11 @@ def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
     for name, fn in jobs:
         figures[name] = timed(fn, runs)
         log(f"  {name}: {figures[name] * 1000:.0f} ms (load {loadavg()})")
-    # The retention purge of the oldest day: a clock two days after the first row, keeping
-    # one day, so exactly the first day is old. Runs once (it deletes).
+    # The retention purge of one day (`purge_day` 0: the oldest): a clock two days after that
+    # day's start, keeping one day, so exactly that day is old. Runs once (it deletes).
     purge_settings = settings.with_overrides(attempt_retention_days=1, delivered_retention_days=1,
                                              retention_batch=5000, retention_max_batches=10_000)
-    purger = Purger(purge_settings, store, clock=lambda: start + timedelta(days=2))
+    purger = Purger(purge_settings, store, clock=lambda: start + timedelta(days=2 + purge_day))
     t0 = time.perf_counter()
     result = purger.run()
     figures["retention_purge_1d"] = time.perf_counter() - t0
@@ -236,7 +241,8 @@ def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
     return figures
 
 
-def run_size(server: str, redis_url: str, rows: int, runs: int, keep: bool) -> dict[str, Any]:
+def run_size(server: str, redis_url: str, rows: int, runs: int, keep: bool,
+             revision: str = "head", build_only: bool = False) -> dict[str, Any]:
     name = f"pbw_scale_{rows}_{secrets.token_hex(3)}"
     admin = create_engine(normalize_url(server), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -246,11 +252,14 @@ def run_size(server: str, redis_url: str, rows: int, runs: int, keep: bool) -> d
     try:
         now = datetime.now(UTC).replace(microsecond=0)
         log(f"{rows:,} rows: building {name} (load {loadavg()})")
-        upgrade(url)
+        upgrade(url, revision)
         t0 = time.monotonic()
         start = build(url, rows, now)
         built = time.monotonic() - t0
-        log(f"  built in {built:.0f} s; measuring")
+        log(f"  built in {built:.0f} s")
+        if build_only:
+            return {"rows": rows, "build_seconds": built, "figures": {}, "load": loadavg(),
+                    "database": name}
         load_before = loadavg()
         figures = measure(url, redis_url, rows, start, now, runs)
         return {"rows": rows, "build_seconds": built, "figures": figures,
@@ -262,6 +271,29 @@ def run_size(server: str, redis_url: str, rows: int, runs: int, keep: bool) -> d
                                   "WHERE datname = :n"), {"n": name})
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def run_existing(server: str, redis_url: str, name: str, runs: int, revision: str,
+                 purge_day: int) -> dict[str, Any]:
+    """Measure a database built earlier (--keep), migrated to `revision` first (timed): the
+    same rows before and after a change."""
+    base, _, query = server.partition("?")
+    url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
+    log(f"{name}: migrating to {revision} (load {loadavg()})")
+    t0 = time.monotonic()
+    upgrade(url, revision)
+    migrated = time.monotonic() - t0
+    engine = create_engine(normalize_url(url))
+    with engine.connect() as conn:
+        rows, start, last = conn.execute(text(
+            "SELECT count(*), min(received_at), max(received_at) FROM conversions")).one()
+    engine.dispose()
+    now = last.replace(microsecond=0) + timedelta(seconds=1)
+    log(f"  migrated in {migrated:.0f} s; {rows:,} rows; measuring")
+    load_before = loadavg()
+    figures = measure(url, redis_url, int(rows), start, now, runs, purge_day)
+    return {"rows": int(rows), "migrate_seconds": migrated, "figures": figures,
+            "load": f"{load_before} -> {loadavg()}", "database": name}
 
 
 def ms(value: float | None) -> str:
@@ -299,7 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per figure (median)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--before", help="a --json file of an earlier run to compare with")
-    ap.add_argument("--keep", action="store_true", help="keep the databases (for inspection)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the databases (to measure them again with --database)")
+    ap.add_argument("--revision", default="head",
+                    help="migrate new databases (or --database) to this revision (default head)")
+    ap.add_argument("--database", action="append", default=[],
+                    help="measure this existing database instead of building one (repeatable; "
+                         "never dropped)")
+    ap.add_argument("--purge-day", type=int, default=0,
+                    help="which day the retention purge deletes (0: the oldest; use 1 on a "
+                         "database measured before)")
+    ap.add_argument("--build-only", action="store_true",
+                    help="build and keep the databases, measure nothing")
     ap.add_argument("--pg-url", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     ap.add_argument("--redis-url", default=os.environ.get(
@@ -318,7 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.before:
         with open(args.before) as fh:
             before = json.load(fh)
-    results = [run_size(args.pg_url, args.redis_url, n, args.runs, args.keep) for n in sizes]
+    if args.database:
+        results = [run_existing(args.pg_url, args.redis_url, name, args.runs, args.revision,
+                                args.purge_day) for name in args.database]
+    else:
+        results = [run_size(args.pg_url, args.redis_url, n, args.runs,
+                            args.keep or args.build_only, args.revision, args.build_only)
+                   for n in sizes]
+    if args.build_only:
+        print("\n".join(r["database"] for r in results))
+        return 0
     out = {"when": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "results": results}
     print(f"\nscale bench: {os.cpu_count()} CPUs, median of {args.runs} runs; "
           "loads (1/5/15 min) per size: "

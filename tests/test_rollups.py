@@ -61,6 +61,8 @@ def assert_same(store: Store, now: datetime) -> None:
                     assert got == want, (method, since, until, partner, offer)
         for offer in OFFERS:
             assert roll.lost_counts(since, until, offer) == raw.lost_counts(since, until, offer)
+        assert roll.duration_histogram(since, until) == raw.duration_histogram(since, until)
+        assert roll.latency_histogram(since, until) == raw.latency_histogram(since, until)
         scope = Scope(TimeRange(since, until))
         assert delivery_report(store, scope) == delivery_report(store, scope, raw)
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Float, cast, func, literal, select
+from sqlalchemy import Connection, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
+from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 
 A = t.attempts.c
 P = t.postbacks.c
@@ -34,6 +36,8 @@ BACKLOG_STATES = ("pending", "queued", "in_flight", "retry_scheduled")
 BUCKETS = {"delivered": "delivered", FAILED_POSTBACK: "failed", "skipped": "skipped"}
 HOUR = 3600
 MINUTE = 60
+# Key of a histogram's total (microseconds) beside its per-bound counts.
+TOTAL = -1.0
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -56,10 +60,19 @@ def duration_bucket(ms: float | None) -> float:
     return math.ceil(ms * k - 1e-9) / k
 
 
+def bound_of(micros: int, bounds: Sequence[float]) -> float:
+    """The smallest bound (seconds) a value in microseconds does not exceed; infinity above
+    them all (the twin of rollups.bound_sql)."""
+    for b in bounds:
+        if micros <= round(b * 1_000_000):
+            return b
+    return math.inf
+
+
 def test_postback_ids(conn: Connection) -> list[str]:
     """Postbacks a test fire created (few; a partial index finds them)."""
-    return [r[0] for r in conn.execute(
-        select(A.postback_id).where(A.is_test.is_(True)).distinct())]
+    return [r[0] for r in conn.execute(  # `WHERE is_test`: the partial index's predicate
+        select(A.postback_id).where(A.is_test).distinct())]
 
 
 class Exclusions:
@@ -101,11 +114,6 @@ def seconds_between(later: Any, earlier: Any, dialect: str) -> Any:
     if dialect == "sqlite":
         return (func.julianday(later) - func.julianday(earlier)) * 86400.0
     return func.extract("epoch", later - earlier)
-
-
-def bucket_counts(value: Any, bounds: Sequence[float]) -> list[Any]:
-    """count(*) FILTER (WHERE value <= bound) for each bound (cumulative histogram buckets)."""
-    return [func.count().filter(value <= b) for b in bounds]
 
 
 def _floor(when: datetime, step: int) -> datetime:
@@ -248,36 +256,42 @@ class RawFigures:
 
         return self._grouped(make)
 
-    def duration_histogram(self, since: datetime, until: datetime, bounds: Sequence[float]
-                           ) -> dict[str, tuple[list[int], int, float]]:
-        """Partner -> (cumulative counts per bound, count, sum) of attempt durations (seconds)
-        for attempts started in [since, until]."""
-        value = cast(A.duration_ms, Float) / 1000.0
-        with self.connect() as conn:
-            ex = self.exclusions(conn)
-            rows = conn.execute(
-                select(P.partner_id, *bucket_counts(value, bounds), func.count(),
-                       func.coalesce(func.sum(value), 0.0))
-                .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-                .where(A.started_at >= since, A.started_at <= until, ex.real_attempt(),
-                       ex.real_postback())
-                .group_by(P.partner_id)).all()
-        return _histograms(rows, len(bounds))
+    def duration_histogram(self, since: datetime, until: datetime
+                           ) -> dict[tuple[str, float], int]:
+        """Attempts started in [since, until): (partner, bound) -> how many took at most that
+        bound and more than the one below (seconds; infinity above the last DURATION_BOUNDS),
+        and (partner, TOTAL) -> their total duration in microseconds."""
+        def make(ex: Exclusions) -> Any:
+            return (select(P.partner_id, A.duration_ms)
+                    .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
+                    .where(A.started_at >= since, A.started_at < until, ex.real_attempt(),
+                           ex.real_postback()))
 
-    def latency_histogram(self, since: datetime, until: datetime, bounds: Sequence[float]
-                          ) -> dict[str, tuple[list[int], int, float]]:
-        """Partner -> histogram of seconds from conversion received to postback delivered, for
-        postbacks delivered in [since, until]."""
-        value = seconds_between(P.delivered_at, P.received_at, self.dialect)
+        return self._binned(make, lambda ms: math.floor(ms * 1000 + 0.5), DURATION_BOUNDS)
+
+    def latency_histogram(self, since: datetime, until: datetime
+                          ) -> dict[tuple[str, float], int]:
+        """Postbacks delivered in [since, until): the same shape for the time from conversion
+        received to postback delivered (LATENCY_BOUNDS)."""
+        def make(ex: Exclusions) -> Any:
+            return (select(P.partner_id, P.delivered_at, P.received_at)
+                    .where(P.state == "delivered", P.delivered_at >= since,
+                           P.delivered_at < until, ex.real_postback()))
+
+        def micros(delivered: datetime, received: datetime) -> int:
+            return (utc(delivered) - utc(received)) // timedelta(microseconds=1)  # type: ignore[operator]
+
+        return self._binned(make, micros, LATENCY_BOUNDS)
+
+    def _binned(self, make: Callable[[Exclusions], Any], micros: Callable[..., int],
+                bounds: Sequence[float]) -> dict[tuple[str, float], int]:
+        out: dict[tuple[str, float], int] = {}
         with self.connect() as conn:
-            ex = self.exclusions(conn)
-            rows = conn.execute(
-                select(P.partner_id, *bucket_counts(value, bounds), func.count(),
-                       func.coalesce(func.sum(value), 0.0))
-                .where(P.state == "delivered", P.delivered_at >= since, P.delivered_at <= until,
-                       ex.real_postback())
-                .group_by(P.partner_id)).all()
-        return _histograms(rows, len(bounds))
+            for partner, *values in conn.execute(make(self.exclusions(conn))):
+                us = micros(*values)
+                _add(out, (partner, bound_of(us, bounds)), 1)
+                _add(out, (partner, TOTAL), us)
+        return {k: n for k, n in out.items() if n}
 
     def dead_letters_window(self, since: datetime, until: datetime
                             ) -> dict[tuple[str, str], int]:
@@ -418,11 +432,6 @@ class RawFigures:
                 }
 
 
-def _histograms(rows: Sequence[Any], nbounds: int) -> dict[str, tuple[list[int], int, float]]:
-    return {row[0]: ([int(v) for v in row[1:1 + nbounds]], int(row[1 + nbounds]),
-                     float(row[2 + nbounds] or 0.0)) for row in rows}
-
-
 class RollupFigures(RawFigures):
     """The same figures from the trigger-kept rollups (PostgreSQL): whole hours or minutes
     from the rollups, minus what test fires added to them; partial ones from rows."""
@@ -431,6 +440,15 @@ class RollupFigures(RawFigures):
         super().__init__(store)
         self._tests: RawFigures | None = None
         self._tests_loaded = False
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        """Rows are read only for the partial hour or minute at each end of a range: few, so
+        they are probed through indexes (PostgreSQL would otherwise hash-join whole tables)."""
+        with self.store.engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+            yield conn
 
     def tests(self) -> RawFigures | None:
         """Raw figures of test-fire rows only, or None when there are none."""
@@ -555,6 +573,28 @@ class RollupFigures(RawFigures):
         return self._report("report_durations", t.rollup_durations, ("partner_id", "bucket_ms"),
                             since, until, partner_id, offer_id,
                             lambda k: (k[0], float(k[1])))
+
+    def _histogram(self, method: str, table: Any, since: datetime, until: datetime
+                   ) -> dict[tuple[str, float], int]:
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            cols = [table.c.partner_id, table.c.bound]
+            with self.connect() as conn:
+                for partner, bound, n, total in conn.execute(
+                    select(*cols, func.sum(table.c.n), func.sum(table.c.total_us))
+                    .where(table.c.minute >= a, table.c.minute < b).group_by(*cols)
+                ):
+                    yield (partner, float(bound)), int(n)
+                    yield (partner, TOTAL), int(total)
+
+        return self._hybrid(method, MINUTE, since, until, (), rows)
+
+    def duration_histogram(self, since: datetime, until: datetime
+                           ) -> dict[tuple[str, float], int]:
+        return self._histogram("duration_histogram", t.rollup_attempt_durations, since, until)
+
+    def latency_histogram(self, since: datetime, until: datetime
+                          ) -> dict[tuple[str, float], int]:
+        return self._histogram("latency_histogram", t.rollup_latencies, since, until)
 
     def attempt_minutes(self, since: datetime, until: datetime, partner_id: str | None = None
                         ) -> dict[tuple[datetime, str], int]:

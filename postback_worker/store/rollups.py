@@ -31,12 +31,31 @@ HOUR = "date_trunc('hour', {col}, 'UTC')"
 MINUTE = "date_trunc('minute', {col}, 'UTC')"
 
 
+# Histogram bounds of the two /metrics histograms (seconds): their rollups count each value
+# under the smallest bound it does not exceed (infinity above the last), exactly.
+DURATION_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BOUNDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
+                  86400.0)
+
+
+def bound_sql(micros: str, bounds: tuple[float, ...]) -> str:
+    """The bound a value in whole microseconds falls under (Python twin: figures.bound_of)."""
+    whens = " ".join(f"WHEN {micros} <= {round(b * 1_000_000)} THEN {b!r}::float8"
+                     for b in bounds)
+    return f"CASE {whens} ELSE 'Infinity'::float8 END"
+
+
+ATTEMPT_MICROS = "round(r.duration_ms * 1000)::bigint"
+LATENCY_MICROS = "(extract(epoch FROM r.delivered_at - r.received_at) * 1000000)::bigint"
+
+
 @dataclass(frozen=True)
 class Rollup:
     table: str
     keys: tuple[str, ...]
     source: str  # the table whose triggers feed it
-    select: str  # columns: keys..., n  FROM {rel} r ...
+    select: str  # columns: keys..., values...  FROM {rel} r ...
+    values: tuple[str, ...] = ("n",)
 
 
 ROLLUPS: tuple[Rollup, ...] = (
@@ -68,6 +87,16 @@ ROLLUPS: tuple[Rollup, ...] = (
            f"SELECT {MINUTE.format(col='r.started_at')}, p.partner_id, "
            "coalesce(r.status_code, -1), r.failure_class, {sign} FROM {rel} r "
            "JOIN postbacks p ON p.id = r.postback_id"),
+    Rollup("rollup_attempt_durations", ("minute", "partner_id", "bound"), "attempts",
+           f"SELECT {MINUTE.format(col='r.started_at')}, p.partner_id, "
+           f"{bound_sql(ATTEMPT_MICROS, DURATION_BOUNDS)}, {{sign}}, "
+           f"{{sign}} * {ATTEMPT_MICROS} FROM {{rel}} r "
+           "JOIN postbacks p ON p.id = r.postback_id", ("n", "total_us")),
+    Rollup("rollup_latencies", ("minute", "partner_id", "bound"), "postbacks",
+           f"SELECT {MINUTE.format(col='r.delivered_at')}, r.partner_id, "
+           f"{bound_sql(LATENCY_MICROS, LATENCY_BOUNDS)}, {{sign}}, "
+           f"{{sign}} * {LATENCY_MICROS} FROM {{rel}} r "
+           "WHERE r.state = 'delivered' AND r.delivered_at IS NOT NULL", ("n", "total_us")),
     Rollup("rollup_conversions", ("hour", "offer_id", "state"), "conversions",
            f"SELECT {HOUR.format(col='r.received_at')}, coalesce(r.offer_id, ''), r.state, "
            "{sign} FROM {rel} r"),
@@ -95,15 +124,18 @@ $$
 
 def _delta_sql(rollup: Rollup, op: str) -> str:
     keys = ", ".join(rollup.keys)
+    values = ", ".join(rollup.values)
+    sums = ", ".join(f"sum({v})" for v in rollup.values)
+    nonzero = " OR ".join(f"sum({v}) <> 0" for v in rollup.values)
     parts = []
     if op in ("INSERT", "UPDATE"):
         parts.append(rollup.select.format(rel="new_rows", sign="1"))
     if op in ("DELETE", "UPDATE"):
         parts.append(rollup.select.format(rel="old_rows", sign="-1"))
     union = " UNION ALL ".join(f"({p})" for p in parts)
-    return (f"INSERT INTO {rollup.table} ({keys}, n, compacted) "
-            f"SELECT {keys}, sum(n), false FROM ({union}) AS d({keys}, n) "
-            f"GROUP BY {keys} HAVING sum(n) <> 0;")
+    return (f"INSERT INTO {rollup.table} ({keys}, {values}, compacted) "
+            f"SELECT {keys}, {sums}, false FROM ({union}) AS d({keys}, {values}) "
+            f"GROUP BY {keys} HAVING {nonzero};")
 
 
 def _function_sql(source: str) -> str:
@@ -153,10 +185,11 @@ def backfill_statements() -> list[str]:
     for r in ROLLUPS:
         if r.table == "rollup_dead_letters" and r.source == "postbacks":
             continue  # the dead_letters side counts each (dead letter, dead postback) once
-        keys = ", ".join(r.keys)
+        keys, values = ", ".join(r.keys), ", ".join(r.values)
+        sums = ", ".join(f"sum({v})" for v in r.values)
         select = r.select.format(rel=r.source, sign="1")
-        stmts.append(f"INSERT INTO {r.table} ({keys}, n, compacted) SELECT {keys}, sum(n), "
-                     f"true FROM ({select}) AS d({keys}, n) GROUP BY {keys}")
+        stmts.append(f"INSERT INTO {r.table} ({keys}, {values}, compacted) SELECT {keys}, "
+                     f"{sums}, true FROM ({select}) AS d({keys}, {values}) GROUP BY {keys}")
     return stmts
 
 
@@ -188,12 +221,15 @@ def compact(conn: Connection, tables: Sequence[str] = TABLES) -> int:
         return 0
     folded = 0
     for table in tables:
-        keys = ", ".join(next(r.keys for r in ROLLUPS if r.table == table))
+        rollup = next(r for r in ROLLUPS if r.table == table)
+        keys, values = ", ".join(rollup.keys), ", ".join(rollup.values)
+        sums = ", ".join(f"sum({v})" for v in rollup.values)
+        add = ", ".join(f"{v} = t.{v} + excluded.{v}" for v in rollup.values)
         res = conn.execute(text(
-            f"WITH gone AS (DELETE FROM {table} WHERE NOT compacted RETURNING {keys}, n), "
-            f"merged AS (INSERT INTO {table} AS t ({keys}, n, compacted) "
-            f"SELECT {keys}, sum(n), true FROM gone GROUP BY {keys} "
-            f"ON CONFLICT ({keys}) WHERE compacted DO UPDATE SET n = t.n + excluded.n "
+            f"WITH gone AS (DELETE FROM {table} WHERE NOT compacted RETURNING {keys}, {values}),"
+            f" merged AS (INSERT INTO {table} AS t ({keys}, {values}, compacted) "
+            f"SELECT {keys}, {sums}, true FROM gone GROUP BY {keys} "
+            f"ON CONFLICT ({keys}) WHERE compacted DO UPDATE SET {add} "
             "RETURNING 1) SELECT (SELECT count(*) FROM gone)"))
         folded += int(res.scalar() or 0)
     return folded

@@ -293,12 +293,13 @@ api_keys = Table(
 # Each row is a delta (compacted = false, appended by a trigger) or the sum of folded deltas
 # (compacted = true, one per key). Readers sum both. Unused on SQLite (figures come from rows).
 
-def _rollup(name: str, time_column: str | None, *columns: Column[Any]) -> Table:
+def _rollup(name: str, time_column: str | None, *columns: Column[Any],
+            values: tuple[str, ...] = ("n",)) -> Table:
     keys = ([time_column] if time_column else []) + [c.name for c in columns]
     time_cols = [Column(time_column, UTCDateTime, nullable=False)] if time_column else []
     table = Table(
         name, metadata, *time_cols, *columns,
-        Column("n", BigInteger, nullable=False),
+        *[Column(v, BigInteger, nullable=False) for v in values],
         Column("compacted", Boolean, nullable=False, default=False),
     )
     Index(f"uq_{name}_key", *[table.c[k] for k in keys], unique=True,
@@ -324,6 +325,14 @@ rollup_attempt_minutes = _rollup(
     "rollup_attempt_minutes", "minute", Column("partner_id", String(64), nullable=False),
     Column("status_code", Integer, nullable=False),
     Column("failure_class", String(20), nullable=False))
+# Per minute, per partner, per /metrics histogram bound (store/rollups.py DURATION_BOUNDS,
+# LATENCY_BOUNDS; infinity above the last): how many, and their total in microseconds.
+rollup_attempt_durations = _rollup(
+    "rollup_attempt_durations", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
+rollup_latencies = _rollup(
+    "rollup_latencies", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
 rollup_conversions = _rollup(
     "rollup_conversions", "hour", Column("offer_id", String(64), nullable=False),
     Column("state", String(32), nullable=False))

@@ -17,6 +17,7 @@ Prometheus reads as a counter reset, so alert rules use the windowed gauges inst
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,16 +33,16 @@ from prometheus_client.registry import Collector
 
 from postback_worker.domain.attribution import ConversionState
 from postback_worker.settings import Settings
-from postback_worker.store.figures import RawFigures, figures_for
+from postback_worker.store.figures import TOTAL, RawFigures, figures_for
 from postback_worker.store.repo import Store
+from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 from postback_worker.worker.queues import QUEUES
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
-                   86400.0)
+DURATION_BUCKETS = DURATION_BOUNDS
+LATENCY_BUCKETS = LATENCY_BOUNDS
 CIRCUIT_STATES = ("closed", "open", "half_open")
 CIRCUIT_KEY = "pbw:circuit:{}"
 # Kombu's Redis transport keeps priority messages in "<queue>\x06\x16<priority>" lists.
@@ -139,6 +140,7 @@ class VisibilityCollector(Collector):
 
     def _database(self, now: datetime) -> list[Metric]:
         since = now - timedelta(seconds=self.settings.metrics.window_seconds)
+        until = now + timedelta(microseconds=1)  # the window includes `now`
         figs = figures_for(self.store)
         return [
             *self._postbacks(figs),
@@ -147,12 +149,12 @@ class VisibilityCollector(Collector):
             self._histogram(
                 "postback_attempt_duration_seconds",
                 "Attempt durations within the last postback_metrics_window_seconds, by partner",
-                DURATION_BUCKETS, figs.duration_histogram(since, now, DURATION_BUCKETS)),
+                DURATION_BUCKETS, figs.duration_histogram(since, until)),
             self._histogram(
                 "postback_ingest_to_delivery_seconds",
                 "Seconds from conversion received to postback delivered, for postbacks "
                 "delivered within the last postback_metrics_window_seconds, by partner",
-                LATENCY_BUCKETS, figs.latency_histogram(since, now, LATENCY_BUCKETS)),
+                LATENCY_BUCKETS, figs.latency_histogram(since, until)),
             self._conversions(figs),
             self._dead_letters(figs),
             *self._backlog(figs, now),
@@ -195,11 +197,17 @@ class VisibilityCollector(Collector):
         return fam
 
     def _histogram(self, name: str, doc: str, bounds: Sequence[float],
-                   rows: dict[str, tuple[list[int], int, float]]) -> Metric:
+                   counts: dict[tuple[str, float], int]) -> Metric:
+        """Cumulative buckets from per-bound counts; the sum from the total microseconds."""
         fam = GaugeHistogramMetricFamily(name, doc, labels=["partner"])
-        for partner, (cumulative, count, total) in sorted(rows.items()):
-            buckets = [(_le(b), float(n)) for b, n in zip(bounds, cumulative, strict=True)]
-            buckets.append(("+Inf", float(count)))
+        for partner in sorted({p for p, _ in counts}):
+            seen, buckets = 0, []
+            for b in bounds:
+                seen += counts.get((partner, b), 0)
+                buckets.append((_le(b), float(seen)))
+            seen += counts.get((partner, math.inf), 0)
+            buckets.append(("+Inf", float(seen)))
+            total = counts.get((partner, TOTAL), 0) / 1_000_000
             fam.add_metric([partner], buckets, gsum_value=total)
         return fam
 

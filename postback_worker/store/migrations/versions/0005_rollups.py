@@ -26,10 +26,14 @@ TABLES: dict[str, tuple[str | None, list[tuple[str, sa.types.TypeEngine]]]] = {
     "rollup_attempt_minutes": ("minute", [("partner_id", sa.String(64)),
                                           ("status_code", sa.Integer()),
                                           ("failure_class", sa.String(20))]),
+    "rollup_attempt_durations": ("minute", [("partner_id", sa.String(64)),
+                                            ("bound", sa.Float())]),
+    "rollup_latencies": ("minute", [("partner_id", sa.String(64)), ("bound", sa.Float())]),
     "rollup_conversions": ("hour", [("offer_id", sa.String(64)), ("state", sa.String(32))]),
     "rollup_dead_letters": (None, [("partner_id", sa.String(64)),
                                    ("failure_class", sa.String(20))]),
 }
+SUMMED = ("rollup_attempt_durations", "rollup_latencies")
 BACKLOG = "state IN ('pending', 'queued', 'in_flight', 'retry_scheduled')"
 
 
@@ -38,8 +42,9 @@ def upgrade() -> None:
         columns: list[sa.Column[Any]] = ([sa.Column(time_col, UTCDateTime(timezone=True), nullable=False)]
                    if time_col else [])
         columns += [sa.Column(c, typ, nullable=False) for c, typ in cols]
-        op.create_table(name, *columns, sa.Column("n", sa.BigInteger(), nullable=False),
-                        sa.Column("compacted", sa.Boolean(), nullable=False))
+        values = ["n", "total_us"] if name in SUMMED else ["n"]
+        columns += [sa.Column(v, sa.BigInteger(), nullable=False) for v in values]
+        op.create_table(name, *columns, sa.Column("compacted", sa.Boolean(), nullable=False))
         keys = ([time_col] if time_col else []) + [c for c, _ in cols]
         op.create_index(f"uq_{name}_key", name, keys, unique=True,
                         postgresql_where=sa.text("compacted"), sqlite_where=sa.text("compacted"))
