@@ -147,8 +147,8 @@ def test_rollups_equal_raw_rows_through_the_lifecycle(
 def test_duration_bucket_sql_matches_python(store: Store) -> None:
     from postback_worker.store.figures import duration_bucket
 
-    values = [0.0, 0.001, 0.07, 0.0701, 0.3, 0.734, 2.5, 3.14159, 47.123, 1.0, 9.99, 10.0, 20.1, 99.99, 100.0, 123.456, 1000.5,
-              4321.0, 9999.0, 29999.999]
+    values = [0.0, 0.001, 0.07, 0.0701, 0.3, 0.734, 2.5, 3.14159, 47.123, 1.0, 9.99, 10.0,
+              20.1, 99.99, 100.0, 123.456, 1000.5, 4321.0, 9999.0, 29999.999]
     with store.engine.connect() as conn:
         got = [conn.execute(text("SELECT pbw_duration_bucket(:v)"), {"v": v}).scalar()
                for v in values]
