@@ -138,8 +138,18 @@ def _delta_sql(rollup: Rollup, op: str) -> str:
             f"GROUP BY {keys} HAVING {nonzero};")
 
 
+# Postback updates that touch no final state (claims, leases, sweeps, releases) change no
+# rollup: the trigger returns at once for them (the hot path's most frequent statements).
+FINAL_STATES = "('delivered', 'dead_lettered', 'skipped')"
+SHORTCUTS = {
+    "postbacks": ("IF TG_OP = 'UPDATE' THEN\n    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE "
+                  f"state IN {FINAL_STATES}) AND NOT EXISTS (SELECT 1 FROM old_rows WHERE state "
+                  f"IN {FINAL_STATES}) THEN\n      RETURN NULL;\n    END IF;\n  END IF;"),
+}
+
+
 def _function_sql(source: str) -> str:
-    branches = []
+    branches = [SHORTCUTS[source]] if source in SHORTCUTS else []
     for op in ("INSERT", "UPDATE", "DELETE"):
         body = "\n    ".join(_delta_sql(r, op) for r in ROLLUPS if r.source == source)
         branches.append(f"IF TG_OP = '{op}' THEN\n    {body}\n  END IF;")
