@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from postback_worker.ops.visibility.figures import bucket_quantile, nearest_rank
-from postback_worker.store.figures import duration_bucket, split
+from postback_worker.store.figures import bound_of, duration_bucket, split
+from postback_worker.store.rollups import DURATION_BOUNDS
 
 T = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -61,3 +63,12 @@ def test_bucket_quantile_equals_nearest_rank(values: list[float], q: float) -> N
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     assert bucket_quantile(counts.items(), q) == nearest_rank(sorted(values), q)
+
+
+@pytest.mark.parametrize(
+    ("micros", "bound"),
+    [(0, 0.05), (50_000, 0.05), (50_001, 0.1), (999_999, 1.0), (1_000_000, 1.0),
+     (30_000_000, 30.0), (30_000_001, math.inf)],
+)
+def test_bound_of_is_the_smallest_bound_not_exceeded(micros: int, bound: float) -> None:
+    assert bound_of(micros, DURATION_BOUNDS) == bound
