@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from postback_worker.domain.events import ValidationError
-from postback_worker.settings import Settings, SettingsError
+from postback_worker.settings import Settings
 
 
 def utcnow() -> datetime:
@@ -20,10 +18,7 @@ def utcnow() -> datetime:
 
 
 def load_settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except SettingsError as exc:
-        raise click.UsageError(f"bad setting: {exc}") from exc
+    return Settings.from_env()
 
 
 def open_store(settings: Settings) -> Any:
@@ -31,12 +26,6 @@ def open_store(settings: Settings) -> Any:
     from postback_worker.store.repo import Store
 
     return Store(make_engine(settings.database.url))
-
-
-def fail_validation(exc: ValidationError) -> None:
-    for e in exc.errors:
-        click.echo(f"error: {e.field}: {e.message}", err=True)
-    sys.exit(2)
 
 
 def cell(value: Any) -> str:
