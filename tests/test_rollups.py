@@ -4,15 +4,13 @@ compaction and a rebuild from rows (PostgreSQL; SQLite computes from rows)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
-import pytest
 import redis
 from sqlalchemy import text
 from support.helpers import NOW, Clock, add_click, conversion, messages
 from support.partner import PartnerServer
-from support.visibility_seed import run_pipeline, seed
+from support.visibility_seed import seed
 
 from postback_worker.ops.oncall import deadletters, replay
 from postback_worker.ops.oncall.retention import Purger
@@ -65,11 +63,6 @@ def assert_same(store: Store, now: datetime) -> None:
         assert roll.latency_histogram(since, until) == raw.latency_histogram(since, until)
         scope = Scope(TimeRange(since, until))
         assert delivery_report(store, scope) == delivery_report(store, scope, raw)
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 def compact(store: Store) -> int:
