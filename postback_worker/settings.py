@@ -188,6 +188,8 @@ class MetricsSettings:
     token: str = ""
     # Seconds of attempts/deliveries the /metrics histograms cover (a sliding window).
     window_seconds: int = 3600
+    # Seconds between compactions of the rollup deltas (beat; PostgreSQL only).
+    compact_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,8 @@ class AlertSettings:
     dead_letter_growth: int = 10
     # Seconds a due retry may wait unclaimed before the "retry backlog" alert fires.
     retry_overdue_seconds: int = 600
+    # A partner's oldest undelivered postback older than this raises backlog_age:<partner>.
+    backlog_age_seconds: int = 1800
     # Lost conversions (expired / unknown click) share per offer, and the minimum volume.
     lost_rate: float = 0.05
     lost_min_volume: int = 20

@@ -131,3 +131,32 @@ def test_dashboard_link_cli(settings: Settings) -> None:
     env = {**settings.to_env(), "POSTBACK_ADMIN_TOKEN": "", "POSTBACK_DASHBOARD_SECRET": ""}
     out = CliRunner().invoke(main, ["dashboard", "link"], env=env)
     assert out.exit_code == 2 and "set POSTBACK_DASHBOARD_SECRET" in out.stderr
+
+
+def test_backlog_age_per_partner_on_the_dashboard_and_in_partners_health(
+    settings: Settings, store: Store, scenario: Scenario, clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    from sqlalchemy import select
+
+    from postback_worker.ops.oncall.partner_health import health
+    from postback_worker.ops.visibility import dashboard as dash
+    from postback_worker.ops.visibility.reports import Scope
+    from postback_worker.ops.visibility.timerange import TimeRange
+    from postback_worker.store import schema
+
+    with store.engine.connect() as conn:
+        created = conn.execute(select(schema.postbacks.c.created_at).where(
+            schema.postbacks.c.state == "retry_scheduled")).scalar_one()
+    clock.advance(3 * 3600 + 125)  # p-down's late postback still waits for its retry
+    age = (clock() - created).total_seconds()
+    data = dash.gather(store, redis_client, Scope(TimeRange(NOW - timedelta(hours=1), clock())),
+                       clock())
+    assert data["backlog_age"] == {"p-down": {"postbacks": 1, "age_seconds": age}}
+    html = dash.render_html(data)
+    table = html.split('<table id="backlog-age">', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r'<tr data-partner="([^"]+)"><td>[^<]+</td><td class="n">(\d+)</td>'
+                      r'<td class="n">([^<]+)</td>', table) == [("p-down", "1", "3 h 2 min")]
+    rows = {r["partner_id"]: r for r in health(store, settings, redis_client, clock())}
+    assert rows["p-down"]["backlog_age_seconds"] == age
+    assert rows["p-ok"]["backlog_age_seconds"] is None

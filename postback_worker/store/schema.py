@@ -312,3 +312,67 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime),
     Column("revoked_at", UTCDateTime),
 )
+
+
+# -- rollups (store/rollups.py): counts kept exact by PostgreSQL triggers ---------------------
+# Each row is a delta (compacted = false, appended by a trigger) or the sum of folded deltas
+# (compacted = true, one per key). Readers sum both. Unused on SQLite (figures come from rows).
+
+def _rollup(name: str, time_column: str | None, *columns: Column[Any],
+            values: tuple[str, ...] = ("n",)) -> Table:
+    keys = ([time_column] if time_column else []) + [c.name for c in columns]
+    time_cols = [Column(time_column, UTCDateTime, nullable=False)] if time_column else []
+    table = Table(
+        name, metadata, *time_cols, *columns,
+        *[Column(v, BigInteger, nullable=False) for v in values],
+        Column("compacted", Boolean, nullable=False, default=False),
+    )
+    Index(f"uq_{name}_key", *[table.c[k] for k in keys], unique=True,
+          postgresql_where=table.c.compacted, sqlite_where=table.c.compacted)
+    if time_column:
+        Index(f"ix_{name}_{time_column}", table.c[time_column])
+    return table
+
+
+rollup_postbacks = _rollup(
+    "rollup_postbacks", "hour", Column("partner_id", String(64), nullable=False),
+    # postbacks (every one created), delivered, failed (dead-lettered), skipped
+    Column("bucket", String(20), nullable=False),
+    Column("last_class", String(20), nullable=False))
+rollup_attempts = _rollup(
+    "rollup_attempts", "hour", Column("partner_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),  # -1: no HTTP status
+    Column("failure_class", String(20), nullable=False))
+rollup_durations = _rollup(
+    "rollup_durations", "hour", Column("partner_id", String(64), nullable=False),
+    Column("bucket_ms", Float, nullable=False))
+rollup_attempt_minutes = _rollup(
+    "rollup_attempt_minutes", "minute", Column("partner_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("failure_class", String(20), nullable=False))
+# Per minute, per partner, per /metrics histogram bound (store/rollups.py DURATION_BOUNDS,
+# LATENCY_BOUNDS; infinity above the last): how many, and their total in microseconds.
+rollup_attempt_durations = _rollup(
+    "rollup_attempt_durations", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
+rollup_latencies = _rollup(
+    "rollup_latencies", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
+rollup_conversions = _rollup(
+    "rollup_conversions", "hour", Column("offer_id", String(64), nullable=False),
+    Column("state", String(32), nullable=False))
+rollup_dead_letters = _rollup(
+    "rollup_dead_letters", None, Column("partner_id", String(64), nullable=False),
+    Column("failure_class", String(20), nullable=False))
+
+# Raw-row figures that must not scan history (migration 0005).
+_BACKLOG = postbacks.c.state.in_(["pending", "queued", "in_flight", "retry_scheduled"])
+Index("ix_attempts_test_postback", attempts.c.postback_id,
+      postgresql_where=attempts.c.is_test, sqlite_where=attempts.c.is_test)
+Index("ix_postbacks_backlog", postbacks.c.partner_id, postbacks.c.created_at,
+      postgresql_where=_BACKLOG, sqlite_where=_BACKLOG)
+Index("ix_postbacks_created_at", postbacks.c.created_at)
+Index("ix_postbacks_failed_created", postbacks.c.created_at,
+      postgresql_where=postbacks.c.state == "dead_lettered",
+      sqlite_where=postbacks.c.state == "dead_lettered")
+Index("ix_dead_letters_created_at", dead_letters.c.created_at)

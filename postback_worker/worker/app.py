@@ -113,6 +113,15 @@ def build_pipeline(settings: Settings) -> Any:
     return Pipeline(settings, store, sender, redis=settings.redis.client())
 
 
+@signals.beat_init.connect
+def quiet_beat(sender: Any = None, **_: Any) -> None:
+    """Beat publishes only periodic maintenance tasks: no task-sent events for them, so
+    Flower's task list keeps to real work (tasks a worker or the API publishes still send
+    theirs; maintenance tasks that run every few seconds send no worker events either)."""
+    if sender is not None:
+        sender.app.conf.task_send_sent_event = False
+
+
 def check_settings(settings: Settings) -> None:
     """Refuse settings a worker cannot work with (raises SettingsError with what to change).
 

@@ -10,6 +10,7 @@ from postback_worker.errors import UnknownPartner
 from postback_worker.ops.oncall.replay import rerender_waiting
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
+from postback_worker.store.figures import figures_for
 from postback_worker.store.repo import Store
 
 
@@ -22,6 +23,7 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
     """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
     waiting, dead, recent = store.partner_counts(now - timedelta(hours=1))
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
+    backlog = figures_for(store).backlog_by_partner()
     rows = []
     for p in store.list_partners():
         pid = p["id"]
@@ -34,6 +36,9 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             "window_attempts": None, "window_failed": None,
             "rate_limit": p["rate_limit"], "max_concurrency": p["max_concurrency"],
             "in_flight": None, "waiting": int(waiting.get(pid, 0)),
+            # Seconds since its oldest undelivered postback was created (None: no backlog).
+            "backlog_age_seconds": (max(0.0, (now - backlog[pid][1]).total_seconds())
+                                    if pid in backlog else None),
             "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
             "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
         }

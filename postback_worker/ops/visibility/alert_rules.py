@@ -21,6 +21,7 @@ RETRY_BACKLOG = "retry_backlog_overdue"
 CIRCUIT_OPEN = "circuit_open"
 LOST_CONVERSIONS = "lost_conversions"
 PARTNER_GONE = "partner_gone"
+BACKLOG_AGE = "backlog_age"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Snapshot:
     lost: Sequence[OfferLost] = ()
     # Partners paused because they answered 410 Gone -> why (their pause reason).
     gone: Mapping[str, str] = field(default_factory=dict)
+    # Partner -> (postbacks not yet delivered nor given up, seconds since the oldest was created)
+    backlog_age: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,23 @@ def _retry_backlog(s: Snapshot, th: Thresholds) -> Condition:
                      details={"backlog": s.retry_backlog, "overdue_seconds": overdue})
 
 
+def _backlog_age(partner_id: str, count: int, age: float, th: Thresholds) -> Condition:
+    bound = th.backlog_age_seconds
+    active = _band(age, bound, bound * th.clear_ratio)
+    message = (
+        f"Partner {partner_id}: the oldest of its {count} undelivered postbacks was created "
+        f"{_minutes(age)} ago (bound {_minutes(bound)}); they wait for a retry, a limit, the "
+        "circuit breaker or a pause. Next step: postback-worker partners health, then "
+        f"postback-worker report --partner {partner_id}."
+    )
+    return Condition(key=f"{BACKLOG_AGE}:{partner_id}", kind=BACKLOG_AGE, active=active,
+                     message=message, partner_id=partner_id,
+                     severity="critical" if age >= 2 * bound else "warning",
+                     summary=(f"partner {partner_id} backlog of {count}, oldest "
+                              f"{_minutes(age)} old"),
+                     details={"postbacks": count, "age_seconds": age})
+
+
 def _circuit(partner_id: str, state: str) -> Condition:
     # half_open keeps an open alert open (the probe has not succeeded yet); only closed clears.
     active: bool | None = True if state == "open" else (None if state == "half_open" else False)
@@ -258,6 +278,7 @@ def conditions(s: Snapshot, th: Thresholds) -> list[Condition]:
     out.extend(_circuit(pid, state) for pid, state in sorted(s.circuits.items()))
     out.extend(_lost(o, th) for o in s.lost if o.conversions)
     out.extend(_gone(pid, why) for pid, why in sorted(s.gone.items()))
+    out.extend(_backlog_age(pid, n, age, th) for pid, (n, age) in sorted(s.backlog_age.items()))
     return out
 
 
