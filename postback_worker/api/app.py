@@ -12,7 +12,6 @@ from postback_worker.api.http import db_error, project_error
 from postback_worker.errors import PostbackWorkerError
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
-from postback_worker.store.db import make_engine
 from postback_worker.store.repo import Store
 
 
@@ -20,7 +19,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                producer: Producer | None = None) -> Starlette:
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
-    store = store or Store(make_engine(settings.database.url))
+    store = store or Store.from_url(settings.database.url)
     producer = producer or Producer(settings)
     api = Api(settings, store, producer)
     routes = [

@@ -22,10 +22,9 @@ def load_settings() -> Settings:
 
 
 def open_store(settings: Settings) -> Any:
-    from postback_worker.store.db import make_engine
     from postback_worker.store.repo import Store
 
-    return Store(make_engine(settings.database.url))
+    return Store.from_url(settings.database.url)
 
 
 def cell(value: Any) -> str:
