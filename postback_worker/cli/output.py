@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+from sqlalchemy.exc import OperationalError
 
+from postback_worker.dev import state
 from postback_worker.domain.events import ValidationError
+from postback_worker.domain.masking import mask_url
+from postback_worker.errors import PostbackWorkerError, Unavailable
 from postback_worker.settings import Settings, SettingsError
 
 
@@ -20,17 +25,43 @@ def utcnow() -> datetime:
 
 
 def load_settings() -> Settings:
+    """Settings from the environment; without DATABASE_URL, completed from the local stack's
+    `.postback-worker/stack.json` (written by `postback-worker up`) when there is one."""
     try:
-        return Settings.from_env()
+        return Settings.from_env(state.local_env(os.environ))
     except SettingsError as exc:
         raise click.UsageError(f"bad setting: {exc}") from exc
 
 
-def open_store(settings: Settings) -> Any:
-    from postback_worker.store.db import make_engine
+NOT_MIGRATED = "database not migrated: run postback-worker db upgrade"
+
+
+def open_store(settings: Settings, *, migrated: bool = True) -> Any:
+    """The store of DATABASE_URL. With `migrated`, a database without our schema (or, for
+    SQLite, no file at all: none is created) ends the command with one line and exit code 5."""
+    from postback_worker.store.db import current_revision, make_engine, sqlite_path
     from postback_worker.store.repo import Store
 
-    return Store(make_engine(settings.database.url))
+    url = settings.database.url
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        fail(Unavailable(f"{NOT_MIGRATED} (no database file {path})"))
+    engine = make_engine(url)
+    if migrated:
+        try:
+            revision = current_revision(engine)
+        except OperationalError as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            fail(Unavailable(f"cannot reach the database at {mask_url(url)}: {reason}"))
+        if revision is None:
+            fail(Unavailable(NOT_MIGRATED))
+    return Store(engine)
+
+
+def fail(exc: PostbackWorkerError) -> NoReturn:
+    """One line on stderr and the exit code of the error's kind (see errors.py)."""
+    click.echo(f"error: {exc.message}", err=True)
+    sys.exit(exc.exit_code)
 
 
 def fail_validation(exc: ValidationError) -> None:
