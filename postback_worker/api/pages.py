@@ -79,8 +79,9 @@ def home_html(database: str) -> str:
         f'<p class="muted" id="running">Running here: the HTTP API, version {escape(_version())}'
         f", on {escape(database)}. Celery workers, beat and Flower are separate processes.</p>"
         f'<div class="card"><ul id="links">{items}</ul></div>'
-        '<p class="muted">Every endpoint but <code>/</code>, <code>/docs</code>, '
-        "<code>/openapi.json</code>, <code>/health</code> and <code>/click</code> needs "
+        '<p class="muted">No credential needed: <code>/</code>, <code>/docs</code>, '
+        "<code>/openapi.json</code>, <code>/health</code>, <code>/click</code>; "
+        "<code>/postback</code> takes the offer's security token. Every other endpoint needs "
         "<code>Authorization: Bearer &lt;API key&gt;</code> (<code>postback-worker keys "
         "create</code>).</p></body></html>")
 

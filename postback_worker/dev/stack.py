@@ -129,6 +129,16 @@ def _cli_hint() -> str:
         return str(exe)
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM and a closed terminal all stop the stack cleanly (SIGINT too when
+    started in the background, where the shell makes it ignored)."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: int,
               data_dir: str, partner_port: int = DEMO_PARTNER_PORT) -> int:
     root = Path(data_dir).resolve()
@@ -146,6 +156,7 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
     env["REDIS_URL"] = redis_url
     partner: DemoPartner | None = None
     stack = Stack(root, env)
+    _stop_on_signals()
     try:
         claim_redis_db(redis_url, root)
         db_number = urlsplit(redis_url).path.strip("/") or "0"

@@ -75,3 +75,14 @@ def local_env(environ: Mapping[str, str], start: Path | None = None) -> dict[str
     except (OSError, ValueError, TypeError):
         return dict(environ)
     return {**state.env(), **environ}
+
+
+def local_api_url(environ: Mapping[str, str], start: Path | None = None) -> str | None:
+    """The local stack's API URL, when commands use that stack (no DATABASE_URL)."""
+    if "DATABASE_URL" in environ:
+        return None
+    path = find(start)
+    try:
+        return read(path).api_url if path else None
+    except (OSError, ValueError, TypeError):
+        return None

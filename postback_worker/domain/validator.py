@@ -164,6 +164,8 @@ def _check_url(r: _Report) -> None:
     if scheme == "http":
         r.add(0, "plain http sends the postback unencrypted", "http", "https://", "warning")
     host, pos = _authority(t, m.end())
+    if host.startswith("["):
+        r.mask(pos, pos + len(host))  # brackets around a host are URL syntax, not to encode
     if host.startswith("[") and host != "[]":
         _ipv6_literal(r, host, pos)
     elif not host or host == "[]":
@@ -175,7 +177,6 @@ def _check_url(r: _Report) -> None:
 
 def _ipv6_literal(r: _Report, host: str, pos: int) -> None:
     """A bracketed host is an IPv6 address (RFC 3986: https://[2001:db8::1]:8443/pb)."""
-    r.mask(pos, pos + len(host))  # its brackets are the URL's syntax, not characters to encode
     inner = host[1:-1] if host.endswith("]") else host[1:]
     if not host.endswith("]"):
         r.add(pos, f"unclosed '[' in the host {host!r}; an IPv6 address is written in "

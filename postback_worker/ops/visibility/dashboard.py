@@ -201,7 +201,8 @@ def _worst_partners(data: dict[str, Any], link: Callable[..., str], since: str,
     partners = data["report"]["partners"][:WORST_PARTNERS]
     bars = hbars("chart-worst-partners", "Failure rate by partner, worst first",
                  [(p["partner_id"], p["failure_rate"] or 0.0,
-                   f"{percent(p['failure_rate'])} failed") for p in partners], top=1.0)
+                   f"{percent(p['failure_rate'])} failed") for p in partners], top=1.0,
+                 text_w=100)
     rows = []
     for p in partners:
         top_class = max(((c, n) for c, n in p["failure_classes"].items() if c != "delivered"),
