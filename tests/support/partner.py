@@ -1,7 +1,7 @@
 """A real local HTTP server playing the partner, for tests.
 
-Runs `ThreadingHTTPServer` (HTTP/1.1, keep-alive) on 127.0.0.1 (or ::1) in a background thread, records
-every request and answers according to rules switchable at runtime.
+Runs `ThreadingHTTPServer` (HTTP/1.1, keep-alive) on 127.0.0.1 (or ::1) in a background thread,
+records every request and answers according to rules switchable at runtime.
 """
 
 from __future__ import annotations
