@@ -4,8 +4,6 @@ a screenshot saved under the test's temporary directory; sign-in links and drill
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 import redis
 import requests
 from conftest import ADMIN
+from support.browser import chromium, find_chromium
 from support.helpers import NOW
 from support.partner import PartnerServer
 from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
@@ -26,14 +25,6 @@ from postback_worker.store.repo import Store
 
 RANGE = {"since": (NOW - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
          "until": (NOW + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 @pytest.fixture()
@@ -55,15 +46,6 @@ def sign_in_link(api: str, next_path: str) -> str:
     r = requests.post(f"{api}/v1/dashboard/link", params={"next": next_path}, headers=ADMIN)
     assert r.status_code == 200, r.text
     return str(r.json()["url"])
-
-
-def chromium(binary: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-         "--window-size=1400,1000", *args],
-        capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_dashboard_in_headless_chromium(settings: Settings, store: Store, scenario: Scenario,

@@ -42,9 +42,12 @@ def db_upgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
-    from postback_worker.store.db import current_revision
+    from postback_worker.store.db import current_revision, sqlite_path
 
-    revision = current_revision(open_store(load_settings(), migrated=False).engine)
+    settings = load_settings()
+    path = sqlite_path(settings.database.url)
+    missing = path is not None and not path.exists()  # not created just to look at it
+    revision = None if missing else current_revision(open_store(settings, migrated=False).engine)
     click.echo(revision or "none (run: postback-worker db upgrade)")
 
 

@@ -38,16 +38,17 @@ NOT_MIGRATED = "database not migrated: run postback-worker db upgrade"
 
 def open_store(settings: Settings, *, migrated: bool = True) -> Any:
     """The store of DATABASE_URL. With `migrated`, a database without our schema (or, for
-    SQLite, no file at all: none is created) ends the command with one line and exit code 5."""
+    SQLite, no file at all: none is created) ends the command with one line and exit code 5.
+    Without it, nothing is checked (and SQLite creates a missing file when first used)."""
     from postback_worker.store.db import current_revision, make_engine, sqlite_path
     from postback_worker.store.repo import Store
 
     url = settings.database.url
-    path = sqlite_path(url)
-    if path is not None and not path.exists():
-        fail(Unavailable(f"{NOT_MIGRATED} (no database file {path})"))
     engine = make_engine(url)
     if migrated:
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            fail(Unavailable(f"{NOT_MIGRATED} (no database file {path})"))
         try:
             revision = current_revision(engine)
         except OperationalError as exc:
