@@ -393,7 +393,7 @@ class Pipeline:
         retry_after = parse_retry_after(outcome.retry_after, now)
         self._observe(buf, c, partner, failure, retry_after, now)
         decision = partner.policy(self.settings.retry).decide(
-            failure, attempts_made=attempt_no,
+            failure, attempts_made=attempt_no - int(c.get("round_start_attempts") or 0),
             first_attempt_at=c["first_attempt_at"] or started, now=now,
             retry_after=retry_after, rand=self.rand(),
         )

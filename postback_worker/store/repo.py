@@ -282,7 +282,8 @@ class Store:
                                 last_attempt_at=now, updated_at=now,
                                 first_attempt_at=func.coalesce(pb.first_attempt_at, now))
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
-                                   pb.attempts, pb.first_attempt_at, pb.received_at)
+                                   pb.attempts, pb.round_start_attempts, pb.first_attempt_at,
+                                   pb.received_at)
                     )
                     claimed.extend(dict(r) for r in conn.execute(stmt).mappings())
         return claimed

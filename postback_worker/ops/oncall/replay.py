@@ -172,6 +172,8 @@ def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: st
             slot = now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
             conn.execute(update(t.postbacks).where(pb.id == c.postback_id,
                                                    pb.state == repo.DEAD_LETTERED).values(
+                # A new round of the retry policy: its attempts are counted from here.
+                round_start_attempts=pb.attempts,
                 state=repo.QUEUED, url=c.new_url, next_attempt_at=slot, first_attempt_at=None,
                 lease_until=None, lease_token=None, triggered_by=tag, updated_at=now,
                 reason=f"replay run {run_id} queued"))
