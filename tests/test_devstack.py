@@ -78,7 +78,7 @@ def test_up_runs_the_demo_and_prints_no_secret(tmp_path: Path, pg_url: str, redi
     data = json.loads(saved.read_text())
     assert data["admin_token"] == "adm-tok-never-printed" and data["redis_url"] == redis_url
     # The Redis database is marked as this stack's.
-    assert redis_client.get(OWNER_KEY) == str(tmp_path).encode()
+    assert json.loads(redis_client.get(OWNER_KEY) or "{}")["data_dir"] == str(tmp_path)
 
 
 def test_up_and_the_suite_never_take_a_redis_database_holding_others_keys(
@@ -91,13 +91,24 @@ def test_up_and_the_suite_never_take_a_redis_database_holding_others_keys(
     with pytest.raises(click.ClickException, match="keys that postback-worker up did not create"):
         claim_redis_db(redis_url, mine)
     assert redis_client.keys("*") == [b"session:42"]
-    # An empty database becomes ours; ours again later; another clone's stack is refused.
+    # An empty database becomes ours; ours again later; another clone's stack is refused,
+    # running or stopped, each with what to do.
     redis_client.flushdb()
     claim_redis_db(redis_url, mine)
     redis_client.rpush("conversions", "work")
     claim_redis_db(redis_url, mine)
-    with pytest.raises(click.ClickException, match=f"used by the stack in {mine}"):
+    with pytest.raises(click.ClickException, match=f"used by the stack running in {mine} "
+                                                   rf"\(pid {os.getpid()}\): stop it, or"):
         claim_redis_db(redis_url, other)
+    owner = json.loads(redis_client.get(OWNER_KEY) or "{}")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    redis_client.set(OWNER_KEY, json.dumps({**owner, "pid": ended.pid}))
+    db = redis_url.rsplit("/", 1)[1]
+    with pytest.raises(click.ClickException, match=f"keys of the stopped stack in {mine}: delete "
+                                                   rf"them \(redis-cli -n {db} flushdb\)"):
+        claim_redis_db(redis_url, other)
+    assert redis_client.lrange("conversions", 0, -1) == [b"work"]  # untouched
     # The suite: it flushes its database, so it takes only one holding its own kinds of keys
     # and no other live run's mark.
     redis_client.flushdb()
@@ -110,9 +121,7 @@ def test_up_and_the_suite_never_take_a_redis_database_holding_others_keys(
     redis_client.set(redisdb.OWNER_KEY, f"{os.uname().nodename}:{os.getppid()}")
     reason = redisdb.claim(redis_client)
     assert reason and reason.startswith("is in use by another test run")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    redis_client.set(redisdb.OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
+    redis_client.set(redisdb.OWNER_KEY, f"{os.uname().nodename}:{ended.pid}")
     assert redisdb.claim(redis_client) is None  # that run has ended
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,27 +79,51 @@ def _wait_http(url: str, stack: Stack, timeout: float = 60) -> None:
 # `up` keeps its work in this Redis database (unless REDIS_URL says otherwise); the test suite
 # uses another one (TEST_REDIS_DB, default 9), so neither flushes the other's keys.
 REDIS_DB = 1
-# Set in the Redis database `up` uses: the data directory of the stack that owns it.
-OWNER_KEY = "postback-worker:up:data-dir"
+# Set in the Redis database `up` uses: which stack owns it ({"data_dir", "host", "pid"}).
+OWNER_KEY = "postback-worker:up:owner"
+
+
+def _running(owner: dict[str, object]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's stack: we cannot tell, so it counts as running
+    try:
+        os.kill(int(str(owner.get("pid"))), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def claim_redis_db(url: str, data_dir: Path) -> None:
-    """Mark the Redis database at `url` as this stack's; refuse one that holds keys it did
-    not create (another program's data, or another clone's stack)."""
+    """Mark the Redis database at `url` as this stack's; refuse one that holds keys this
+    stack did not create (another program's data, or another clone's stack)."""
     from postback_worker import redisconn
 
     client = redisconn.client(url)
     try:
-        owner = client.get(OWNER_KEY)
-        owner_dir = owner.decode() if owner else None
-        if owner_dir != str(data_dir) and client.dbsize() > 0:
-            held = (f"by the stack in {owner_dir}" if owner_dir
-                    else "keys that postback-worker up did not create")
+        raw = client.get(OWNER_KEY)
+        try:
+            owner = json.loads(raw) if raw else None
+        except ValueError:
+            owner = {"data_dir": "?"}
+        other = "set REDIS_URL to another database number"
+        where = mask_url(url)
+        if owner is None and client.dbsize() > 0:
             raise click.ClickException(
-                f"Redis database {mask_url(url)} is used {held}; postback-worker up never "
-                "touches data it did not create. Stop that stack, or set REDIS_URL to an "
-                "empty database (e.g. redis://127.0.0.1:6379/2)")
-        client.set(OWNER_KEY, str(data_dir))
+                f"Redis database {where} holds keys that postback-worker up did not create, "
+                f"and up never touches them: {other} (an empty one)")
+        if owner is not None and owner.get("data_dir") != str(data_dir):
+            if _running(owner):
+                raise click.ClickException(
+                    f"Redis database {where} is used by the stack running in "
+                    f"{owner.get('data_dir')} (pid {owner.get('pid')}): stop it, or {other}")
+            db = urlsplit(url).path.strip("/") or "0"
+            raise click.ClickException(
+                f"Redis database {where} holds the keys of the stopped stack in "
+                f"{owner.get('data_dir')}: delete them (redis-cli -n {db} flushdb), or {other}")
+        client.set(OWNER_KEY, json.dumps({"data_dir": str(data_dir), "pid": os.getpid(),
+                                          "host": socket.gethostname()}))
     finally:
         client.close()
 
