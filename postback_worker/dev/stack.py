@@ -16,9 +16,10 @@ from urllib.parse import urlsplit
 import click
 import requests
 
+from postback_worker import redisconn
 from postback_worker.dev import state
 from postback_worker.dev.demo import DEMO_PARTNER_PORT, DemoPartner, run_demo
-from postback_worker.dev.services import ensure_redis, port_is_free, stop
+from postback_worker.dev.services import ensure_redis, port_is_free, process_alive, stop
 from postback_worker.domain.masking import mask_url
 from postback_worker.store.db import upgrade
 from postback_worker.worker.queues import QUEUES
@@ -83,23 +84,9 @@ REDIS_DB = 1
 OWNER_KEY = "postback-worker:up:owner"
 
 
-def _running(owner: dict[str, object]) -> bool:
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine's stack: we cannot tell, so it counts as running
-    try:
-        os.kill(int(str(owner.get("pid"))), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
-
-
 def claim_redis_db(url: str, data_dir: Path) -> None:
     """Mark the Redis database at `url` as this stack's; refuse one that holds keys this
     stack did not create (another program's data, or another clone's stack)."""
-    from postback_worker import redisconn
-
     client = redisconn.client(url)
     try:
         raw = client.get(OWNER_KEY)
@@ -114,7 +101,7 @@ def claim_redis_db(url: str, data_dir: Path) -> None:
                 f"Redis database {where} holds keys that postback-worker up did not create, "
                 f"and up never touches them: {other} (an empty one)")
         if owner is not None and owner.get("data_dir") != str(data_dir):
-            if _running(owner):
+            if process_alive(str(owner.get("host")), owner.get("pid")):
                 raise click.ClickException(
                     f"Redis database {where} is used by the stack running in "
                     f"{owner.get('data_dir')} (pid {owner.get('pid')}): stop it, or {other}")
@@ -147,12 +134,15 @@ def _stack_env(root: Path) -> dict[str, str]:
 def _cli_hint() -> str:
     """How to run this CLI from the current directory (e.g. `.venv/bin/postback-worker`)."""
     exe = Path(sys.executable).parent / "postback-worker"
-    if not exe.exists():
-        return "postback-worker"
+    return _shown(exe) if exe.exists() else "postback-worker"
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the current directory when it is below it."""
     try:
-        return str(exe.relative_to(Path.cwd()))
+        return str(path.relative_to(Path.cwd()))
     except ValueError:
-        return str(exe)
+        return str(path)
 
 
 def _stop_on_signals() -> None:
@@ -236,10 +226,3 @@ def run_stack(*, demo: bool, exit_after_demo: bool, api_port: int, flower_port: 
             partner.close()
         if redis_proc is not None:
             stop(redis_proc)
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Any
 
+from postback_worker.dev.services import process_alive
 from postback_worker.worker.queues import QUEUES
 
 OWNER_KEY = "postback-worker:test-suite:owner"
@@ -28,19 +29,6 @@ def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine's run: we cannot tell, so it counts as running
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim(client: Any) -> str | None:
     """Mark the database as this run's. None when it is ours to flush (empty, already ours,
     or left by a run that has ended); otherwise why not."""
@@ -48,7 +36,7 @@ def claim(client: Any) -> str | None:
     owner = raw.decode() if raw else None
     if owner is None and _foreign(client):
         return "holds keys the test suite did not create"
-    if owner is not None and owner != _me() and _alive(owner):
+    if owner is not None and owner != _me() and process_alive(*owner.rsplit(":", 1)):
         return f"is in use by another test run ({owner})"
     mark(client)
     return None
