@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from support import redisdb
 
 from postback_worker.dev import state
+from postback_worker.dev.demo import DemoPartner
 from postback_worker.dev.services import free_port
 from postback_worker.dev.stack import OWNER_KEY, REDIS_DB, claim_redis_db
 from postback_worker.store.repo import Store
@@ -123,6 +124,27 @@ def test_up_and_the_suite_never_take_a_redis_database_holding_others_keys(
     assert reason and reason.startswith("is in use by another test run")
     redis_client.set(redisdb.OWNER_KEY, f"{os.uname().nodename}:{ended.pid}")
     assert redisdb.claim(redis_client) is None  # that run has ended
+
+
+def test_demo_partner_answers_until_closed_and_heals() -> None:
+    partner = DemoPartner()
+    try:
+        def get(path: str) -> tuple[int, str]:
+            r = requests.get(f"{partner.url}{path}?tid=1", timeout=5)
+            return r.status_code, r.text
+
+        assert [get(p) for p in ("/ok", "/down", "/blocked", "/other")] == [
+            (200, "success=true"), (503, "maintenance"), (403, "forbidden"), (404, "not found")]
+        assert requests.post(f"{partner.url}/heal", timeout=5).status_code == 200
+        assert [get(p) for p in ("/down", "/blocked", "/other")] == [
+            (200, "success=true"), (200, "success=true"), (404, "not found")]
+        assert requests.post(f"{partner.url}/break", timeout=5).status_code == 200
+        assert get("/down") == (503, "maintenance")
+        assert requests.post(f"{partner.url}/down", timeout=5).status_code == 404
+    finally:
+        partner.close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{partner.url}/ok", timeout=5)
 
 
 # -- a newcomer's first hour: a fresh clone, `up --demo`, the README's commands ---------------
