@@ -245,7 +245,8 @@ def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, partn
     """Bring up API, worker, beat and Flower on local defaults (SQLite, Redis database 1).
 
     Writes DATA_DIR/stack.json (readable by you only) so that commands run in another
-    terminal of this directory use this stack without any exported setting."""
+    terminal of this directory (or below it) use this stack without any exported setting;
+    they look for .postback-worker/stack.json, the default DATA_DIR."""
     from postback_worker.dev.stack import run_stack
 
     sys.exit(run_stack(demo=demo or exit_after_demo, exit_after_demo=exit_after_demo,
