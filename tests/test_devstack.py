@@ -293,6 +293,7 @@ def test_every_readme_command_after_up_demo_from_a_fresh_clone(
     # Nothing left behind in the clone: the support bundle's default name is ignored.
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=clone,
                             capture_output=True, text=True, check=True).stdout.splitlines()
+    status = [line for line in status if "__pycache__" not in line]
     assert sorted(status) == ["!! .postback-worker/", "!! " + _one_bundle(clone)], status
     # Elsewhere (no stack, no database): one line, exit code 5, no file created.
     elsewhere = tmp_path / "elsewhere"
