@@ -63,3 +63,15 @@ class Conflict(PostbackWorkerError):
 class Unavailable(PostbackWorkerError):
     http_status = 503
     exit_code = 5
+
+
+class UnknownPartner(NotFound):
+    def __init__(self, partner_id: str) -> None:
+        super().__init__(f"no partner {partner_id!r}")
+        self.partner_id = partner_id
+
+
+class UnknownOffer(NotFound):
+    def __init__(self, offer_id: str) -> None:
+        super().__init__(f"no offer {offer_id!r}")
+        self.offer_id = offer_id

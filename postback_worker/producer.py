@@ -23,11 +23,12 @@ from postback_worker.domain.events import (
     ValidationError,
     parse_conversion,
 )
+from postback_worker.errors import Unavailable
 from postback_worker.settings import Settings
 from postback_worker.worker.queues import CONVERSIONS, TASK_PROCESS
 
 
-class EnqueueError(RuntimeError):
+class EnqueueError(Unavailable):
     """The broker did not accept (all of) the events; `queued_ids` lists those it did take."""
 
     def __init__(self, message: str, queued_ids: list[str]) -> None:

@@ -84,7 +84,7 @@ def test_show(cli: CliRunner, store: Store, settings: Settings, partner: Partner
     detail = json.loads(r.output)
     assert detail["postbacks"][0]["attempts_log"][0]["status_code"] == 503
     r = cli.invoke(main, ["show", "cv_nope"])
-    assert r.exit_code == 1 and "no conversion 'cv_nope'" in r.output
+    assert r.exit_code == 3 and "no conversion 'cv_nope'" in r.output
 
 
 def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path: Path,
@@ -175,6 +175,23 @@ def test_unmigrated_database_one_line_exit_5_no_file(
         admin.dispose()
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:pw@127.0.0.1:1/nowhere")
     r = CliRunner().invoke(main, ["offers", "list"])
-    assert r.exit_code == 5 and r.output.startswith(
-        "error: cannot reach the database at postgresql://postgres:***@127.0.0.1:1/nowhere: ")
-    assert len(r.output.splitlines()) == 1
+    assert r.exit_code == 5 and r.output.startswith("error: the database is unavailable: ")
+    assert len(r.output.splitlines()) == 1 and ":pw@" not in r.output
+
+
+def test_unreachable_database_and_redis_exit_5(monkeypatch: pytest.MonkeyPatch) -> None:
+    from postback_worker.dev.services import free_port
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://127.0.0.1:{free_port()}/nothing")
+    r = CliRunner().invoke(main, ["offers", "list"])
+    assert r.exit_code == 5, r.output
+    assert r.stderr.startswith("error: the database is unavailable: ")
+    assert "Traceback" not in r.output
+
+
+def test_bad_setting_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTBACK_LEASE_SECONDS", "soon")
+    r = CliRunner().invoke(main, ["offers", "list"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == ("error: POSTBACK_LEASE_SECONDS: invalid literal for int() with "
+                                "base 10: 'soon'")

@@ -101,11 +101,24 @@ def test_dlq_list_stats_show_and_bad_input(cli: CliRunner, seeded: dict[str, lis
         (["dlq", "list", "--status", "abc"], "error: last_status: must be an HTTP status code"),
         (["dlq", "replay", "--rate", "fast"], "error: --rate: must be a rate such as 10/s"),
         (["dlq", "purge"], "error: purge deletes 5 dead letter(s) (all dead letters); add --yes"),
-        (["reattribute", "--offer", "nope"], "error: --offer: no offer 'nope'"),
-        (["partners", "pause", "nope"], "error: no partner 'nope'"),
     ):
         r = cli.invoke(main, args)
         assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr, (args, r.stderr)
+    # Not found: exit code 3, the same for every command.
+    for args, message in (
+        (["reattribute", "--offer", "nope"], "error: no offer 'nope'"),
+        (["partners", "pause", "nope"], "error: no partner 'nope'"),
+        (["partners", "resume", "nope"], "error: no partner 'nope'"),
+        (["partners", "limits", "nope", "--rate", "5/s"], "error: no partner 'nope'"),
+        (["support-bundle", "--partner", "nope"], "error: no partner 'nope'"),
+        (["dlq", "show", "pb_nope"], "error: no postback 'pb_nope'"),
+        (["dlq", "run", "run_nope"], "error: no run 'run_nope'"),
+        (["show", "cv_nope"], "error: no conversion 'cv_nope'"),
+        (["keys", "revoke", "key_nope"], "error: no active key 'key_nope'"),
+    ):
+        r = cli.invoke(main, args)
+        assert r.exit_code == 3, (args, r.output)
         assert message in r.stderr, (args, r.stderr)
 
 

@@ -55,7 +55,7 @@ def test_validate_saved_partner_with_dns(cli: CliRunner, store: Store) -> None:
     assert r.exit_code == 0 and r.output.splitlines()[-1] == "template OK"
     assert cli.invoke(main, ["partners", "validate"]).exit_code == 2
     r = cli.invoke(main, ["partners", "validate", "nope", "--no-dns"])
-    assert r.exit_code == 2 and "error: no partner 'nope'" in r.output
+    assert r.exit_code == 3 and "error: no partner 'nope'" in r.output
 
 
 def test_add_refuses_invalid_template_listing_every_problem(cli: CliRunner) -> None:
@@ -129,7 +129,8 @@ def test_signing_and_offer_token(cli: CliRunner, store: Store) -> None:
     assert r.exit_code == 2 and "error: header:" in r.output
     r = cli.invoke(main, ["offers", "token", "o1"])
     assert r.exit_code == 0 and "security_token=" in r.output
-    assert cli.invoke(main, ["offers", "token", "zz"]).exit_code == 2
+    r = cli.invoke(main, ["offers", "token", "zz"])
+    assert r.exit_code == 3 and "error: no offer 'zz'" in r.output
 
 
 def test_audit_exit_codes(cli: CliRunner, store: Store, settings: Settings) -> None:
@@ -158,6 +159,6 @@ def test_keys(cli: CliRunner) -> None:
     assert listed["id"] == key_id and listed["scopes"] == "ingest" and key not in r.output
     assert cli.invoke(main, ["keys", "revoke", key_id]).output.strip() == f"key {key_id} revoked"
     r = cli.invoke(main, ["keys", "revoke", key_id])
-    assert r.exit_code == 2 and f"no active key '{key_id}'" in r.output
+    assert r.exit_code == 3 and f"no active key '{key_id}'" in r.output
     r = cli.invoke(main, ["keys", "create", "--name", "x", "--scope", "root"])
     assert r.exit_code == 2

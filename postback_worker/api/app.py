@@ -8,7 +8,8 @@ from starlette.routing import Route
 
 from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
-from postback_worker.api.http import HttpError, db_error, http_error
+from postback_worker.api.http import db_error, project_error
+from postback_worker.errors import PostbackWorkerError
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine
@@ -37,7 +38,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     for module in (pages, oncall, visibility, security):
         routes.extend(module.routes(api))
     app = Starlette(routes=routes, exception_handlers={
-        HttpError: http_error, OperationalError: db_error,
+        PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api
     return app

@@ -61,7 +61,7 @@ class Api:
         self.store = store
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.keys = KeyChecker(store.engine, settings.security.api_key_cache_seconds,
+        self.keys = KeyChecker(store, settings.security.api_key_cache_seconds,
                                clock=self.clock)
         # Single-event requests share Redis messages (group commit); see api/batcher.py.
         self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest.batch_events,
@@ -141,7 +141,7 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
 
-        return json_response(document())
+        return json_response(document(self.settings.ingest))
 
     async def click(self, request: Request) -> Response:
         params = dict(request.query_params)

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from postback_worker.domain.events import FieldError
+from postback_worker.errors import PostbackWorkerError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,14 @@ def unavailable(what: str) -> Response:
     return error_response(503, f"{what} is unavailable; nothing was accepted, retry later",
                           headers={"Retry-After": "5"})
 
-class HttpError(Exception):
+
+class HttpError(PostbackWorkerError):
+    """An HTTP-only error with its own status (413, 400, ...)."""
+
     def __init__(self, status: int, message: str, errors: list[FieldError] | None = None,
                  headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.errors = errors
-        self.headers = headers
+        super().__init__(message, errors=errors, headers=dict(headers) if headers else None)
+        self.http_status = status
 
 
 def bearer(request: Request) -> str:
@@ -57,12 +59,16 @@ def bearer(request: Request) -> str:
     scheme, _, credential = value.partition(" ")
     return credential.strip() if scheme.lower() == "bearer" else ""
 
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HttpError)
-    return error_response(exc.status, str(exc), exc.errors, exc.headers)
+
+async def project_error(request: Request, exc: Exception) -> Response:
+    """Every PostbackWorkerError, by its kind's status (errors.py has the table)."""
+    assert isinstance(exc, PostbackWorkerError)
+    headers = exc.headers
+    if isinstance(exc, Unavailable) and not headers:
+        headers = {"Retry-After": "5"}
+    return error_response(exc.http_status, exc.message, exc.errors or None, headers)
 
 
 async def db_error(request: Request, exc: Exception) -> Response:
     log.error("database error: %s", exc)
     return unavailable("the database")
-

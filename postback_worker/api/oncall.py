@@ -21,7 +21,6 @@ from postback_worker.ops.oncall import bundle, reattribute, replay
 from postback_worker.ops.oncall import deadletters as dlq_ops
 from postback_worker.ops.oncall.deadletters import Filter
 from postback_worker.ops.oncall.partner_health import (
-    UnknownPartner,
     health,
     pause,
     resume,
@@ -251,21 +250,15 @@ class _OnCall:
         if errors:
             return _invalid("invalid pause request", errors)
         pid = request.path_params["partner_id"]
-        try:
-            await run_in_threadpool(pause, self.api.store, pid, reason, self.now())
-        except UnknownPartner:
-            return _error(404, f"no partner {pid!r}")
+        await run_in_threadpool(pause, self.api.store, pid, reason, self.now())
         return _json({"partner_id": pid, "paused": True, "reason": reason})
 
     async def resume(self, request: Request) -> Response:
         self.api.require(request, "admin")
 
         pid = request.path_params["partner_id"]
-        try:
-            woke = await run_in_threadpool(resume, self.api.store, self.api.settings,
-                                           self.redis(), pid, self.now())
-        except UnknownPartner:
-            return _error(404, f"no partner {pid!r}")
+        woke = await run_in_threadpool(resume, self.api.store, self.api.settings,
+                                       self.redis(), pid, self.now())
         return _json({"partner_id": pid, "paused": False, "released": woke})
 
     async def limits(self, request: Request) -> Response:
@@ -286,11 +279,8 @@ class _OnCall:
         if errors:
             return _invalid("invalid limits", errors)
         pid = request.path_params["partner_id"]
-        try:
-            await run_in_threadpool(lambda: set_limits(self.api.store, pid, rate_limit=rate,
-                                                       max_concurrency=cap, now=self.now()))
-        except UnknownPartner:
-            return _error(404, f"no partner {pid!r}")
+        await run_in_threadpool(lambda: set_limits(self.api.store, pid, rate_limit=rate,
+                                                   max_concurrency=cap, now=self.now()))
         return _json({"partner_id": pid, "rate_limit": rate or None,
                       "max_concurrency": cap or None})
 
@@ -312,11 +302,8 @@ class _OnCall:
             errors.append(FieldError("until", "must be after since"))
         if errors:
             return _invalid("invalid support-bundle query", errors)
-        try:
-            files = await run_in_threadpool(bundle.collect, self.api.store, self.api.settings,
-                                            pid, bounds["since"], bounds["until"], now)
-        except bundle.UnknownPartner:
-            return _error(404, f"no partner {pid!r}")
+        files = await run_in_threadpool(bundle.collect, self.api.store, self.api.settings,
+                                        pid, bounds["since"], bounds["until"], now)
         name = f"support-bundle-{pid}-{now:%Y%m%dT%H%M%SZ}"
         return Response(bundle.targz(name, files), media_type="application/gzip", headers={
             "Content-Disposition": f'attachment; filename="{name}.tar.gz"'})

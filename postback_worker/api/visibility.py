@@ -85,7 +85,7 @@ class Visibility:
         try:
             rng = parse_range(q.get("since"), q.get("until"), self.api.clock())
         except RangeError as exc:
-            return self._bad([FieldError(exc.field, exc.message)])
+            return self._bad(exc.errors)
         return reports.Scope(rng, q.get("partner") or None, q.get("offer") or None)
 
     def _bad(self, errors: list[FieldError]) -> Response:
@@ -182,7 +182,7 @@ class Visibility:
         try:
             self.viewer(request)
         except HttpError as exc:
-            return HTMLResponse(_login_page(str(exc)), status_code=exc.status)
+            return HTMLResponse(_login_page(str(exc)), status_code=exc.http_status)
         scope = self._scope(request)
         if isinstance(scope, Response):
             return scope

@@ -12,14 +12,13 @@ from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
-    fail_validation,
     load_settings,
     open_store,
     print_json,
     print_table,
 )
 from postback_worker.dev.demo import DEMO_PARTNER_PORT
-from postback_worker.domain.events import ValidationError
+from postback_worker.errors import NotFound
 
 # -- db --------------------------------------------------------------------------------------
 
@@ -85,11 +84,7 @@ def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_day
                        ("landing_url", landing_url)):
         if value is not None:
             data[key] = value
-    try:
-        row = parse_offer(data, datetime.now(UTC))
-    except ValidationError as exc:
-        fail_validation(exc)
-        return
+    row = parse_offer(data, datetime.now(UTC))
     open_store(load_settings()).upsert_offer(row)
     click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} days")
 
@@ -151,11 +146,7 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
                        ("horizon", horizon)):
         if value is not None:
             data[key] = value
-    try:
-        row = parse_partner(data, datetime.now(UTC))
-    except ValidationError as exc:
-        fail_validation(exc)
-        return
+    row = parse_partner(data, datetime.now(UTC))
     open_store(load_settings()).upsert_partner(row)
     state = "enabled" if row["enabled"] else "disabled"
     click.echo(f"partner {row['id']} ({state}): {row['method']} {_safe_url(row['postback_url'])}")
@@ -186,9 +177,8 @@ def show(conversion_id: str, fmt: str) -> None:
 
     detail = conversion_detail(open_store(load_settings()), conversion_id)
     if detail is None:
-        click.echo(f"error: no conversion {conversion_id!r} (an event still queued is not stored "
-                   "yet)", err=True)
-        sys.exit(1)
+        raise NotFound(f"no conversion {conversion_id!r} (an event still queued is not stored "
+                   "yet)")
     if fmt == "json":
         print_json(detail)
         return

@@ -18,25 +18,19 @@ from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
-    fail_validation,
     load_settings,
     open_store,
     print_json,
     print_table,
     utcnow,
 )
-from postback_worker.domain.events import ValidationError
+from postback_worker.errors import InvalidInput, NotFound, UnknownPartner
 from postback_worker.ops.oncall import deadletters as dlq_ops
 from postback_worker.ops.oncall.deadletters import Filter
 
 
 def _who(by: str | None) -> str:
     return by or f"{getpass.getuser()} (cli)"
-
-
-def _bad(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def _redis(settings: Any) -> Any | None:
@@ -68,11 +62,7 @@ def filters(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _filter(kw: dict[str, Any]) -> Filter:
     data = {k: kw.pop(k) for k in ("partner_id", "offer_id", "failure_class", "since", "until",
                                    "last_status")}
-    try:
-        return Filter.parse(data, utcnow())
-    except ValidationError as exc:
-        fail_validation(exc)
-        raise AssertionError from exc  # unreachable: fail_validation exits
+    return Filter.parse(data, utcnow())
 
 
 FORMAT3 = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
@@ -137,8 +127,7 @@ def dlq_show(postback_id: str, fmt: str) -> None:
     """A postback's URL (secrets masked) and every attempt."""
     detail = dlq_ops.show(open_store(load_settings()), postback_id)
     if detail is None:
-        click.echo(f"error: no postback {postback_id!r}", err=True)
-        sys.exit(1)
+        raise NotFound(f"no postback {postback_id!r}")
     if fmt == "json":
         print_json(detail)
         return
@@ -182,8 +171,7 @@ def dlq_replay(dry_run: bool, rate_text: str | None, limit: int | None, wait: fl
     try:
         rate = replay.parse_rate(rate_text) if rate_text else settings.oncall.replay_rate
     except ValueError as exc:
-        _bad(f"--rate: {exc}")
-        return
+        raise InvalidInput(f"--rate: {exc}") from exc
     store = open_store(settings)
     enqueue = None if dry_run else replay.celery_enqueue(settings)
     run, plan = replay.start(store, settings, filt, who=_who(by), rate=rate, now=utcnow(),
@@ -241,8 +229,7 @@ def dlq_run(run_id: str, fmt: str) -> None:
 
     row = replay.get_run(open_store(load_settings()), run_id)
     if row is None:
-        click.echo(f"error: no run {run_id!r}", err=True)
-        sys.exit(1)
+        raise NotFound(f"no run {run_id!r}")
     if fmt == "json":
         print_json(row)
         return
@@ -266,7 +253,8 @@ def dlq_purge(yes: bool, by: str | None, **kw: Any) -> None:
     store = open_store(load_settings())
     if not yes:
         _, total = dlq_ops.list_dead_letters(store, filt, limit=1)
-        _bad(f"purge deletes {total} dead letter(s) ({filt.describe()}); add --yes to do it")
+        raise InvalidInput(f"purge deletes {total} dead letter(s) ({filt.describe()}); add --yes "
+                           "to do it")
     n = dlq_ops.purge(store, filt, _who(by), utcnow())
     click.echo(f"purged {n} dead letter(s) ({filt.describe()})")
 
@@ -292,16 +280,12 @@ def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run
         try:
             times[name] = dlq_ops.parse_time(value, now) if value else None
         except ValueError as exc:
-            _bad(f"--{name}: {exc}")
+            raise InvalidInput(f"--{name}: {exc}") from exc
     settings = load_settings()
     store = open_store(settings)
-    try:
-        run_id, plan, taken = reattribute.start(
-            store, offer_id, since=times["since"], until=times["until"], who=_who(by), now=now,
-            enqueue=None if dry_run else replay.celery_enqueue(settings), dry_run=dry_run)
-    except reattribute.UnknownOffer:
-        _bad(f"--offer: no offer {offer_id!r}")
-        return
+    run_id, plan, taken = reattribute.start(
+        store, offer_id, since=times["since"], until=times["until"], who=_who(by), now=now,
+        enqueue=None if dry_run else replay.celery_enqueue(settings), dry_run=dry_run)
     if dry_run and plan.eligible:
         print_table(plan.eligible, ["conversion_id", "transaction_id", "aff_id", "click_age_days",
                                     "received_at"])
@@ -355,12 +339,9 @@ def partners_health(fmt: str) -> None:
 @click.option("--reason", help="Why (shown with its waiting postbacks).")
 def partners_pause(partner_id: str, reason: str | None) -> None:
     """Stop firing to a partner; its postbacks wait without spending attempts."""
-    from postback_worker.ops.oncall.partner_health import UnknownPartner, pause
+    from postback_worker.ops.oncall.partner_health import pause
 
-    try:
-        pause(open_store(load_settings()), partner_id, reason, utcnow())
-    except UnknownPartner:
-        _bad(f"no partner {partner_id!r}")
+    pause(open_store(load_settings()), partner_id, reason, utcnow())
     click.echo(f"partner {partner_id} paused; its postbacks wait until "
                f"'postback-worker partners resume {partner_id}'")
 
@@ -369,14 +350,10 @@ def partners_pause(partner_id: str, reason: str | None) -> None:
 @click.argument("partner_id")
 def partners_resume(partner_id: str) -> None:
     """Fire to a partner again (also closes its circuit); waiting postbacks go now."""
-    from postback_worker.ops.oncall.partner_health import UnknownPartner, resume
+    from postback_worker.ops.oncall.partner_health import resume
 
     settings = load_settings()
-    try:
-        woke = resume(open_store(settings), settings, _redis(settings), partner_id, utcnow())
-    except UnknownPartner:
-        _bad(f"no partner {partner_id!r}")
-        return
+    woke = resume(open_store(settings), settings, _redis(settings), partner_id, utcnow())
     click.echo(f"partner {partner_id} resumed; {woke} waiting postback(s) released")
 
 
@@ -387,25 +364,21 @@ def partners_resume(partner_id: str) -> None:
               help="Requests at once across all workers (0: none).")
 def partners_limits(partner_id: str, rate_text: str | None, concurrency: int | None) -> None:
     """Set a partner's rate limit and concurrency cap (shared by all workers)."""
-    from postback_worker.ops.oncall.partner_health import UnknownPartner, set_limits
+    from postback_worker.ops.oncall.partner_health import set_limits
     from postback_worker.ops.oncall.replay import parse_rate
 
     store = open_store(load_settings())
     current = store.get_partner(partner_id)
     if current is None:
-        _bad(f"no partner {partner_id!r}")
-        return
+        raise UnknownPartner(partner_id)
     rate = current["rate_limit"]
     if rate_text is not None:
         try:
             rate = None if rate_text.strip() in {"0", "0/s"} else parse_rate(rate_text)
         except ValueError as exc:
-            _bad(f"--rate: {exc}")
+            raise InvalidInput(f"--rate: {exc}") from exc
     cap = current["max_concurrency"] if concurrency is None else concurrency
-    try:
-        set_limits(store, partner_id, rate_limit=rate, max_concurrency=cap, now=utcnow())
-    except UnknownPartner:
-        _bad(f"no partner {partner_id!r}")
+    set_limits(store, partner_id, rate_limit=rate, max_concurrency=cap, now=utcnow())
     click.echo(f"partner {partner_id}: rate limit "
                f"{f'{rate:g}/s' if rate else 'none'}, concurrency cap {cap or 'none'}")
 
@@ -429,21 +402,15 @@ def support_bundle(partner_id: str, since: str, until: str | None,
     try:
         start = dlq_ops.parse_time(since, now)
     except ValueError as exc:
-        _bad(f"--since: {exc}")
-        return
+        raise InvalidInput(f"--since: {exc}") from exc
     try:
         end = dlq_ops.parse_time(until, now) if until else now
     except ValueError as exc:
-        _bad(f"--until: {exc}")
-        return
+        raise InvalidInput(f"--until: {exc}") from exc
     if start > end:
-        _bad("--until: must be after --since")
+        raise InvalidInput("--until: must be after --since")
     settings = load_settings()
-    try:
-        files = bundle.collect(open_store(settings), settings, partner_id, start, end, now)
-    except bundle.UnknownPartner:
-        _bad(f"--partner: no partner {partner_id!r}")
-        return
+    files = bundle.collect(open_store(settings), settings, partner_id, start, end, now)
     out = out_path or Path(f"support-bundle-{partner_id}-{now:%Y%m%dT%H%M%SZ}.tar.gz")
     written = bundle.write(files, out)
     click.echo(files["SUMMARY.txt"].split("\n\n")[1].splitlines()[0])

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from sqlalchemy.exc import OperationalError
 
 from postback_worker.dev import state
-from postback_worker.domain.events import ValidationError
-from postback_worker.domain.masking import mask_url
-from postback_worker.errors import PostbackWorkerError, Unavailable
-from postback_worker.settings import Settings, SettingsError
+from postback_worker.errors import Unavailable
+from postback_worker.settings import Settings
 
 
 def utcnow() -> datetime:
@@ -27,10 +23,7 @@ def utcnow() -> datetime:
 def load_settings() -> Settings:
     """Settings from the environment; without DATABASE_URL, completed from the local stack's
     `.postback-worker/stack.json` (written by `postback-worker up`) when there is one."""
-    try:
-        return Settings.from_env(state.local_env(os.environ))
-    except SettingsError as exc:
-        raise click.UsageError(f"bad setting: {exc}") from exc
+    return Settings.from_env(state.local_env(os.environ))
 
 
 NOT_MIGRATED = "database not migrated: run postback-worker db upgrade"
@@ -38,7 +31,7 @@ NOT_MIGRATED = "database not migrated: run postback-worker db upgrade"
 
 def open_store(settings: Settings, *, migrated: bool = True) -> Any:
     """The store of DATABASE_URL. With `migrated`, a database without our schema (or, for
-    SQLite, no file at all: none is created) ends the command with one line and exit code 5.
+    SQLite, no file at all: none is created) raises Unavailable (one line, exit code 5).
     Without it, nothing is checked (and SQLite creates a missing file when first used)."""
     from postback_worker.store.db import current_revision, make_engine, sqlite_path
     from postback_worker.store.repo import Store
@@ -48,27 +41,10 @@ def open_store(settings: Settings, *, migrated: bool = True) -> Any:
     if migrated:
         path = sqlite_path(url)
         if path is not None and not path.exists():
-            fail(Unavailable(f"{NOT_MIGRATED} (no database file {path})"))
-        try:
-            revision = current_revision(engine)
-        except OperationalError as exc:
-            reason = str(exc.orig or exc).strip().splitlines()[0]
-            fail(Unavailable(f"cannot reach the database at {mask_url(url)}: {reason}"))
-        if revision is None:
-            fail(Unavailable(NOT_MIGRATED))
+            raise Unavailable(f"{NOT_MIGRATED} (no database file {path})")
+        if current_revision(engine) is None:  # unreachable: mapped by the command group
+            raise Unavailable(NOT_MIGRATED)
     return Store(engine)
-
-
-def fail(exc: PostbackWorkerError) -> NoReturn:
-    """One line on stderr and the exit code of the error's kind (see errors.py)."""
-    click.echo(f"error: {exc.message}", err=True)
-    sys.exit(exc.exit_code)
-
-
-def fail_validation(exc: ValidationError) -> None:
-    for e in exc.errors:
-        click.echo(f"error: {e.field}: {e.message}", err=True)
-    sys.exit(2)
 
 
 def cell(value: Any) -> str:

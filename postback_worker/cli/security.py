@@ -12,27 +12,20 @@ from postback_worker.cli.group import main
 from postback_worker.cli.output import (
     FORMAT,
     cell,
-    fail_validation,
     load_settings,
     open_store,
     print_json,
     print_table,
     utcnow,
 )
-from postback_worker.domain.events import ValidationError
 from postback_worker.domain.masking import mask_url
-
-
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+from postback_worker.errors import InvalidInput, NotFound, UnknownOffer, UnknownPartner
 
 
 def _partner_row(partner_id: str) -> dict[str, object]:
     row = open_store(load_settings()).get_partner(partner_id)
     if row is None:
-        _fail(f"no partner {partner_id!r}")
-    assert row is not None
+        raise UnknownPartner(partner_id)
     return dict(row)
 
 
@@ -48,7 +41,7 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt
     from postback_worker.ops.config import template_report
 
     if bool(partner_id) == bool(url):
-        _fail("give a partner ID or --url URL (one of them)")
+        raise InvalidInput("give a partner ID or --url URL (one of them)")
     template = url if url is not None else str(_partner_row(str(partner_id))["postback_url"])
     problems = template_report(template, dns=not no_dns)
     errors = sum(p.severity == "error" for p in problems)
@@ -124,18 +117,11 @@ def partners_signing(partner_id: str, action: str | None, header: str | None) ->
     from postback_worker.ops.config import change_signing
 
     if action is None:
-        _fail("choose --enable, --rotate or --disable")
+        raise InvalidInput("choose --enable, --rotate or --disable")
     settings = load_settings()
-    try:
-        secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
-                                         timedelta(hours=settings.security.signing_grace_hours),
-                                         header)
-    except ValidationError as exc:
-        fail_validation(exc)
-        return
-    except LookupError:
-        _fail(f"no partner {partner_id!r}")
-        return
+    secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
+                                     timedelta(hours=settings.security.signing_grace_hours),
+                                     header)
     click.echo(summary)
     if secret:
         click.echo(f"secret (shown once, give it to the partner): {secret}")
@@ -149,7 +135,7 @@ def offers_token(offer_id: str) -> None:
 
     token = set_offer_token(open_store(load_settings()), offer_id, utcnow())
     if token is None:
-        _fail(f"no offer {offer_id!r}")
+        raise UnknownOffer(offer_id)
     click.echo(f"security token for offer {offer_id} (shown once; the previous one stops "
                f"working): {token}")
     click.echo(f"advertiser URL: /postback?offer_id={offer_id}&transaction_id=TRANSACTION_ID"
@@ -193,13 +179,9 @@ def keys() -> None:
               type=click.Choice(["ingest", "admin"]), help="Repeat for several scopes.")
 def keys_create(name: str, scopes: tuple[str, ...]) -> None:
     """Create a key and print it once."""
-    from postback_worker.ops.security.apikeys import ApiKeyError, create_key
+    from postback_worker.ops.security.apikeys import create_key
 
-    try:
-        key_id, key = create_key(open_store(load_settings()).engine, name, scopes, utcnow())
-    except ApiKeyError as exc:
-        _fail(str(exc))
-        return
+    key_id, key = create_key(open_store(load_settings()), name, scopes, utcnow())
     click.echo(f"key {key_id} ({', '.join(sorted(set(scopes)))}) created; shown once:")
     click.echo(key)
 
@@ -210,7 +192,7 @@ def keys_list(fmt: str) -> None:
     """List keys (never the keys themselves)."""
     from postback_worker.ops.security.apikeys import list_keys
 
-    rows = list_keys(open_store(load_settings()).engine)
+    rows = list_keys(open_store(load_settings()))
     if fmt == "json":
         print_json(rows)
     else:
@@ -223,6 +205,6 @@ def keys_revoke(key_id: str) -> None:
     """Revoke a key (API processes stop accepting it within POSTBACK_API_KEY_CACHE_SECONDS)."""
     from postback_worker.ops.security.apikeys import revoke_key
 
-    if not revoke_key(open_store(load_settings()).engine, key_id, utcnow()):
-        _fail(f"no active key {key_id!r}")
+    if not revoke_key(open_store(load_settings()), key_id, utcnow()):
+        raise NotFound(f"no active key {key_id!r}")
     click.echo(f"key {key_id} revoked")

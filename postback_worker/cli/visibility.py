@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,14 +11,10 @@ import click
 from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
 from postback_worker.dev import state
+from postback_worker.errors import InvalidInput
 
 RANGE_HELP = ("ISO date or time (2026-11-25, 2026-11-25T10:00, UTC unless an offset is given) "
               "or a duration ago (30m, 24h, 7d).")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
 
 
 def _scope(since: str | None, until: str | None, partner: str | None,
@@ -30,8 +25,7 @@ def _scope(since: str | None, until: str | None, partner: str | None,
     try:
         rng = parse_range(since, until, datetime.now(UTC))
     except RangeError as exc:
-        _fail(f"--{exc.field}: {exc.message}")
-        raise AssertionError("unreachable") from exc
+        raise InvalidInput(f"--{exc.field}: {exc.errors[0].message}") from exc
     return Scope(rng, partner, offer)
 
 
@@ -184,7 +178,6 @@ def dashboard_link(base_url: str | None, since: str | None, until: str | None,
     """Print a sign-in link to the dashboard, valid for 10 minutes."""
     from urllib.parse import urlencode
 
-    from postback_worker.ops.visibility.dashboard_auth import NoSigningKey
     from postback_worker.ops.visibility.dashboard_auth import dashboard_link as make_link
 
     params = {k: v for k, v in (("since", since), ("until", until), ("partner", partner)) if v}
@@ -192,10 +185,7 @@ def dashboard_link(base_url: str | None, since: str | None, until: str | None,
         _scope(since, until, partner, None)  # refuse a bad range here, not in the browser
     path = "/dashboard" + (f"?{urlencode(params)}" if params else "")
     base_url = base_url or state.local_api_url(os.environ) or "http://127.0.0.1:8000"
-    try:
-        click.echo(make_link(load_settings(), base_url, datetime.now(UTC), path))
-    except NoSigningKey as exc:
-        _fail(str(exc))
+    click.echo(make_link(load_settings(), base_url, datetime.now(UTC), path))
 
 
 @main.command("flower", context_settings={"ignore_unknown_options": True})
@@ -206,14 +196,10 @@ def dashboard_link(base_url: str | None, since: str | None, until: str | None,
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(address: str, port: int, dev: bool, flower_args: tuple[str, ...]) -> None:
     """Run Flower (Celery monitoring) behind basic auth or OAuth from the settings."""
-    from postback_worker.ops.visibility.flower import FlowerConfigError, flower_command
+    from postback_worker.ops.visibility.flower import flower_command
 
     env = dict(os.environ)
-    try:
-        argv, extra_env = flower_command(load_settings(), env, address=address, port=port,
-                                         dev=dev, extra=flower_args)
-    except FlowerConfigError as exc:
-        _fail(str(exc))
-        return
+    argv, extra_env = flower_command(load_settings(), env, address=address, port=port,
+                                     dev=dev, extra=flower_args)
     env.update(extra_env)
     os.execve(argv[0], argv, env)

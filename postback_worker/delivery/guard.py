@@ -11,6 +11,8 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
+from postback_worker.errors import Forbidden
+
 Resolver = Callable[[str, int], list[str]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,7 +29,7 @@ _EXTRA_BLOCKED: tuple[tuple[IPNetwork, str], ...] = (
 )
 
 
-class AddressBlocked(Exception):
+class AddressBlocked(Forbidden):
     """The destination resolves to an address outbound requests must not reach."""
 
 

@@ -24,6 +24,7 @@ from urllib3.util import Url, make_headers, parse_url
 from postback_worker.delivery.guard import Resolver, parse_networks, resolve_and_check
 from postback_worker.delivery.transport import Transport
 from postback_worker.domain.retry import ErrorKind, Outcome
+from postback_worker.errors import InvalidInput
 
 DNS_CACHE_SECONDS = 30.0
 _MESSAGE_LIMIT = 300
@@ -41,7 +42,7 @@ class PostbackRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-class InvalidURL(ValueError):
+class InvalidURL(InvalidInput):
     """The postback URL cannot be sent (no http/https scheme, no host, unparsable)."""
 
 

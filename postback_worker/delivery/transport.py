@@ -22,13 +22,15 @@ from typing import Any
 
 import httptools
 
+from postback_worker.errors import PostbackWorkerError
+
 DRAIN_LIMIT = 64 * 1024
 # An idle pooled connection older than this is closed rather than reused (servers drop idle
 # keep-alive connections, often after 5-60 s).
 IDLE_LIMIT = 30.0
 
 
-class ResponseTooLarge(Exception):
+class ResponseTooLarge(PostbackWorkerError):
     """More than DRAIN_LIMIT bytes of body: the connection is dropped, the status kept."""
 
 

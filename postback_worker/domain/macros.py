@@ -15,13 +15,14 @@ from postback_worker.domain.validator import (
     macro_names,
     validate,
 )
+from postback_worker.errors import InvalidInput
 
 __all__ = ["KNOWN_MACROS", "TemplateError", "TemplateProblem", "macro_names", "macro_values",
            "render", "validate_template"]
 
 _MACRO = re.compile(r"\{([^{}]*)\}")
 
-class TemplateError(ValueError):
+class TemplateError(InvalidInput):
     """A template that cannot be rendered."""
 
     def __init__(self, problems: list[TemplateProblem]) -> None:

@@ -20,16 +20,13 @@ from sqlalchemy import and_, or_, select
 
 from postback_worker.domain.diagnosis import diagnose
 from postback_worker.domain.masking import mask_url
+from postback_worker.errors import UnknownPartner
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 SAMPLES_PER_CLASS = 10
-
-
-class UnknownPartner(LookupError):
-    """No such partner."""
 
 
 def _iso(value: Any) -> str:

@@ -8,15 +8,12 @@ from typing import Any
 from sqlalchemy import case, func, select, update
 
 from postback_worker.domain import guards as g
+from postback_worker.errors import UnknownPartner
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
-
-
-class UnknownPartner(LookupError):
-    """No such partner."""
 
 
 def _ts(value: float) -> datetime | None:

@@ -21,15 +21,12 @@ from postback_worker.domain.attribution import (
     OfferFacts,
     attribute,
 )
+from postback_worker.errors import UnknownOffer
 from postback_worker.ops.oncall.replay import TASK_REATTRIBUTE_RUN, Enqueue, marker, record_run
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 CHUNK = 200
-
-
-class UnknownOffer(LookupError):
-    """No such offer."""
 
 
 @dataclass

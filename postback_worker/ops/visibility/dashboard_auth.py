@@ -14,6 +14,7 @@ import hmac
 from datetime import datetime
 from urllib.parse import urlencode
 
+from postback_worker.errors import InvalidInput
 from postback_worker.settings import Settings
 
 LINK_SECONDS = 600
@@ -21,7 +22,7 @@ SESSION_SECONDS = 12 * 3600
 COOKIE = "pbw_dashboard"
 
 
-class NoSigningKey(Exception):
+class NoSigningKey(InvalidInput):
     """Neither dashboard_secret nor admin_token is set."""
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 
+from postback_worker.errors import InvalidInput
 from postback_worker.settings import Settings
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
-class FlowerConfigError(ValueError):
+class FlowerConfigError(InvalidInput):
     """Flower would run without authentication, or its auth settings are incomplete."""
 
 

@@ -6,18 +6,20 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from postback_worker.domain.events import FieldError
+from postback_worker.errors import InvalidInput
+
 DEFAULT_SPAN = timedelta(hours=24)
 _DURATION = re.compile(r"^(\d+)\s*([mhdw])$")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-class RangeError(ValueError):
+class RangeError(InvalidInput):
     """A --since/--until value we cannot read; `field` names it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(f"{field}: {message}", errors=[FieldError(field, message)])
         self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
