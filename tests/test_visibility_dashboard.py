@@ -4,7 +4,6 @@ a screenshot saved under the test's temporary directory; sign-in links and drill
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -16,7 +15,7 @@ from conftest import ADMIN
 from support.browser import chromium, find_chromium
 from support.helpers import NOW
 from support.partner import PartnerServer
-from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.visibility_seed import Clock, Scenario, Served, seed
 
 from postback_worker.ops.visibility.alerts import evaluate
 from postback_worker.pipeline.processing import Pipeline
@@ -25,11 +24,6 @@ from postback_worker.store.repo import Store
 
 RANGE = {"since": (NOW - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
          "until": (NOW + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 @pytest.fixture()
