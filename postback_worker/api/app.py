@@ -6,7 +6,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from postback_worker.api import oncall, security, visibility
+from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
 from postback_worker.api.http import db_error, project_error
 from postback_worker.errors import PostbackWorkerError
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/v1/offers", api.offers, methods=["GET", "POST"]),
         Route("/v1/partners", api.partners, methods=["GET", "POST"]),
     ]
-    for module in (oncall, visibility, security):
+    for module in (pages, oncall, visibility, security):
         routes.extend(module.routes(api))
     app = Starlette(routes=routes, exception_handlers={
         PostbackWorkerError: project_error, OperationalError: db_error,
