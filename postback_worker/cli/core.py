@@ -17,7 +17,7 @@ from postback_worker.cli.output import (
     print_json,
     print_table,
 )
-from postback_worker.errors import NotFound
+from postback_worker.errors import InvalidInput, NotFound
 
 # -- db --------------------------------------------------------------------------------------
 
@@ -68,21 +68,35 @@ def offers() -> None:
 @click.option("--lifespan-days", type=int, help="Override the click session lifespan.")
 @click.option("--landing-url", help="Where /click redirects; may contain {transaction_id}.")
 @click.option("--allow-multiple", is_flag=True,
-              help="Count every conversion of a click+goal, not only the first.")
+              help="Same as --duplicate-mode separate.")
+@click.option("--duplicate-mode", type=click.Choice(["update", "ignore", "separate"]),
+              help="A new event for a known conversion (offer + transaction + goal): update "
+                   "it (default), ignore it, or count it as a separate conversion.")
+@click.option("--hold-hours", type=float,
+              help="Approved postbacks wait this long; a reversal meanwhile fires nothing.")
+@click.option("--payout-rule", "payout_rules", multiple=True, metavar="PARTNER=RULE",
+              help="Payout rule for a partner on this offer ('*' for any partner), "
+                   "e.g. '*=percent:40'. Repeatable.")
 def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_days: int | None,
-               landing_url: str | None, allow_multiple: bool) -> None:
+               landing_url: str | None, allow_multiple: bool, duplicate_mode: str | None,
+               hold_hours: float | None, payout_rules: tuple[str, ...]) -> None:
     """Create or update an offer."""
     from postback_worker.ops.config import parse_offer
 
     data: dict[str, Any] = {"id": offer_id, "campaign_type": campaign_type,
                             "allow_multiple": allow_multiple}
     for key, value in (("name", name), ("lifespan_days", lifespan_days),
-                       ("landing_url", landing_url)):
+                       ("landing_url", landing_url), ("duplicate_mode", duplicate_mode),
+                       ("hold_hours", hold_hours)):
         if value is not None:
             data[key] = value
+    if payout_rules:
+        data["payout_rules"] = ",".join(payout_rules)
     row = parse_offer(data, datetime.now(UTC))
     open_store(load_settings()).upsert_offer(row)
-    click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} days")
+    hold = f", hold {row['hold_hours']:g} h" if row["hold_hours"] else ""
+    click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} "
+               f"days, duplicates: {row['duplicate_mode']}{hold}")
 
 
 @offers.command("list")
@@ -93,8 +107,8 @@ def offers_list(fmt: str) -> None:
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(rows, ["id", "name", "campaign_type", "lifespan_days", "allow_multiple",
-                           "landing_url"])
+        print_table(rows, ["id", "name", "campaign_type", "lifespan_days", "duplicate_mode",
+                           "hold_hours", "landing_url"])
 
 
 # -- partners --------------------------------------------------------------------------------
@@ -124,11 +138,24 @@ def partners() -> None:
 @click.option("--base-delay", type=float, help="Override the first retry delay (seconds).")
 @click.option("--max-delay", type=float, help="Override the retry delay cap (seconds).")
 @click.option("--horizon", type=float, help="Override how long retries may go on (seconds).")
+@click.option("--fire-events", help="Comma-separated events that fire this partner: approved "
+                                    "(entering a --fire-on status; the default), reversal, "
+                                    "adjustment, status (any status change).")
+@click.option("--template", "templates", multiple=True, metavar="EVENT=URL",
+              help="A URL template for one event, e.g. 'reversal=https://p.example/"
+                   "refund?t={transaction_id}'. Repeatable.")
+@click.option("--status-map", help="{status} as the partner names it, e.g. "
+                                   "'approved=sale,pending=lead'.")
+@click.option("--payout-rule", help="The affiliate's {payout}: advertiser (default), "
+                                    "fixed:AMOUNT or percent:P of the sale amount.")
+@click.option("--hold-hours", type=float, help="Override the offers' hold period (hours).")
 def partners_add(partner_id: str, name: str | None, postback_url: str, method: str,
                  timeout: float, success_check: str | None, fire_on: str, disabled: bool,
                  scope: str, offer_ids: str | None, max_attempts: int | None,
                  base_delay: float | None, max_delay: float | None,
-                 horizon: float | None) -> None:
+                 horizon: float | None, fire_events: str | None, templates: tuple[str, ...],
+                 status_map: str | None, payout_rule: str | None,
+                 hold_hours: float | None) -> None:
     """Create or update a partner; an invalid template is refused with every problem."""
     from postback_worker.ops.config import parse_partner
 
@@ -139,13 +166,24 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
     for key, value in (("name", name), ("success_check", success_check),
                        ("offer_ids", offer_ids), ("max_attempts", max_attempts),
                        ("base_delay", base_delay), ("max_delay", max_delay),
-                       ("horizon", horizon)):
+                       ("horizon", horizon), ("fire_events", fire_events),
+                       ("status_map", status_map), ("payout_rule", payout_rule),
+                       ("hold_hours", hold_hours)):
         if value is not None:
             data[key] = value
+    if templates:
+        data["templates"] = dict(_pair(t) for t in templates)
     row = parse_partner(data, datetime.now(UTC))
     open_store(load_settings()).upsert_partner(row)
     state = "enabled" if row["enabled"] else "disabled"
     click.echo(f"partner {row['id']} ({state}): {row['method']} {_safe_url(row['postback_url'])}")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise InvalidInput(f"--template {text!r}: write EVENT=URL, e.g. reversal=https://...")
+    return key.strip(), value.strip()
 
 
 @partners.command("list")
@@ -158,8 +196,8 @@ def partners_list(fmt: str) -> None:
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(rows, ["id", "name", "enabled", "method", "fire_statuses", "scope",
-                           "postback_url"])
+        print_table(rows, ["id", "name", "enabled", "method", "fire_statuses", "fire_events",
+                           "scope", "postback_url"])
 
 
 # -- inspection ------------------------------------------------------------------------------

@@ -18,8 +18,13 @@ from postback_worker.cli.output import (
     print_table,
     utcnow,
 )
+from postback_worker.domain.lifecycle import Trigger
 from postback_worker.domain.masking import mask_url
 from postback_worker.errors import InvalidInput, NotFound, UnknownOffer, UnknownPartner
+
+EVENT = click.option("--event", type=click.Choice([t.value for t in Trigger]),
+                     default="approved", show_default=True,
+                     help="The conversion event whose template (and sample values) to use.")
 
 
 def _partner_row(partner_id: str) -> dict[str, object]:
@@ -35,14 +40,16 @@ def _partner_row(partner_id: str) -> dict[str, object]:
 @click.argument("partner_id", required=False)
 @click.option("--url", help="Validate this template instead of a saved partner's.")
 @click.option("--no-dns", is_flag=True, help="Do not check that the host resolves.")
+@EVENT
 @FORMAT
-def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt: str) -> None:
+def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, event: str,
+                      fmt: str) -> None:
     """Check a postback template; exit code 1 when it has errors (warnings do not count)."""
-    from postback_worker.ops.config import template_report
+    from postback_worker.ops.config import event_template, template_report
 
     if bool(partner_id) == bool(url):
         raise InvalidInput("give a partner ID or --url URL (one of them)")
-    template = url if url is not None else str(_partner_row(str(partner_id))["postback_url"])
+    template = url if url is not None else event_template(_partner_row(str(partner_id)), event)
     problems = template_report(template, dns=not no_dns)
     errors = sum(p.severity == "error" for p in problems)
     if fmt == "json":
@@ -67,9 +74,10 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt
 @click.option("--payout", help="Use this payout instead of 1.00.")
 @click.option("--fire", is_flag=True,
               help="Send it once (recorded as a test attempt, never counted in reports).")
+@EVENT
 @FORMAT
 def partners_test(partner_id: str, transaction_id: str | None, payout: str | None, fire: bool,
-                  fmt: str) -> None:
+                  event: str, fmt: str) -> None:
     """Render a partner's postback with sample values; with --fire, send it and explain."""
     from postback_worker.delivery.sender import Sender
     from postback_worker.ops.security.testfire import run_test_fire
@@ -81,7 +89,8 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
                 user_agent=settings.delivery.user_agent,
                 allow_networks=settings.delivery.allow_networks) as sender:
         report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
-                               transaction_id=transaction_id, payout=payout, clock=utcnow)
+                               transaction_id=transaction_id, payout=payout, clock=utcnow,
+                               event=Trigger(event))
     if fmt == "json":
         print_json(report.to_dict())
     else:

@@ -9,11 +9,14 @@ delays approved postbacks; a reversal during the hold cancels them and fires not
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
+
+from postback_worker.domain.payout import PayoutRule, payout_macros
 
 APPROVED = "approved"
 # Statuses that reverse a conversion the partner was told about (refunds, chargebacks, ...).
@@ -313,3 +316,56 @@ def describe_change(previous: Snapshot | None, current: Snapshot, kind: EventKin
                 else (before or "") != (after or "")):
             parts.append(f"{name} {before or '-'} -> {after or '-'}")
     return "; ".join(parts)
+
+
+# -- stored options --------------------------------------------------------------------------
+
+def load_mapping(text: str | None) -> dict[str, str]:
+    """A stored JSON object of strings (templates, status names, payout rules); {} if none."""
+    if not text:
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def dump_mapping(value: Mapping[str, str]) -> str | None:
+    """The stored form of a mapping (None when empty), keys sorted."""
+    return json.dumps(dict(sorted(value.items())), ensure_ascii=False) if value else None
+
+
+def fire_rule(*, fire_statuses: Iterable[str], fire_events: str | None,
+              templates: str | None, status_map: str | None) -> FireRule:
+    """A partner's FireRule from its stored columns."""
+    statuses = frozenset(s.strip().lower() for s in fire_statuses if s.strip())
+    return FireRule(
+        fire_statuses=statuses or frozenset({APPROVED}),
+        fire_on=parse_fire_on((fire_events or "").split(",")),
+        templates=load_mapping(templates),
+        status_map=load_mapping(status_map),
+    )
+
+
+def event_values(rule: FireRule, payout_rule: PayoutRule, trigger: Trigger | None,
+                 previous_status: str | None, current: Snapshot) -> dict[str, str]:
+    """The lifecycle macros of one postback: `{payout}` by the payout rule, `{revenue}`,
+    `{status}` and `{previous_status}` as the partner names them, `{event}`, and the
+    conversion's current amounts."""
+    values = payout_macros(payout_rule, payout=current.payout, sale_amount=current.sale_amount,
+                           currency=current.currency)
+    values["sale_amount"] = current.sale_amount or ""
+    values["currency"] = current.currency or ""
+    values["status"] = rule.status_name(current.status)
+    values["previous_status"] = rule.status_name(previous_status) if previous_status else ""
+    values["event"] = trigger.value if trigger is not None else ""
+    return values
+
+
+# Sample changes for a test fire of each event: (previous status, current status).
+SAMPLE_CHANGES: dict[Trigger, tuple[str | None, str]] = {
+    Trigger.APPROVED: ("pending", APPROVED),
+    Trigger.REVERSAL: (APPROVED, "reversed"),
+    Trigger.ADJUSTMENT: (APPROVED, APPROVED),
+    Trigger.STATUS: ("pending", "rejected"),
+}

@@ -257,7 +257,7 @@ class Store:
         return [dict(r) for r in rows]
 
     def insert_postbacks(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id"])
+        self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id", "event_seq"])
 
     def _claimable(self, now: datetime) -> Any:
         pb = t.postbacks.c
