@@ -199,15 +199,17 @@ class Earlier:
 
     id: str
     trigger: str | None
-    state: str  # a postback state (see HELD, BLOCKED and domain.postback states)
+    state: str  # a postback state (domain.postback)
     next_attempt_at: datetime | None = None
+    held: bool = False  # waiting for its hold period (reason starts with HELD_PREFIX)
 
 
-# Postback states the lifecycle adds: waiting for the hold period; waiting behind an earlier
-# postback that was dead-lettered (a replay of that one releases it).
-HELD = "held"
-BLOCKED = "blocked"
-DELIVERED_STATES = frozenset({"delivered", "skipped"})
+# Held and ordered postbacks wait as `retry_scheduled` (no attempt spent) with these reasons,
+# so the sweep that releases retries releases them too. A postback behind a dead-lettered one
+# has no next attempt time: a replay of the earlier one releases it.
+HELD_PREFIX = "held: "
+ORDER_PREFIX = "waiting: earlier postback "
+DONE_STATES = frozenset({"delivered", "skipped"})
 DEAD = "dead_lettered"
 
 
@@ -230,7 +232,7 @@ def decide(previous: Snapshot | None, current: Snapshot, rule: FireRule, *,
     nothing; an approved postback with a hold period waits until `event_at + hold`.
     """
     trigger = triggers(previous, current, rule)
-    held = tuple(e.id for e in earlier if e.state == HELD)
+    held = tuple(e.id for e in earlier if e.held)
     if current.status in REVERSAL_STATUSES and held:
         return Decision(Plan.CANCEL, trigger, cancel=held,
                         reason=f"reversed ({current.status}) during the hold period: "
@@ -240,7 +242,7 @@ def decide(previous: Snapshot | None, current: Snapshot, rule: FireRule, *,
     if trigger == Trigger.APPROVED and hold > timedelta(0):
         until = event_at + hold
         return Decision(Plan.HOLD, trigger, release_at=until,
-                        reason=f"held for {_hours(hold)} (until {_iso(until)})")
+                        reason=f"{HELD_PREFIX}{_hours(hold)} hold period, until {_iso(until)}")
     return Decision(Plan.FIRE, trigger)
 
 
@@ -276,7 +278,7 @@ class Gate(StrEnum):
 class Order:
     gate: Gate
     until: datetime | None = None
-    reason: str = ""
+    reason: str = ""  # the full reason to record ("waiting: earlier postback ...")
 
 
 def gate(earlier: Sequence[Earlier], now: datetime, recheck: timedelta) -> Order:
@@ -288,17 +290,17 @@ def gate(earlier: Sequence[Earlier], now: datetime, recheck: timedelta) -> Order
     for e in earlier:
         if e.state == DEAD:
             return Order(Gate.BLOCKED, None,
-                         f"waiting: earlier postback {e.id} ({e.trigger or 'event'}) was "
-                         "dead-lettered; replaying it releases this one")
-    pending = [e for e in earlier if e.state not in DELIVERED_STATES]
+                         f"{ORDER_PREFIX}{e.id} ({e.trigger or 'event'}) was dead-lettered; "
+                         "replaying it releases this one")
+    pending = [e for e in earlier if e.state not in DONE_STATES]
     if not pending:
         return Order(Gate.GO)
     first = pending[0]
     until = max([now + recheck] + [e.next_attempt_at for e in pending
                                    if e.next_attempt_at is not None])
+    what = "held" if first.held else first.state
     return Order(Gate.WAIT, until,
-                 f"waiting: earlier postback {first.id} ({first.trigger or 'event'}) is "
-                 f"{first.state}")
+                 f"{ORDER_PREFIX}{first.id} ({first.trigger or 'event'}) is {what}")
 
 
 def describe_change(previous: Snapshot | None, current: Snapshot, kind: EventKind) -> str:

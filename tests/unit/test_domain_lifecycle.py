@@ -3,9 +3,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from postback_worker.domain.lifecycle import (
-    BLOCKED,
     DEAD,
-    HELD,
     DuplicateMode,
     Earlier,
     EventKind,
@@ -152,7 +150,7 @@ def test_hold_for(offer: float | None, partner: float | None, hours: float) -> N
 
 
 HOLD = timedelta(hours=24)
-HELD_APPROVED = Earlier("pb1", "approved", HELD, NOW + HOLD)
+HELD_APPROVED = Earlier("pb1", "approved", "retry_scheduled", NOW + HOLD, held=True)
 SENT_APPROVED = Earlier("pb1", "approved", "delivered")
 
 
@@ -176,7 +174,7 @@ def test_decide(previous: Snapshot | None, current: Snapshot, fire_on: frozenset
     assert (d.plan, d.trigger) == (plan, trigger)
     if plan == Plan.HOLD:
         assert d.release_at == NOW + hold
-        assert d.reason == "held for 24 h (until 2026-03-02T12:00:00Z)"
+        assert d.reason == "held: 24 h hold period, until 2026-03-02T12:00:00Z"
     if plan == Plan.CANCEL:
         assert d.cancel == ("pb1",)
         assert "during the hold period" in d.reason
@@ -195,11 +193,12 @@ RECHECK = timedelta(seconds=5)
      NOW + timedelta(minutes=3)),
     ([Earlier("a", "approved", "in_flight", NOW - timedelta(seconds=1))], Gate.WAIT,
      NOW + RECHECK),
-    ([Earlier("a", "approved", HELD, NOW + HOLD)], Gate.WAIT, NOW + HOLD),
+    ([Earlier("a", "approved", "retry_scheduled", NOW + HOLD, held=True)], Gate.WAIT,
+     NOW + HOLD),
     ([Earlier("a", "approved", "pending")], Gate.WAIT, NOW + RECHECK),
     ([Earlier("a", "approved", DEAD)], Gate.BLOCKED, None),
-    ([Earlier("a", "approved", "delivered"), Earlier("b", "adjustment", BLOCKED)], Gate.WAIT,
-     NOW + RECHECK),
+    ([Earlier("a", "approved", "delivered"), Earlier("b", "adjustment", "retry_scheduled")],
+     Gate.WAIT, NOW + RECHECK),  # b waits behind a dead letter elsewhere: no next attempt
 ])
 def test_gate(earlier: list[Earlier], expected: Gate, until: datetime | None) -> None:
     order = gate(earlier, NOW, RECHECK)
@@ -208,7 +207,9 @@ def test_gate(earlier: list[Earlier], expected: Gate, until: datetime | None) ->
         assert order.reason == ("waiting: earlier postback a (approved) was dead-lettered; "
                                 "replaying it releases this one")
     if expected == Gate.WAIT:
-        assert order.reason.startswith("waiting: earlier postback ")
+        first = next(e for e in earlier if e.state not in {"delivered", "skipped"})
+        what = "held" if first.held else first.state
+        assert order.reason == f"waiting: earlier postback {first.id} ({first.trigger}) is {what}"
 
 
 @pytest.mark.parametrize("previous, current, text", [
