@@ -18,6 +18,7 @@ class ConversionState(StrEnum):
     UNKNOWN_OFFER = "unknown_offer"
     DUPLICATE = "duplicate"
     REJECTED_STATUS = "rejected_status"
+    UPDATED = "updated"  # an event folded into an earlier conversion (its history)
 
 
 FINAL_STATES: frozenset[ConversionState] = frozenset(ConversionState) - {ConversionState.RECEIVED}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from postback_worker.delivery.signing import SigningKeys
+from postback_worker.domain.lifecycle import DuplicateMode, FireRule, fire_rule, load_mapping
+from postback_worker.domain.lifecycle import parse_duplicate_mode as _mode
+from postback_worker.domain.payout import PayoutRule, parse_rule
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.store.repo import Store
 
@@ -27,6 +30,10 @@ class Partner:
     policy_overrides: Mapping[str, float | int | None]
     # HMAC signing keys (delivery/signing.py), None when the partner does not sign.
     signing: SigningKeys | None = None
+    # Lifecycle: which events fire it and how; its payout rule; its hold period override.
+    fire_rule: FireRule = FireRule()
+    payout_rule: PayoutRule | None = None
+    hold_hours: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Partner:
@@ -45,6 +52,12 @@ class Partner:
                 k: row[k] for k in ("max_attempts", "base_delay", "max_delay", "horizon")
             },
             signing=SigningKeys.from_row(row),
+            fire_rule=fire_rule(fire_statuses=_split(row["fire_statuses"]),
+                                fire_events=row.get("fire_events"),
+                                templates=row.get("templates"),
+                                status_map=row.get("status_map")),
+            payout_rule=parse_rule(row["payout_rule"]) if row.get("payout_rule") else None,
+            hold_hours=row.get("hold_hours"),
         )
 
     def policy(self, default: RetryPolicy) -> RetryPolicy:
@@ -65,10 +78,16 @@ class Offer:
     id: str
     lifespan_days: int
     allow_multiple: bool
+    duplicate_mode: DuplicateMode = DuplicateMode.UPDATE
+    hold_hours: float | None = None
+    payout_rules: Mapping[str, PayoutRule] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Offer:
-        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]))
+        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]),
+                   _mode(row.get("duplicate_mode"), bool(row["allow_multiple"])),
+                   row.get("hold_hours"),
+                   {k: parse_rule(v) for k, v in load_mapping(row.get("payout_rules")).items()})
 
 
 class Catalog:

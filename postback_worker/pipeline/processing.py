@@ -24,12 +24,9 @@ from postback_worker.domain.attribution import (
     ConversionState,
     OfferFacts,
     attribute,
-    dedupe_key,
-    fires_on,
 )
 from postback_worker.domain.events import ConversionEvent
-from postback_worker.domain.ids import new_id
-from postback_worker.domain.macros import TemplateError, macro_values, render
+from postback_worker.domain.macros import macro_values, render
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import (
     RETRYABLE,
@@ -40,8 +37,10 @@ from postback_worker.domain.retry import (
 )
 from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.guardrails import Guardrails, Limits
+from postback_worker.pipeline.lifecycle import Lifecycle
 from postback_worker.settings import Settings
 from postback_worker.store import repo
+from postback_worker.store.lifecycle import wake_successors
 from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,7 @@ class Pipeline:
         self.clock = clock
         self.rand = rand
         self.catalog = Catalog(store, settings.delivery.config_cache_seconds)
+        self.lifecycle = Lifecycle(self.catalog, settings.delivery.order_recheck)
         self.worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
         # Without Redis (unit tests, tools) pauses still hold; breaker and limits are off.
         self.guard = Guardrails(redis, settings) if redis is not None else None
@@ -107,8 +107,11 @@ class Pipeline:
             todo = self.store.unprocessed_conversions(conn, ids)
             clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
             decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
-            self._mark_duplicates(conn, decided)
-            postbacks, dead = self._build_postbacks(decided, clicks, now)
+            folded = self.lifecycle.fold(conn, self.store, decided, now)
+            postbacks = self.lifecycle.postbacks(conn, folded, clicks, now)
+            dead = [_dead_letter_row(row, folded.offer_of(row["conversion_id"]), "config",
+                                     None, now)
+                    for row in postbacks if row["state"] == repo.DEAD_LETTERED]
             for row in postbacks:
                 row["triggered_by"] = triggered_by
             self.store.set_conversion_states(conn, [
@@ -116,6 +119,7 @@ class Pipeline:
                  "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
                 for d in decided
             ])
+            self.lifecycle.write(conn, folded)
             self.store.insert_postbacks(conn, postbacks)
             self.store.dead_letter_now(conn, dead)
         for d in decided:
@@ -141,86 +145,7 @@ class Pipeline:
             reason=decision.reason,
             offer_id=offer_id,
             aff_id=click["aff_id"] if click else None,
-            allow_multiple=bool(offer and offer.allow_multiple),
         )
-
-    def _mark_duplicates(self, conn: Any, decided: list[_Decided]) -> None:
-        keys: dict[str, str] = {}
-        in_batch: dict[str, _Decided] = {}
-        for d in decided:
-            if d.state != ConversionState.ATTRIBUTED or d.allow_multiple:
-                continue
-            key = dedupe_key(d.offer_id or "", d.conv["transaction_id"], d.conv["goal_id"])
-            first = in_batch.get(key)
-            if first is not None:
-                d.state, d.reason = "duplicate", f"duplicate of conversion {first.conv['id']}"
-                continue
-            in_batch[key] = d
-            keys[key] = d.conv["id"]
-        owners = self.store.claim_keys(conn, keys) if keys else {}
-        for key, d in in_batch.items():
-            owner = owners.get(key)
-            if owner is not None and owner != d.conv["id"]:
-                d.state = ConversionState.DUPLICATE.value
-                d.reason = (
-                    f"duplicate of conversion {owner} (same offer, transaction_id and goal_id)"
-                )
-
-    def _build_postbacks(self, decided: list[_Decided], clicks: Mapping[str, dict[str, Any]],
-                         now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        postbacks: list[dict[str, Any]] = []
-        dead: list[dict[str, Any]] = []
-        for d in decided:
-            if d.state != ConversionState.ATTRIBUTED:
-                continue
-            assert d.offer_id is not None and d.aff_id is not None
-            click = clicks[d.conv["transaction_id"]]
-            partners = self.catalog.destinations(d.offer_id, d.aff_id)
-            if not partners:
-                d.reason = f"{d.reason}; no postback destination for affiliate {d.aff_id!r}"
-                continue
-            firing = 0
-            for partner in partners:
-                row = self._postback_row(d, click, partner, now)
-                if row["state"] == repo.PENDING:
-                    firing += 1
-                elif row["state"] == repo.DEAD_LETTERED:
-                    dead.append(_dead_letter_row(row, d.offer_id, "config", None, now))
-                postbacks.append(row)
-            if firing == 0 and all(
-                not fires_on(d.conv["status"], p.fire_statuses) for p in partners
-            ):
-                d.state = ConversionState.REJECTED_STATUS.value
-                d.reason = f"status {d.conv['status']!r} fires no partner"
-        return postbacks, dead
-
-    def _postback_row(self, d: _Decided, click: Mapping[str, Any], partner: Partner,
-                      now: datetime) -> dict[str, Any]:
-        pid = new_id("pb")
-        row: dict[str, Any] = {
-            "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
-            "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
-            "created_at": now, "updated_at": now, "next_attempt_at": now,
-            "state": repo.PENDING, "reason": None,
-        }
-        if not partner.enabled:
-            row.update(state=repo.SKIPPED, reason="partner disabled", next_attempt_at=None)
-            return row
-        if not fires_on(d.conv["status"], partner.fire_statuses):
-            fires = ", ".join(partner.fire_statuses) or "nothing"
-            status = d.conv["status"]
-            row.update(
-                state=repo.SKIPPED, next_attempt_at=None,
-                reason=f"status {status!r} does not fire this partner (fires on: {fires})",
-            )
-            return row
-        try:
-            row["url"] = render_postback_url(partner.postback_url, {**d.conv,
-                                             "offer_id": d.offer_id}, click, pid, now)
-        except TemplateError as exc:
-            row.update(url=partner.postback_url, state=repo.DEAD_LETTERED, next_attempt_at=None,
-                       reason=f"config: template cannot render: {exc}", last_class="config")
-        return row
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -252,7 +177,10 @@ class Pipeline:
         sendable: list[tuple[dict[str, Any], Partner]] = []
         now = self.clock()
         groups: dict[str, list[dict[str, Any]]] = {}
+        waiting = self._in_order(claimed, buf, now, result)
         for c in claimed:
+            if c["id"] in waiting:
+                continue
             p = partners[c["partner_id"]]
             if p is None or not p.enabled:
                 why = "partner deleted" if p is None else "partner disabled"
@@ -282,6 +210,21 @@ class Pipeline:
                 self._flush(buf)
                 extended = self._keep_leases(unanswered, claimed[0]["token"], extended)
         self._flush(buf)
+
+    def _in_order(self, claimed: list[dict[str, Any]], buf: _Buffer, now: datetime,
+                  result: BatchResult) -> set[str]:
+        """Claimed postbacks behind an earlier one of the same conversion and partner: put back
+        to wait (no attempt spent); returns their ids."""
+        with self.store.engine.connect() as conn:
+            waiting = self.lifecycle.order(conn, [c["id"] for c in claimed], now)
+        for c in claimed:
+            if c["id"] in waiting:
+                until, why = waiting[c["id"]]
+                buf.released.append(_release(c, until, why.removeprefix(repo.WAITING_PREFIX),
+                                             now))
+        if waiting:
+            result.count(result.postbacks, WAITING, len(waiting))
+        return set(waiting)
 
     def _keep_leases(self, ids: set[str], token: str, last: datetime) -> datetime:
         """Renew leases once a third of their time has passed, for batches slower than a lease."""
@@ -441,6 +384,10 @@ class Pipeline:
             self._fill_offer_ids(buf.dead)
         saved = self.store.finish(updates=buf.updates, attempts=buf.attempts,
                                   dead_letters=buf.dead)
+        done = [u["id"] for u in buf.updates if u["state"] in (repo.DELIVERED, repo.SKIPPED)]
+        if done:
+            with self.store.engine.begin() as conn:
+                wake_successors(conn, done, self.clock())
         if saved < len(buf.updates):
             log.warning("%d postback lease(s) expired before their result was saved",
                         len(buf.updates) - saved)
@@ -510,7 +457,7 @@ def render_postback_url(template: str, conversion: Mapping[str, Any],
     return render(template, values)
 
 
-def _release(c: Mapping[str, Any], next_at: datetime, why: str,
+def _release(c: Mapping[str, Any], next_at: datetime | None, why: str,
              now: datetime) -> dict[str, Any]:
     return {"id": c["id"], "token": c["token"], "next_attempt_at": next_at,
             "reason": repo.WAITING_PREFIX + why, "updated_at": now}
@@ -523,7 +470,6 @@ class _Decided:
     reason: str
     offer_id: str | None
     aff_id: str | None
-    allow_multiple: bool
 
 
 def _conversion_row(e: ConversionEvent) -> dict[str, Any]:
