@@ -28,6 +28,7 @@ from postback_worker.domain.lifecycle import (
     Gate,
     Plan,
     Snapshot,
+    Trigger,
     classify,
     decide,
     describe_change,
@@ -281,17 +282,14 @@ class Lifecycle:
         if decision.plan == Plan.HOLD:
             row.update(state=RETRY_SCHEDULED, reason=decision.reason,
                        next_attempt_at=decision.release_at)
-        rule = resolve(partner.id, partner.payout_rule, offer.payout_rules if offer else {})
-        values = event_values(partner.fire_rule, rule, trigger,
-                              f.previous.status if f.previous else None, f.current)
-        template = partner.fire_rule.template(trigger, partner.postback_url)
+        conversion = {k: v for k, v in root.items() if k != "_decided"}
         try:
-            conversion = {k: v for k, v in root.items() if k != "_decided"}
-            row["url"] = render(template, macro_values(
-                conversion={**conversion, "offer_id": offer_id, **values}, click=click,
-                postback_id=pid, now=now, random_value=secrets.token_hex(8)))
+            row["url"] = render_event(partner, offer, {**conversion, "offer_id": offer_id},
+                                      click, trigger, f.previous.status if f.previous else None,
+                                      f.current, pid, now)
         except TemplateError as exc:
-            row.update(url=template, state=DEAD_LETTERED, next_attempt_at=None,
+            row.update(url=partner.fire_rule.template(trigger, partner.postback_url),
+                       state=DEAD_LETTERED, next_attempt_at=None,
                        reason=f"config: template cannot render: {exc}", last_class="config")
         return row
 
@@ -314,6 +312,35 @@ class Lifecycle:
             if verdict.gate != Gate.GO:
                 waiting[pid] = (verdict.until, verdict.reason)
         return waiting
+
+
+def render_event(partner: Partner, offer: Offer | None, conversion: Mapping[str, Any],
+                 click: Mapping[str, Any], trigger: Trigger | None,
+                 previous_status: str | None, current: Snapshot, postback_id: str,
+                 now: datetime) -> str:
+    """The URL of one postback: the partner's template for the event, its status names and
+    payout rule (raises TemplateError)."""
+    rule = resolve(partner.id, partner.payout_rule, offer.payout_rules if offer else {})
+    values = event_values(partner.fire_rule, rule, trigger, previous_status, current)
+    template = partner.fire_rule.template(trigger, partner.postback_url) if trigger else \
+        partner.postback_url
+    return render(template, macro_values(
+        conversion={**conversion, **values}, click=click, postback_id=postback_id, now=now,
+        random_value=secrets.token_hex(8)))
+
+
+def rerender(partner_row: Mapping[str, Any], offer_row: Mapping[str, Any] | None,
+             conversion: Mapping[str, Any], click: Mapping[str, Any], event: str | None,
+             history: Mapping[str, Any] | None, postback_id: str, now: datetime) -> str:
+    """A stored postback's URL with the partner's current configuration (dead-letter replay):
+    for a lifecycle event, with the conversion as it was at that event (raises TemplateError)."""
+    partner = Partner.from_row(partner_row)
+    offer = Offer.from_row(offer_row) if offer_row else None
+    if event is None or history is None:  # before the lifecycle: the conversion as stored
+        return render_event(partner, offer, conversion, click, Trigger.APPROVED, None,
+                            snapshot(conversion), postback_id, now)
+    return render_event(partner, offer, conversion, click, Trigger(event),
+                        history["previous_status"], snapshot(history), postback_id, now)
 
 
 def _earlier(r: Mapping[str, Any]) -> Earlier:

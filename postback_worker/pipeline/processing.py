@@ -26,7 +26,6 @@ from postback_worker.domain.attribution import (
     attribute,
 )
 from postback_worker.domain.events import ConversionEvent
-from postback_worker.domain.macros import macro_values, render
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import (
     RETRYABLE,
@@ -124,9 +123,11 @@ class Pipeline:
             self.store.dead_letter_now(conn, dead)
         for d in decided:
             result.count(result.conversions, d.state)
-        # Fire what is claimable for every conversion in the batch, including postbacks a
-        # previous, interrupted delivery of this message created but never fired.
-        self._fire(self._claim(conversion_ids=ids), result)
+        # Fire what is claimable for every conversion in the batch (and the conversions its
+        # updates belong to), including postbacks a previous, interrupted delivery of this
+        # message created but never fired.
+        roots = sorted({u["update_of"] for u in folded.updates} - set(ids))
+        self._fire(self._claim(conversion_ids=ids + roots), result)
         return result
 
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
@@ -447,14 +448,6 @@ class _Buffer:
     probes: set[str] = field(default_factory=set)
     slotted: set[str] = field(default_factory=set)
     stats: dict[str, _Stats] = field(default_factory=dict)
-
-
-def render_postback_url(template: str, conversion: Mapping[str, Any],
-                        click: Mapping[str, Any], postback_id: str, now: datetime) -> str:
-    """A postback URL from a template, a stored conversion and its click (raises TemplateError)."""
-    values = macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
-                          random_value=secrets.token_hex(8))
-    return render(template, values)
 
 
 def _release(c: Mapping[str, Any], next_at: datetime | None, why: str,

@@ -134,6 +134,18 @@ def wake_successors(conn: Connection, ids: Sequence[str], now: datetime) -> int:
     return woke
 
 
+def event_history(conn: Connection,
+                  conversion_ids: Sequence[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The recorded events of these conversions by (conversion id, seq)."""
+    ev = t.conversion_events.c
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for part in _chunks(sorted(set(conversion_ids))):
+        for r in conn.execute(select(t.conversion_events)
+                              .where(ev.conversion_id.in_(part))).mappings():
+            out[(r["conversion_id"], r["seq"])] = dict(r)
+    return out
+
+
 def timeline(conn: Connection, conversion_id: str) -> list[dict[str, Any]]:
     """The conversion's events in order."""
     ev = t.conversion_events.c

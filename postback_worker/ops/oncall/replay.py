@@ -22,10 +22,11 @@ from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
 from postback_worker.ops.oncall.deadletters import DEAD_JOIN, Filter
-from postback_worker.pipeline.processing import render_postback_url
+from postback_worker.pipeline.lifecycle import rerender
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
+from postback_worker.store.lifecycle import event_history
 from postback_worker.store.repo import Store
 
 # enqueue(task name, args): publishes a task on the `replay` queue.
@@ -76,7 +77,8 @@ class Plan:
 def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) -> Plan:
     """Select dead letters and render their URLs with the partners' current templates."""
     dl, pb = t.dead_letters.c, t.postbacks.c
-    stmt = (select(dl.postback_id, dl.partner_id, dl.failure_class, pb.url, pb.conversion_id)
+    stmt = (select(dl.postback_id, dl.partner_id, dl.failure_class, pb.url, pb.conversion_id,
+                   pb.event, pb.event_seq)
             .select_from(DEAD_JOIN).where(filt.clause()).order_by(dl.created_at, dl.postback_id))
     if limit:
         stmt = stmt.limit(limit)
@@ -89,7 +91,9 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
                     t.conversions.c.id.in_(conv_ids[i:i + 500]))).mappings():
                 convs[c["id"]] = dict(c)
         clicks = store.clicks_by_transaction(conn, [c["transaction_id"] for c in convs.values()])
+        history = event_history(conn, conv_ids)
     partners = {p["id"]: p for p in store.list_partners()}
+    offers = {o["id"]: o for o in store.list_offers()}
     out = Plan(filt)
     for r in rows:
         cand = Candidate(r["postback_id"], r["partner_id"], r["failure_class"], r["url"], None)
@@ -104,8 +108,10 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
             cand.problem = "conversion or click no longer stored (retention)"
         else:
             try:
-                cand.new_url = render_postback_url(partner["postback_url"], conv, click,
-                                                   r["postback_id"], now)
+                cand.new_url = rerender(partner, offers.get(conv["offer_id"]), conv, click,
+                                        r["event"],
+                                        history.get((r["conversion_id"], r["event_seq"])),
+                                        r["postback_id"], now)
             except TemplateError as exc:
                 cand.problem = f"current template cannot render: {exc}"
         out.candidates.append(cand)
