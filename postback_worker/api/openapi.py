@@ -7,6 +7,7 @@ from typing import Any
 from postback_worker.domain.events import click_spec, conversion_spec, object_schema
 from postback_worker.domain.lifecycle import Trigger
 from postback_worker.ops.config import OFFER_SCHEMA, PARTNER_SCHEMA
+from postback_worker.ops.conversions import UPDATE_SCHEMA
 from postback_worker.settings import IngestSettings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -88,6 +89,11 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
         "/v1/conversions/{conversion_id}": {"get": {
             "security": admin, "parameters": [_path("conversion_id")],
             "responses": _responses("200", *_AUTH, "404")}},
+        "/v1/conversions/{conversion_id}/events": {"post": {
+            "security": [{"bearer": []}], "parameters": [_path("conversion_id")],
+            "summary": "update a conversion: a new status and/or amounts",
+            "requestBody": {"required": True, **_json(UPDATE_SCHEMA)},
+            "responses": _responses("202", "400", *_AUTH, "404", "413", "422", "503")}},
         "/v1/offers": {
             "get": {"security": admin, "responses": _responses("200", *_AUTH)},
             "post": {"security": admin, "requestBody": {"required": True, **_json(OFFER_SCHEMA)},

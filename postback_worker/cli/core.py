@@ -223,10 +223,22 @@ def show(conversion_id: str, fmt: str) -> None:
                f"status {c['status']}  payout {cell(c['payout'])} {c['currency'] or ''}")
     click.echo(f"  occurred {cell(c['occurred_at'])}  received {cell(c['received_at'])}  "
                f"processed {cell(c['processed_at'])}")
+    if detail["requested_event"]:
+        click.echo(f"  ({detail['requested_event']} is event of this conversion)")
+    click.echo("events:")
+    for e in detail["events"]:
+        click.echo(f"  {e['seq']} {cell(e['received_at'])} {e['summary']} "
+                   f"(payout {cell(e['payout'])} {e['currency'] or ''}; event {e['event_id']})")
+        for p in e["postbacks"]:
+            click.echo(f"      {p['partner_id']} {p['event'] or '-'}: {p['state']} after "
+                       f"{p['attempts']} attempt(s)" + (f" - {p['reason']}" if p["reason"]
+                                                        else ""))
     if not detail["postbacks"]:
         click.echo("  no postbacks")
     for p in detail["postbacks"]:
-        click.echo(f"postback {p['id']} -> partner {p['partner_id']}: {p['state']}"
+        click.echo(f"postback {p['id']} -> partner {p['partner_id']}"
+                   + (f" ({p['event']}, event {p['event_seq']})" if p["event"] else "")
+                   + f": {p['state']}"
                    f" after {p['attempts']} attempt(s)"
                    + (f" - {p['reason']}" if p["reason"] else ""))
         click.echo(f"  {p['method']} {p['url']}")
@@ -236,6 +248,38 @@ def show(conversion_id: str, fmt: str) -> None:
             click.echo(f"  #{a['attempt_no']} {cell(a['started_at'])} {a['duration_ms']:.1f} ms "
                        f"status {cell(a['status_code'])} {a['failure_class']}"
                        + (f" - {a['error']}" if a["error"] else ""))
+
+
+@main.group("conversions")
+def conversions() -> None:
+    """Conversions: explicit updates by conversion id."""
+
+
+@conversions.command("update")
+@click.argument("conversion_id")
+@click.option("--status", help="The new status, e.g. approved, rejected, reversed.")
+@click.option("--payout", help="The new payout (the advertiser's amount).")
+@click.option("--sale-amount", help="The new sale amount.")
+@click.option("--currency", help="The currency of the amounts (3 letters).")
+@click.option("--id", "event_id", help="Idempotency key of this update (default: a new id).")
+def conversions_update(conversion_id: str, status: str | None, payout: str | None,
+                       sale_amount: str | None, currency: str | None,
+                       event_id: str | None) -> None:
+    """Send a new status and/or amounts for a conversion (like the advertiser would)."""
+    from postback_worker.ops.conversions import update_event
+    from postback_worker.producer import Producer
+
+    settings = load_settings()
+    changes = {"status": status, "payout": payout, "sale_amount": sale_amount,
+               "currency": currency, "id": event_id}
+    item = update_event(open_store(settings), conversion_id,
+                        {k: v for k, v in changes.items() if v is not None})
+    producer = Producer(settings)
+    try:
+        (accepted,) = producer.send_conversions([item])
+    finally:
+        producer.close()
+    click.echo(f"accepted update {accepted} of conversion {conversion_id}")
 
 
 # -- running ---------------------------------------------------------------------------------

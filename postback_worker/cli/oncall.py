@@ -327,8 +327,8 @@ def partners_health(fmt: str) -> None:
         rate = r["success_rate_last_hour"]
         r["success_1h"] = "-" if rate is None else f"{rate * 100:.0f}%"
     print_table(rows, ["partner_id", "circuit", "paused", "rate_limit", "max_concurrency",
-                       "in_flight", "waiting", "dead_letters", "attempts_last_hour",
-                       "success_1h"])
+                       "in_flight", "waiting", "held", "behind_dead_letter", "dead_letters",
+                       "attempts_last_hour", "success_1h"])
     for r in rows:
         if r["circuit"] not in ("closed", "unknown") and r["circuit_reason"]:
             click.echo(f"{r['partner_id']}: circuit {r['circuit']}: {r['circuit_reason']}")

@@ -13,6 +13,7 @@ from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store import repo
 from postback_worker.store import schema as t
+from postback_worker.store.lifecycle import held_counts
 from postback_worker.store.repo import Store
 
 
@@ -40,6 +41,7 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             .select_from(t.attempts.join(t.postbacks, pb.id == at.postback_id))
             .where(at.started_at >= hour_ago, at.is_test.is_(False))
             .group_by(pb.partner_id)).all()}
+        held = held_counts(conn)
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
     rows = []
     for p in store.list_partners():
@@ -53,6 +55,9 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             "rate_limit": p["rate_limit"], "max_concurrency": p["max_concurrency"],
             "in_flight": None, "waiting": int(waiting.get(pid, 0)),
             "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
+            # Of those waiting: held for a hold period; behind a dead-lettered earlier event.
+            "held": held.get(pid, {}).get("held", 0),
+            "behind_dead_letter": held.get(pid, {}).get("blocked", 0),
             "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
         }
         if guard is not None:

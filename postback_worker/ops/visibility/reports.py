@@ -22,6 +22,7 @@ from postback_worker.domain.masking import mask_url
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.store import schema as t
+from postback_worker.store.lifecycle import event_counts
 from postback_worker.store.repo import Store
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
@@ -107,6 +108,11 @@ def delivery_report(store: Store, scope: Scope) -> dict[str, Any]:
         }
         overall_q, partner_q = _response_times(conn, store.dialect, where)
         lost = fg.lost_window(conn, ex, scope.range.since, scope.range.until, scope.offer_id)
+        lifecycle: dict[str, Any] = event_counts(conn, scope.range.since, scope.range.until)
+        lifecycle["postbacks_by_event"] = {
+            event: int(n) for event, n in conn.execute(
+                select(fg.P.event, func.count()).where(*where, fg.P.event.is_not(None))
+                .group_by(fg.P.event))}
     for pid, p in partners.items():
         p["response_ms"] = partner_q.get(pid, dict.fromkeys(q for q, _ in QUANTILES))
         _finish(p)
@@ -127,6 +133,7 @@ def delivery_report(store: Store, scope: Scope) -> dict[str, Any]:
         ],
         "partners": ranked,
         "lost_conversions": lost,
+        "lifecycle": lifecycle,
     }
 
 
@@ -241,6 +248,9 @@ PARTNER_FIGURES = ("postbacks", "delivered", "failed", "pending", "skipped", "su
                    "failure_rate", "attempts", "failed_attempts", "attempt_failure_rate")
 
 
+LIFECYCLE_FIGURES = ("status_changes", "reversals", "adjustments", "repeats")
+
+
 def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The report as tidy rows: section, key, metric, value (every figure once)."""
     s = report["summary"]
@@ -266,6 +276,12 @@ def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         for metric in ("conversions", "expired_click", "unknown_click", "lost", "lost_rate"):
             yield {"section": "lost_conversions", "key": row["offer_id"] or "", "metric": metric,
                    "value": row[metric]}
+    life = report["lifecycle"]
+    for metric in LIFECYCLE_FIGURES:
+        yield {"section": "conversion_events", "key": "", "metric": metric,
+               "value": life[metric]}
+    for event, n in sorted(life["postbacks_by_event"].items()):
+        yield {"section": "postbacks_by_event", "key": event, "metric": "postbacks", "value": n}
 
 
 def percent(value: float | None) -> str:
