@@ -236,3 +236,22 @@ def test_dead_letter_blocks_later_events_until_replayed(pipeline: Pipeline, stor
     drain(pipeline, clock)
     assert [e for e, _, _ in received(partner, "/all")] == ["approved", "adjustment",
                                                             "reversal"]
+
+
+def test_event_arriving_after_a_newer_one_changes_nothing(pipeline: Pipeline, store: Store,
+                                                          clock: Clock,
+                                                          partner: PartnerServer) -> None:
+    """Two workers may take a conversion's events out of order: the older one, applied
+    second, is recorded as stale and does not undo the newer one."""
+    setup(store, partner)
+    pending = conversion("tx1", status="pending", payout="10",
+                         occurred_at=(NOW - timedelta(hours=1)).isoformat())
+    approved = conversion("tx1", payout="10")
+    pipeline.process_conversions(messages(approved))
+    pipeline.process_conversions(messages(pending))
+    conv = store.get_conversion(approved.id)
+    assert conv is not None and conv["status"] == "approved"
+    assert history(store, approved.id) == [
+        (1, "created", "created approved"),
+        (2, "stale", "pending arrived after a newer event (no change)")]
+    assert received(partner, "/all") == [("approved", "approved", "10")]

@@ -33,6 +33,7 @@ class EventKind(StrEnum):
     STATUS_CHANGED = "status_changed"
     ADJUSTED = "adjusted"  # same status, other amounts
     REPEAT = "repeat"  # same status and amounts: recorded, changes nothing
+    STALE = "stale"  # older than the conversion's last event: recorded, changes nothing
 
 
 class DuplicateMode(StrEnum):
@@ -121,6 +122,12 @@ def classify(previous: Snapshot | None, incoming: Snapshot) -> EventKind:
     if not same_amounts(previous, incoming):
         return EventKind.ADJUSTED
     return EventKind.REPEAT
+
+
+def is_stale(last: tuple[datetime, datetime], incoming: tuple[datetime, datetime]) -> bool:
+    """True when an event (occurred_at, received_at) is older than the last one applied: it
+    arrived late (another worker applied a newer event first) and must not undo it."""
+    return incoming < last
 
 
 def merge(previous: Snapshot, incoming: Snapshot) -> Snapshot:
@@ -309,6 +316,8 @@ def describe_change(previous: Snapshot | None, current: Snapshot, kind: EventKin
         return f"created {current.status}"
     if kind == EventKind.REPEAT:
         return f"repeat of {current.status} (no change)"
+    if kind == EventKind.STALE:
+        return f"{current.status} arrived after a newer event (no change)"
     parts = []
     if previous.status != current.status:
         parts.append(f"{previous.status} -> {current.status}")

@@ -35,6 +35,7 @@ from postback_worker.domain.lifecycle import (
     event_values,
     gate,
     hold_for,
+    is_stale,
     merge,
 )
 from postback_worker.domain.macros import TemplateError, macro_values, render
@@ -148,8 +149,16 @@ class Lifecycle:
     def _update(self, out: Folded, d: Decided, root: dict[str, Any], now: datetime) -> None:
         previous = snapshot(root)
         incoming = snapshot(d.conv)
-        kind = classify(previous, incoming)
-        current = previous if kind == EventKind.REPEAT else merge(previous, incoming)
+        when = (d.conv["occurred_at"], d.conv["received_at"])
+        last = root.get("last_at") or (root["occurred_at"], root["received_at"])
+        kind = EventKind.STALE if is_stale(last, when) else classify(previous, incoming)
+        if kind == EventKind.STALE:
+            current = incoming  # recorded as received; the conversion keeps its state
+        elif kind == EventKind.REPEAT:
+            current = previous
+        else:
+            current = merge(previous, incoming)
+            root["last_at"] = when
         # A conversion stored before the lifecycle existed has no history yet: seq 1 is its
         # creation, implied.
         seq = max(int(root.get("last_seq") or 0), 1) + 1
@@ -157,6 +166,11 @@ class Lifecycle:
         out.folds.append(Fold(d, root, seq, kind, previous, current))
         out.events.append(_event_row(root["id"], seq, d, kind, previous, current, now))
         summary = describe_change(previous, current, kind)
+        if kind == EventKind.STALE:
+            d.state = ConversionState.UPDATED.value
+            d.reason = (f"event {seq} of conversion {root['id']}: older than its last event, "
+                        "recorded, changes nothing")
+            return
         if kind == EventKind.REPEAT:
             d.state = ConversionState.DUPLICATE.value
             d.reason = (f"duplicate of conversion {root['id']} (same offer, transaction_id and "
@@ -184,7 +198,7 @@ class Lifecycle:
             earlier.setdefault((r["conversion_id"], r["partner_id"]), []).append(_earlier(r))
         rows: list[dict[str, Any]] = []
         for f in folded.folds:
-            if f.kind == EventKind.REPEAT:
+            if f.kind in (EventKind.REPEAT, EventKind.STALE):
                 continue
             rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, now))
         return rows

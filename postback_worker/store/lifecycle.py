@@ -40,6 +40,12 @@ def lock_conversions(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str
                             .where(ev.conversion_id.in_(part)).group_by(ev.conversion_id))
         for cid, seq in seqs:
             out[cid]["last_seq"] = int(seq)
+        # When the last event that changed the conversion happened (stale events are older).
+        applied = ev.kind.in_(("created", "status_changed", "adjusted"))
+        for cid, occurred, received in conn.execute(
+                select(ev.conversion_id, ev.occurred_at, ev.received_at)
+                .where(ev.conversion_id.in_(part), applied).order_by(ev.seq)):
+            out[cid]["last_at"] = (occurred, received)
     for row in out.values():
         row.setdefault("last_seq", 0)
     return out

@@ -17,6 +17,7 @@ from postback_worker.domain.lifecycle import (
     describe_change,
     gate,
     hold_for,
+    is_stale,
     merge,
     parse_duplicate_mode,
     parse_fire_on,
@@ -221,3 +222,18 @@ def test_gate(earlier: list[Earlier], expected: Gate, until: datetime | None) ->
 ])
 def test_describe_change(previous: Snapshot | None, current: Snapshot, text: str) -> None:
     assert describe_change(previous, current, classify(previous, current)) == text
+
+
+T0 = NOW
+T1 = NOW + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("last, incoming, stale", [
+    ((T0, T0), (T1, T1), False),
+    ((T1, T1), (T0, T1), True),  # the advertiser says it happened before the last one
+    ((T0, T1), (T0, T0), True),  # same moment, received before: a late redelivery
+    ((T0, T0), (T0, T0), False),
+])
+def test_is_stale(last: tuple[datetime, datetime], incoming: tuple[datetime, datetime],
+                  stale: bool) -> None:
+    assert is_stale(last, incoming) is stale
