@@ -83,8 +83,8 @@ def test_show_prints_the_timeline(cli: CliRunner, store: Store, pipeline: Pipeli
         "  4 2026-11-26 12:00:03 approved -> reversed",
         "      p1 reversal: delivered after 1 attempt(s)",
     ]
-    assert any(ln.endswith("-> partner p1 (reversal, event 4): delivered after 1 attempt(s)")
-               for ln in lines)
+    reversal = next(i for i, ln in enumerate(lines) if ln == "  for event 4 (reversal)")
+    assert lines[reversal - 1].endswith("-> partner p1: delivered after 1 attempt(s)")
 
 
 def test_get_conversion_returns_the_timeline(serve: Callable[[Settings], str],

@@ -94,9 +94,11 @@ def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_day
         data["payout_rules"] = ",".join(payout_rules)
     row = parse_offer(data, datetime.now(UTC))
     open_store(load_settings()).upsert_offer(row)
-    hold = f", hold {row['hold_hours']:g} h" if row["hold_hours"] else ""
+    mode = row["duplicate_mode"]
+    extra = (f", duplicates: {mode}" if mode != "update" else "") + (
+        f", hold {row['hold_hours']:g} h" if row["hold_hours"] else "")
     click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} "
-               f"days, duplicates: {row['duplicate_mode']}{hold}")
+               f"days{extra}")
 
 
 @offers.command("list")
@@ -236,11 +238,11 @@ def show(conversion_id: str, fmt: str) -> None:
     if not detail["postbacks"]:
         click.echo("  no postbacks")
     for p in detail["postbacks"]:
-        click.echo(f"postback {p['id']} -> partner {p['partner_id']}"
-                   + (f" ({p['event']}, event {p['event_seq']})" if p["event"] else "")
-                   + f": {p['state']}"
+        click.echo(f"postback {p['id']} -> partner {p['partner_id']}: {p['state']}"
                    f" after {p['attempts']} attempt(s)"
                    + (f" - {p['reason']}" if p["reason"] else ""))
+        if p["event"]:
+            click.echo(f"  for event {p['event_seq']} ({p['event']})")
         click.echo(f"  {p['method']} {p['url']}")
         if p["next_attempt_at"] and p["state"] == "retry_scheduled":
             click.echo(f"  next attempt at {cell(p['next_attempt_at'])}")
