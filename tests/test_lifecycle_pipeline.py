@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from postback_worker.ops.oncall.deadletters import Filter
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
+from postback_worker.store.db import make_engine, upgrade
 from postback_worker.store.repo import Store
 
 ALL = "approved,adjustment,reversal"
@@ -255,3 +257,24 @@ def test_event_arriving_after_a_newer_one_changes_nothing(pipeline: Pipeline, st
         (1, "created", "created approved"),
         (2, "stale", "pending arrived after a newer event (no change)")]
     assert received(partner, "/all") == [("approved", "approved", "10")]
+
+
+def test_lifecycle_on_sqlite(tmp_path: Path, settings: Settings, clock: Clock,
+                             partner: PartnerServer) -> None:
+    """The embedded default (SQLite) folds events, keeps order and records history too."""
+    url = f"sqlite:///{tmp_path / 'pbw.db'}"
+    upgrade(url)
+    store = Store(make_engine(url))
+    setup(store, partner)
+    partner.route("/all", 503)
+    with Sender(allow_networks=settings.delivery.allow_networks) as sender:
+        pipeline = Pipeline(settings.with_overrides(database_url=url), store, sender,
+                            clock=clock, rand=lambda: 0.0)
+        approved = conversion("tx1", payout="10")
+        pipeline.process_conversions(messages(approved))
+        pipeline.process_conversions(messages(conversion("tx1", status="reversed",
+                                                         payout="10", now=clock())))
+        partner.route("/all", 200)
+        drain(pipeline, clock)
+    assert [e for e, _, _ in received(partner, "/all")] == ["approved", "approved", "reversal"]
+    assert [k for _, k, _ in history(store, approved.id)] == ["created", "status_changed"]
