@@ -113,9 +113,9 @@ def test_approved_retrying_still_goes_before_the_reversal(
 def test_reversal_inside_the_hold_period_fires_nothing(
         settings: Settings, store: Store, partner: PartnerServer,
         celery_procs: Callable[..., Proc]) -> None:
-    """Hold 3.6 s: the conversion reversed inside it fires nothing; the other one fires once
+    """Hold 10.8 s: the conversion reversed inside it fires nothing; the other one fires once
     the hold is over (released by beat's sweep)."""
-    seed(store, partner, ["tx-rev", "tx-keep"], global_partner=False, hold_hours=0.001)
+    seed(store, partner, ["tx-rev", "tx-keep"], global_partner=False, hold_hours=0.003)
     celery_procs("worker", concurrency=2)
     celery_procs("beat", sweep_interval=0.2)
     producer = Producer(settings)

@@ -15,7 +15,7 @@ from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import parse_partner
-from postback_worker.ops.oncall import replay
+from postback_worker.ops.oncall import reattribute, replay
 from postback_worker.ops.oncall.deadletters import Filter
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
@@ -278,3 +278,30 @@ def test_lifecycle_on_sqlite(tmp_path: Path, settings: Settings, clock: Clock,
         drain(pipeline, clock)
     assert [e for e, _, _ in received(partner, "/all")] == ["approved", "approved", "reversal"]
     assert [k for _, k, _ in history(store, approved.id)] == ["created", "status_changed"]
+
+
+def test_reattribution_folds_the_events_in_order(pipeline: Pipeline, store: Store,
+                                                 clock: Clock,
+                                                 partner: PartnerServer) -> None:
+    """Pending then approved, both after the click's lifespan: lost. Once the lifespan is
+    extended, re-attribution folds them into one conversion and the partner gets the approval
+    once."""
+    setup(store, partner, lifespan_days=1)
+    add_click(store, "tx-old", aff_id="p1", clicked_at=NOW - timedelta(days=2))
+    pending = conversion("tx-old", status="pending", payout="3")
+    approved = conversion("tx-old", payout="3", now=NOW + timedelta(seconds=1))
+    pipeline.process_conversions(messages(pending))
+    pipeline.process_conversions(messages(approved))
+    assert {store.get_conversion(e.id)["state"] for e in (pending, approved)} == {  # type: ignore[index]
+        "expired_click"}
+    store.upsert_offer({**store.get_offer("o1"), "lifespan_days": 3})  # type: ignore[dict-item]
+    pipeline.catalog.refresh(force=True)
+    _, plan, taken = reattribute.start(store, "o1", since=None, until=None, who="test",
+                                       now=clock(), enqueue=None)
+    assert taken == 2
+    pipeline.reprocess([e["conversion_id"] for e in plan.eligible], "test")
+    assert [store.get_conversion(e.id)["state"] for e in (pending, approved)] == [  # type: ignore[index]
+        "attributed", "updated"]
+    assert history(store, pending.id) == [(1, "created", "created pending"),
+                                          (2, "status_changed", "pending -> approved")]
+    assert received(partner, "/all") == [("approved", "approved", "3")]
