@@ -3,7 +3,7 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
-        [--json out.json]
+        [--updates FRACTION] [--json out.json]
 
 See bench/README.md for what each figure means and how it is measured.
 """
@@ -349,7 +349,8 @@ def reset_state(svc: Services) -> None:
 
     with svc.store.engine.begin() as conn:
         conn.execute(text(
-            "TRUNCATE attempts, dead_letters, postbacks, conversion_keys, conversions CASCADE"))
+            "TRUNCATE attempts, dead_letters, postbacks, conversion_keys, conversion_events, "
+            "conversions CASCADE"))
     client = redis.Redis.from_url(svc.redis_url)
     try:
         client.flushdb()
@@ -631,6 +632,36 @@ def naive_system(cfg: Config, svc: Services) -> System:
     return System("naive", cfg.naive_n, args, env, enqueue)
 
 
+def updated(i: int, share: float) -> bool:
+    """Whether conversion i gets a later status change (spread evenly, floor(n * share))."""
+    return int((i + 1) * share) != int(i * share)
+
+
+def updates_system(cfg: Config, svc: Services, share: float) -> System:
+    """Ours, with `share` of the conversions first reported `pending` and approved by a later
+    event (sent after every first event, as an advertiser's update): the same N postbacks,
+    N * (1 + share) events through intake."""
+    base = ours_system(cfg, svc)
+
+    def enqueue(n: int) -> None:
+        producer = Producer(Settings.from_env(base.worker_env))
+        try:
+            paced(n, cfg.rate, lambda a, b: producer.send_conversions(
+                [{"transaction_id": tx(i), "payout": PAYOUT,
+                  "status": "pending" if updated(i, share) else "approved"}
+                 for i in range(a, b)]))
+            later = [i for i in range(n) if updated(i, share)]
+            for start in range(0, len(later), BATCH):
+                producer.send_conversions([{"transaction_id": tx(i), "payout": PAYOUT,
+                                            "status": "approved"}
+                                           for i in later[start:start + BATCH]])
+        finally:
+            producer.close()
+
+    return System(f"ours+{share:.0%} updates", cfg.n, base.worker_args, base.worker_env,
+                  enqueue)
+
+
 def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: Path,
              run_no: int) -> dict[str, Any]:
     reset_state(svc)
@@ -767,6 +798,10 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
     if "postbacks_per_s" in ratios:
         lines.append("")
         lines.append(f"ratio ours/naive postbacks/s: {ratios['postbacks_per_s']:.1f}x")
+    for label in med:
+        if label.startswith("ours+") and med.get("ours", {}).get("postbacks_per_s"):
+            share = med[label]["postbacks_per_s"] / med["ours"]["postbacks_per_s"]
+            lines.append(f"{label} / ours postbacks/s (same run): {share:.0%}")
     print("\n".join(lines), flush=True)
     return {"meta": meta,
             **{s.label: {"runs": s.runs, "median": med[s.label]} for s in systems},
@@ -800,6 +835,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--partner", choices=("auto", "python", "nginx"), default="auto",
                     help="auto: nginx if on PATH and no delay, else bench/fast_partner.py")
     ap.add_argument("--only", choices=("ours", "naive"))
+    ap.add_argument("--updates", type=float, default=0.0, metavar="FRACTION",
+                    help="also run ours with this share of conversions reported pending and "
+                         "approved by a later event (e.g. 0.3), in the same run")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--pg-url", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -821,6 +859,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.naive_conversions = args.conversions
     if args.naive_conversions is None:
         args.naive_conversions = min(args.conversions, 2000)
+    if not 0 <= args.updates < 1:
+        ap.error("--updates must be a fraction from 0 to below 1, e.g. 0.3")
     for name in ("conversions", "naive_conversions", "runs", "workers", "concurrency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -859,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(reset_state, svc)  # leave no queued messages behind in the Redis db
         systems = [ours_system(cfg, svc) if s == "ours" else naive_system(cfg, svc)
                    for s in wanted]
+        if args.updates and "ours" in wanted:
+            systems.insert(1, updates_system(cfg, svc, args.updates))
         for system in systems:
             for run_no in range(1, cfg.runs + 1):
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
