@@ -230,3 +230,11 @@ def test_audit_knows_lifecycle_options(store: Store, settings: Settings) -> None
     assert found[("p2", "template", "warning")].startswith(
         "templates.adjustment position 0: plain http")
     assert ("p2", "events", "warning") not in found
+
+
+def test_config_history_masks_template_secrets(store: Store) -> None:
+    add_partner(store, "p1", "https://p.example",
+                templates={"reversal": "https://p.example/r?tid={transaction_id}&token=s3cr3t"})
+    (saved,) = store.config_history("partner", "p1")
+    assert "s3cr3t" not in saved["snapshot"]
+    assert "reversal" in json.loads(json.loads(saved["snapshot"])["templates"])

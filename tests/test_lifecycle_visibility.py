@@ -134,20 +134,26 @@ def test_explicit_update_by_conversion_id(serve: Callable[[Settings], str], sett
     r = requests.post(f"{api}/v1/conversions/cv_nope/events", headers=ADMIN,
                       json={"status": "rejected"})
     assert r.status_code == 404
+    # The advertiser's conversion URL with new amounts for a known transaction is an update too.
+    r = requests.get(f"{api}/postback", headers=ADMIN,
+                     params={"transaction_id": "tx1", "offer_id": "o1", "payout": "12"})
+    assert r.status_code == 200, r.text
     res = cli.invoke(main, ["conversions", "update", events[1].id, "--status", "reversed",
                             "--id", "upd-2"])
     assert res.exit_code == 0, res.output
     assert res.output.strip() == f"accepted update upd-2 of conversion {events[1].id}"
     res = cli.invoke(main, ["conversions", "update", "cv_nope", "--status", "reversed"])
     assert res.exit_code == 3
-    sent = sorted(queued(redis_client), key=lambda m: str(m["id"]))
-    assert [(m["id"], m["transaction_id"], m["status"], m["payout"]) for m in sent] == [
-        ("upd-1", "tx1", "approved", "11"), ("upd-2", "tx1", "reversed", None)]
+    sent = sorted(queued(redis_client), key=lambda m: str(m["received_at"]))
+    assert [(m["transaction_id"], m["status"], m["payout"]) for m in sent] == [
+        ("tx1", "approved", "11"), ("tx1", "approved", "12"), ("tx1", "reversed", None)]
+    assert (sent[0]["id"], sent[2]["id"]) == ("upd-1", "upd-2")
     pipeline.process_conversions(sent)
-    clock.advance(2)
-    pipeline.deliver(pipeline.sweep())  # the reversal waited for the adjustment
+    for _ in range(3):  # each later postback waited for the one before
+        clock.advance(2)
+        pipeline.deliver(pipeline.sweep())
     assert [r.query["e"][0] for r in partner.received()] == ["approved", "adjustment",
-                                                             "reversal"]
+                                                             "adjustment", "reversal"]
 
 
 def test_reports_and_health_count_lifecycle(store: Store, settings: Settings,
