@@ -121,22 +121,26 @@ def predecessors(conn: Connection, ids: Sequence[str]) -> dict[str, list[dict[st
 
 def wake_successors(conn: Connection, ids: Sequence[str], now: datetime) -> int:
     """Postbacks waiting behind any of `ids` (same conversion and partner, later event)
-    become due now; call when those are delivered or skipped."""
-    if not ids:
-        return 0
+    become due now; call when those are delivered or skipped. Uses the (conversion, partner,
+    event_seq) index: the cost follows `ids`, not the retry backlog."""
     pb = t.postbacks.c
-    done = aliased(t.postbacks)
+    done, later = aliased(t.postbacks), aliased(t.postbacks)
     woke = 0
     for part in _chunks(list(ids)):
-        behind = (select(done.c.id).where(
-            done.c.id.in_(part), done.c.conversion_id == pb.conversion_id,
-            done.c.partner_id == pb.partner_id, done.c.event_seq < pb.event_seq)
-            .exists())
-        res = conn.execute(
-            update(t.postbacks)
-            .where(pb.state == RETRY_SCHEDULED, pb.reason.like(ORDER_PREFIX + "%"), behind)
-            .values(next_attempt_at=now, updated_at=now))
-        woke += int(res.rowcount)
+        waiting = list(conn.execute(
+            select(later.c.id)
+            .join(done, and_(done.c.conversion_id == later.c.conversion_id,
+                             done.c.partner_id == later.c.partner_id,
+                             done.c.event_seq < later.c.event_seq))
+            .where(done.c.id.in_(part), later.c.state == RETRY_SCHEDULED,
+                   later.c.reason.like(ORDER_PREFIX + "%"))).scalars())
+        if waiting:
+            res = conn.execute(
+                update(t.postbacks)
+                .where(pb.id.in_(waiting), pb.state == RETRY_SCHEDULED,
+                       pb.reason.like(ORDER_PREFIX + "%"))
+                .values(next_attempt_at=now, updated_at=now))
+            woke += int(res.rowcount)
     return woke
 
 
