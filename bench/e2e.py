@@ -901,8 +901,10 @@ def main(argv: list[str] | None = None) -> int:
                    for s in wanted]
         if args.updates and "ours" in wanted:
             systems.insert(1, updates_system(cfg, svc, args.updates))
-        for system in systems:
-            for run_no in range(1, cfg.runs + 1):
+        # Runs alternate between the systems, so a machine that gets busier or quieter
+        # during the benchmark affects each of them alike.
+        for run_no in range(1, cfg.runs + 1):
+            for system in systems:
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
                 system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
         meta = {
