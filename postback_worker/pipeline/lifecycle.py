@@ -22,6 +22,7 @@ from postback_worker.domain.ids import new_id
 from postback_worker.domain.lifecycle import (
     DEFAULT_FIRE_ON,
     HELD_PREFIX,
+    Decision,
     DuplicateMode,
     Earlier,
     EventKind,
@@ -271,7 +272,7 @@ class Lifecycle:
                 state=ConversionState.ATTRIBUTED.value, reason=reason)
 
     def _row(self, f: Fold, root: Mapping[str, Any], offer: Offer | None, offer_id: str,
-             partner: Partner, decision: Any, click: Mapping[str, Any],
+             partner: Partner, decision: Decision, click: Mapping[str, Any],
              now: datetime) -> dict[str, Any]:
         pid = new_id("pb")
         trigger = decision.trigger
