@@ -294,6 +294,7 @@ class Lifecycle:
                           f"(fires on: {fires})")
             row.update(state=SKIPPED, reason=reason, next_attempt_at=None)
             return row
+        assert trigger is not None  # FIRE and HOLD always name their trigger
         if decision.plan == Plan.HOLD:
             row.update(state=RETRY_SCHEDULED, reason=decision.reason,
                        next_attempt_at=decision.release_at)
