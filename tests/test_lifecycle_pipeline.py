@@ -16,7 +16,7 @@ from support.partner import PartnerServer
 from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import parse_partner
 from postback_worker.ops.oncall import reattribute, replay
-from postback_worker.ops.oncall.deadletters import Filter
+from postback_worker.domain.deadletters import Filter
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t

@@ -17,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 
 from postback_worker.domain.payout import PayoutRule, payout_macros
+from postback_worker.domain.postback import PostbackState
 
 APPROVED = "approved"
 # Statuses that reverse a conversion the partner was told about (refunds, chargebacks, ...).
@@ -216,8 +217,8 @@ class Earlier:
 # has no next attempt time: a replay of the earlier one releases it.
 HELD_PREFIX = "held: "
 ORDER_PREFIX = "waiting: earlier postback "
-DONE_STATES = frozenset({"delivered", "skipped"})
-DEAD = "dead_lettered"
+DONE_STATES: frozenset[str] = frozenset({PostbackState.DELIVERED, PostbackState.SKIPPED})
+DEAD = PostbackState.DEAD_LETTERED
 
 
 @dataclass(frozen=True)

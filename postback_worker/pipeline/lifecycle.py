@@ -41,11 +41,13 @@ from postback_worker.domain.lifecycle import (
 )
 from postback_worker.domain.macros import TemplateError, macro_values, render
 from postback_worker.domain.payout import resolve
+from postback_worker.domain.postback import PostbackState
 from postback_worker.pipeline.catalog import Catalog, Offer, Partner
 from postback_worker.store import lifecycle as records
 
+S = PostbackState
 PENDING, SKIPPED, DEAD_LETTERED, RETRY_SCHEDULED = (
-    "pending", "skipped", "dead_lettered", "retry_scheduled")
+    S.PENDING.value, S.SKIPPED.value, S.DEAD_LETTERED.value, S.RETRY_SCHEDULED.value)
 CANCELLED = "cancelled: the conversion was reversed during the hold period"
 
 

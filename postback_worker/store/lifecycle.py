@@ -14,11 +14,12 @@ from sqlalchemy import Connection, and_, func, insert, select, update
 from sqlalchemy.orm import aliased
 
 from postback_worker.domain.lifecycle import HELD_PREFIX, ORDER_PREFIX, REVERSAL_STATUSES
+from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
 
 _CHUNK = 900
-RETRY_SCHEDULED = "retry_scheduled"
-SKIPPED = "skipped"
+RETRY_SCHEDULED = PostbackState.RETRY_SCHEDULED.value
+SKIPPED = PostbackState.SKIPPED.value
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:

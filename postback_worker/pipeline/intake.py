@@ -1,0 +1,138 @@
+"""Intake: persist a batch of conversion events, attribute them, fold them into their
+conversions and build their postbacks (pipeline/lifecycle.py).
+
+Everything runs in one transaction: the events, their states, the conversions' history, the
+postbacks to fire (or held, skipped, or dead-lettered at once when a template cannot render).
+Firing is dispatch's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from postback_worker.domain.attribution import (
+    ClickFacts,
+    ConversionFacts,
+    ConversionState,
+    OfferFacts,
+    attribute,
+)
+from postback_worker.domain.events import ConversionEvent
+from postback_worker.domain.failures import FailureClass
+from postback_worker.domain.postback import PostbackState
+from postback_worker.pipeline.catalog import Catalog
+from postback_worker.pipeline.lifecycle import Lifecycle
+from postback_worker.store.postbacks import dead_letter_row
+from postback_worker.store.repo import Store
+
+S = PostbackState
+
+
+@dataclass
+class Persisted:
+    """What intake did with one batch: the conversion ids (and those of the conversions its
+    updates belong to) and how many events ended in each state."""
+
+    conversion_ids: list[str]
+    states: dict[str, int]
+
+
+@dataclass
+class _Decided:
+    conv: dict[str, Any]
+    state: str
+    reason: str
+    offer_id: str | None
+    aff_id: str | None
+
+
+class Intake:
+    """Events -> conversions -> postbacks, for one process."""
+
+    def __init__(self, store: Store, catalog: Catalog, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.clock = clock
+        self.lifecycle = Lifecycle(catalog)
+
+    def persist(self, messages: Sequence[Mapping[str, Any]],
+                triggered_by: str | None = None) -> Persisted:
+        """Persist and attribute a batch and create its postbacks; safe to run again on the
+        same messages. `triggered_by` is recorded on the postbacks created (e.g. a
+        re-attribution run)."""
+        events = [ConversionEvent.from_message(m) for m in messages]
+        if not events:
+            return Persisted([], {})
+        now = self.clock()
+        rows = [conversion_row(e) for e in events]
+        ids = [r["id"] for r in rows]
+        with self.store.transaction() as conn:
+            self.store.insert_conversions(conn, rows)
+            todo = self.store.unprocessed_conversions(conn, ids)
+            clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
+            decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
+            folded = self.lifecycle.fold(conn, self.store, decided, now)
+            postbacks = self.lifecycle.postbacks(conn, folded, clicks, now)
+            dead = [dead_letter_row(
+                row["id"], row["partner_id"], offer_id=folded.offer_of(row["conversion_id"]),
+                failure_class=FailureClass.CONFIG, last_status=None, reason=row["reason"],
+                attempts=0, now=now) for row in postbacks if row["state"] == S.DEAD_LETTERED]
+            for row in postbacks:
+                row["triggered_by"] = triggered_by
+            self.store.set_conversion_states(conn, [
+                {"id": d.conv["id"], "state": d.state, "reason": d.reason,
+                 "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
+                for d in decided
+            ])
+            self.lifecycle.write(conn, folded)
+            self.store.insert_postbacks(conn, postbacks)
+            self.store.dead_letter_now(conn, dead)
+        states: dict[str, int] = {}
+        for d in decided:
+            states[d.state] = states.get(d.state, 0) + 1
+        # The conversions the batch's updates belong to have new postbacks to fire too.
+        roots = sorted({u["update_of"] for u in folded.updates} - set(ids))
+        return Persisted(ids + roots, states)
+
+    def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
+        offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
+        offer = self.catalog.offer(offer_id)
+        decision = attribute(
+            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"]),
+            None if click is None else ClickFacts(
+                click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
+            ),
+            None if offer is None else OfferFacts(offer.id, offer.lifespan_days),
+        )
+        return _Decided(
+            conv=conv,
+            state=decision.state.value,
+            reason=decision.reason,
+            offer_id=offer_id,
+            aff_id=click["aff_id"] if click else None,
+        )
+
+
+def conversion_row(e: ConversionEvent) -> dict[str, Any]:
+    return {
+        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
+        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
+        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
+        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
+        "state": ConversionState.RECEIVED.value, "reason": None, "processed_at": None,
+    }
+
+
+def conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored conversion as the message intake takes (to process it again)."""
+    event = ConversionEvent(
+        id=row["id"], transaction_id=row["transaction_id"], offer_id=row["offer_id"],
+        goal_id=row["goal_id"] or "", payout=row["payout"], sale_amount=row["sale_amount"],
+        currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
+        device_id=row["device_id"], occurred_at=row["occurred_at"],
+        received_at=row["received_at"],
+    )
+    return dict(event.to_message())
