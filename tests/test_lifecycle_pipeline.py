@@ -14,9 +14,9 @@ from support.helpers import NOW, Clock, add_click, add_offer, conversion, messag
 from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
+from postback_worker.domain.deadletters import Filter
 from postback_worker.ops.config import parse_partner
 from postback_worker.ops.oncall import reattribute, replay
-from postback_worker.domain.deadletters import Filter
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t

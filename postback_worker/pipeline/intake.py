@@ -87,7 +87,7 @@ class Intake:
                  "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
                 for d in decided
             ])
-            self.lifecycle.write(conn, folded)
+            self.lifecycle.write(conn, self.store, folded)
             self.store.insert_postbacks(conn, postbacks)
             self.store.dead_letter_now(conn, dead)
         states: dict[str, int] = {}

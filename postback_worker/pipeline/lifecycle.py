@@ -311,9 +311,9 @@ class Lifecycle:
                        reason=f"config: template cannot render: {exc}", last_class="config")
         return row
 
-    def write(self, conn: Connection, folded: Folded) -> None:
+    def write(self, conn: Connection, store: Any, folded: Folded) -> None:
         """Record the history and update the conversions events changed."""
-        records.record_events(conn, folded.events)
+        records.record_events(conn, store, folded.events)
         records.update_conversions(conn, [{"id": k, **v} for k, v in folded.roots.items()]
                                    + folded.updates)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, func, select, update
 from sqlalchemy.orm import aliased
 
 from postback_worker.domain.lifecycle import HELD_PREFIX, ORDER_PREFIX, REVERSAL_STATUSES
@@ -52,26 +52,24 @@ def lock_conversions(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str
     return out
 
 
-def record_events(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+def record_events(conn: Connection, store: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert conversion events (an event already recorded is left as it is)."""
-    if not rows:
-        return
-    ev = t.conversion_events.c
-    known: set[str] = set()
-    for part in _chunks([r["event_id"] for r in rows]):
-        known.update(conn.execute(select(ev.event_id).where(ev.event_id.in_(part))).scalars())
-    fresh = [dict(r) for r in rows if r["event_id"] not in known]
-    if fresh:
-        conn.execute(insert(t.conversion_events), fresh)
+    store.insert_ignore(conn, t.conversion_events, rows, ["event_id"])
 
 
 def update_conversions(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Set columns of conversions: rows of {id, column: value, ...} (each its own columns)."""
+    """Set columns of conversions: rows of {id, column: value, ...}; rows setting the same
+    columns go in one executemany."""
     cv = t.conversions.c
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        values = {k: v for k, v in row.items() if k != "id"}
-        if values:
-            conn.execute(update(t.conversions).where(cv.id == row["id"]).values(**values))
+        cols = tuple(sorted(k for k in row if k != "id"))
+        if cols:
+            groups.setdefault(cols, []).append({"b_id": row["id"],
+                                                **{f"b_{c}": row[c] for c in cols}})
+    for cols, params in groups.items():
+        conn.execute(update(t.conversions).where(cv.id == bindparam("b_id"))
+                     .values({c: bindparam(f"b_{c}") for c in cols}), params)
 
 
 def earlier_postbacks(conn: Connection, conversion_ids: Sequence[str]) -> list[dict[str, Any]]:
