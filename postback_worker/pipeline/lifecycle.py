@@ -314,7 +314,8 @@ class Lifecycle:
     def write(self, conn: Connection, store: Any, folded: Folded) -> None:
         """Record the history and update the conversions events changed."""
         records.record_events(conn, store, folded.events)
-        records.update_conversions(conn, [{"id": k, **v} for k, v in folded.roots.items()]
+        records.update_conversions(conn, store,
+                                   [{"id": k, **v} for k, v in folded.roots.items()]
                                    + folded.updates)
 
     # -- dispatch -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, func, select, update
+from sqlalchemy import Connection, and_, func, select, update
 from sqlalchemy.orm import aliased
 
 from postback_worker.domain.lifecycle import HELD_PREFIX, ORDER_PREFIX, REVERSAL_STATUSES
@@ -57,19 +57,18 @@ def record_events(conn: Connection, store: Any, rows: Sequence[Mapping[str, Any]
     store.insert_ignore(conn, t.conversion_events, rows, ["event_id"])
 
 
-def update_conversions(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+def update_conversions(conn: Connection, store: Any,
+                       rows: Sequence[Mapping[str, Any]]) -> None:
     """Set columns of conversions: rows of {id, column: value, ...}; rows setting the same
-    columns go in one executemany."""
-    cv = t.conversions.c
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    columns go in one bulk UPDATE."""
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
         cols = tuple(sorted(k for k in row if k != "id"))
         if cols:
-            groups.setdefault(cols, []).append({"b_id": row["id"],
-                                                **{f"b_{c}": row[c] for c in cols}})
-    for cols, params in groups.items():
-        conn.execute(update(t.conversions).where(cv.id == bindparam("b_id"))
-                     .values({c: bindparam(f"b_{c}") for c in cols}), params)
+            groups.setdefault(cols, []).append(row)
+    for cols, same in groups.items():
+        store.bulk_update(conn, t.conversions, same, match={"id": "id"},
+                          assign={c: c for c in cols})
 
 
 def earlier_postbacks(conn: Connection, conversion_ids: Sequence[str]) -> list[dict[str, Any]]:
