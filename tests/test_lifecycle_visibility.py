@@ -69,7 +69,8 @@ def test_show_prints_the_timeline(cli: CliRunner, store: Store, pipeline: Pipeli
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].startswith(f"conversion {root}: attributed")
-    assert f"  ({events[2].id} is event of this conversion)" in lines
+    assert (f"  ({events[2].id} is an event of this conversion: updated - event 3 of "
+            f"conversion {root}: payout 10 -> 12.5)") in lines
     start = lines.index("events:")
     timeline = [ln.split(" (payout")[0] for ln in lines[start + 1:start + 9]]
     assert timeline == [

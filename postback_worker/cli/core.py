@@ -226,8 +226,10 @@ def show(conversion_id: str, fmt: str) -> None:
                f"status {c['status']}  payout {cell(c['payout'])} {c['currency'] or ''}")
     click.echo(f"  occurred {cell(c['occurred_at'])}  received {cell(c['received_at'])}  "
                f"processed {cell(c['processed_at'])}")
-    if detail["requested_event"]:
-        click.echo(f"  ({detail['requested_event']} is event of this conversion)")
+    asked = detail["requested_event"]
+    if asked:
+        click.echo(f"  ({asked['id']} is an event of this conversion: {asked['state']} - "
+                   f"{asked['reason'] or ''})")
     click.echo("events:")
     for e in detail["events"]:
         click.echo(f"  {e['seq']} {cell(e['received_at'])} {e['summary']} "

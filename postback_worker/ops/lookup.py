@@ -13,8 +13,8 @@ _TIMELINE_POSTBACK = ("id", "partner_id", "event", "state", "attempts", "reason"
 
 
 def conversion_detail(store: Store, conversion_id: str) -> dict[str, Any] | None:
-    """The conversion; for an event that updated an earlier conversion, that conversion (the
-    event asked for is named in `requested_event`)."""
+    """The conversion; for an event that updated an earlier conversion, that conversion, with
+    the event asked for (id, state, reason) in `requested_event`."""
     conv = store.get_conversion(conversion_id)
     if conv is None:
         return None
@@ -22,7 +22,8 @@ def conversion_detail(store: Store, conversion_id: str) -> dict[str, Any] | None
     if conv.get("update_of"):
         root = store.get_conversion(conv["update_of"])
         if root is not None:
-            requested, conv = conversion_id, root
+            requested = {k: conv[k] for k in ("id", "state", "reason")}
+            conv = root
             conversion_id = root["id"]
     postbacks = sorted(store.postbacks_for(conversion_id),
                        key=lambda p: (p["partner_id"], p["event_seq"]))
