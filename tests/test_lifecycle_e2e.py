@@ -27,12 +27,14 @@ FINAL = {"delivered", "dead_lettered", "skipped"}
 def seed(store: Store, partner: PartnerServer, txs: list[str], *, global_partner: bool = True,
          **offer: Any) -> None:
     add_offer(store, "o1", **offer)
+    # A 2 s timeout lets the test settings' 5 s lease pass the worker's start check.
     store.upsert_partner(parse_partner({
         "id": "p1", "fire_events": "approved,adjustment,reversal", "base_delay": 0.2,
-        "max_attempts": 10, "postback_url": f"{partner.url}/all?{QS}"}, NOW))
+        "max_attempts": 10, "timeout": 2.0, "postback_url": f"{partner.url}/all?{QS}"}, NOW))
     if global_partner:
         store.upsert_partner(parse_partner({
-            "id": "pg", "scope": "global", "postback_url": f"{partner.url}/one?{QS}"}, NOW))
+            "id": "pg", "scope": "global", "timeout": 2.0,
+            "postback_url": f"{partner.url}/one?{QS}"}, NOW))
     for tx in txs:
         add_click(store, tx, aff_id="p1")
 
