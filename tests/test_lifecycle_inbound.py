@@ -4,24 +4,13 @@ conversion's updates fire nothing), and a POST partner's body is rendered per ev
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
 
-from postback_worker.delivery.sender import Sender
 from postback_worker.pipeline.processing import Pipeline
-from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
-    yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")
-    sender.close()
 
 
 def _state(store: Store, conversion_id: str) -> str:
