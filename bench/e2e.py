@@ -3,7 +3,7 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
-        [--partner-method get|post-json|both] [--json out.json]
+        [--partner-method get|post-json|both] [--updates FRACTION] [--json out.json]
 
 --partner-method both measures ours twice in the same run, with a GET partner and with a
 partner that takes a JSON body by POST, and prints the post-json / get throughput ratio.
@@ -364,7 +364,8 @@ def reset_state(svc: Services) -> None:
 
     with svc.store.engine.begin() as conn:
         conn.execute(text(
-            "TRUNCATE attempts, dead_letters, postbacks, conversion_keys, conversions CASCADE"))
+            "TRUNCATE attempts, dead_letters, postbacks, conversion_keys, conversion_events, "
+            "conversions CASCADE"))
     client = redis.Redis.from_url(svc.redis_url)
     try:
         client.flushdb()
@@ -648,6 +649,36 @@ def naive_system(cfg: Config, svc: Services) -> System:
     return System("naive", cfg.naive_n, args, env, enqueue)
 
 
+def updated(i: int, share: float) -> bool:
+    """Whether conversion i gets a later status change (spread evenly, floor(n * share))."""
+    return int((i + 1) * share) != int(i * share)
+
+
+def updates_system(cfg: Config, svc: Services, share: float) -> System:
+    """Ours, with `share` of the conversions first reported `pending` and approved by a later
+    event (sent after every first event, as an advertiser's update): the same N postbacks,
+    N * (1 + share) events through intake."""
+    base = ours_system(cfg, svc)
+
+    def enqueue(n: int) -> None:
+        producer = Producer(Settings.from_env(base.worker_env))
+        try:
+            paced(n, cfg.rate, lambda a, b: producer.send_conversions(
+                [{"transaction_id": tx(i), "payout": PAYOUT,
+                  "status": "pending" if updated(i, share) else "approved"}
+                 for i in range(a, b)]))
+            later = [i for i in range(n) if updated(i, share)]
+            for start in range(0, len(later), BATCH):
+                producer.send_conversions([{"transaction_id": tx(i), "payout": PAYOUT,
+                                            "status": "approved"}
+                                           for i in later[start:start + BATCH]])
+        finally:
+            producer.close()
+
+    return System(f"ours+{share:.0%} updates", cfg.n, base.worker_args, base.worker_env,
+                  enqueue)
+
+
 def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: Path,
              run_no: int) -> dict[str, Any]:
     reset_state(svc)
@@ -793,6 +824,10 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
         ratios["post_json_over_get"] = round(post / get, 3)
         lines.append(f"ratio post-json/get postbacks/s: {post / get:.2f} "
                      f"(GET {get:.0f}/s in the same run; goal >= 0.80)")
+    for label in med:
+        if label.startswith("ours+") and med.get("ours", {}).get("postbacks_per_s"):
+            share = med[label]["postbacks_per_s"] / med["ours"]["postbacks_per_s"]
+            lines.append(f"{label} / ours postbacks/s (same run): {share:.0%}")
     print("\n".join(lines), flush=True)
     return {"meta": meta,
             **{s.label: {"runs": s.runs, "median": med[s.label]} for s in systems},
@@ -829,6 +864,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--partner-method", choices=(GET, POST_JSON, "both"), default=GET,
                     help="how ours fires the partner: GET (default), POST with a JSON body, or "
                          "both in this run (prints the post-json / get ratio)")
+    ap.add_argument("--updates", type=float, default=0.0, metavar="FRACTION",
+                    help="also run ours with this share of conversions reported pending and "
+                         "approved by a later event (e.g. 0.3), in the same run")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--pg-url", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -850,6 +888,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.naive_conversions = args.conversions
     if args.naive_conversions is None:
         args.naive_conversions = min(args.conversions, 2000)
+    if not 0 <= args.updates < 1:
+        ap.error("--updates must be a fraction from 0 to below 1, e.g. 0.3")
     for name in ("conversions", "naive_conversions", "runs", "workers", "concurrency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -888,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(reset_state, svc)  # leave no queued messages behind in the Redis db
         methods = [GET, POST_JSON] if args.partner_method == "both" else [args.partner_method]
         systems = [ours_system(cfg, svc, m) for m in methods] if "ours" in wanted else []
+        if args.updates and "ours" in wanted:
+            systems.insert(1, updates_system(cfg, svc, args.updates))
         if "naive" in wanted:
             systems.append(naive_system(cfg, svc))
         # Runs alternate between the systems (ours GET, ours post-json, naive, GET, ...), so

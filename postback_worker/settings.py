@@ -117,6 +117,9 @@ class DeliverySettings:
     egress_proxy: str = ""
     # Lifetime of cached offers/partners in a worker process.
     config_cache_seconds: float = 5.0
+    # Seconds a postback waiting behind an earlier one of its conversion and partner (which
+    # is in flight or not yet due) waits before it is checked again; delivery wakes it sooner.
+    order_recheck: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ REAL_WORLD = [
     # Keitaro postback with AdCombo macros (public paste).
     ("http://5.187.4.23/e89bcbe/postback?subid={subacc4}&payout={revenue}&status={status}"
      "&tid={trans_id}&from=adcombo.com&lead_status=hold&sale_status=lead",
-     [("error", "unknown_macro", 41, ""), ("error", "unknown_macro", 58, "{payout}"),
+     [("error", "unknown_macro", 41, ""),  # {revenue} is a lifecycle macro of ours
       ("error", "unknown_macro", 88, "{transaction_id}"), HTTP, NO_TX]),
     # An advertiser pixel using <angle> tokens (public paste, token shortened).
     ("https://advertiser.drcash.me/v1/postback?access_token=74581a0d8c&status=approved"

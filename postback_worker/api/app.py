@@ -31,6 +31,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/v1/clicks", api.create_clicks, methods=["POST"]),
         Route("/v1/conversions", api.conversions, methods=["POST"]),
         Route("/v1/conversions/{conversion_id}", api.conversion),
+        Route("/v1/conversions/{conversion_id}/events", api.update_conversion,
+              methods=["POST"]),
         Route("/v1/offers", api.offers, methods=["GET", "POST"]),
         Route("/v1/partners", api.partners, methods=["GET", "POST"]),
     ]

@@ -41,6 +41,7 @@ from postback_worker.ops.config import (
     redact_partner,
     template_report,
 )
+from postback_worker.ops.conversions import update_event
 from postback_worker.ops.lookup import conversion_detail
 from postback_worker.ops.security.apikeys import KeyChecker, Principal
 from postback_worker.producer import EnqueueError, Producer
@@ -240,6 +241,21 @@ class Api:
             events = self.producer.validate(items)
         except ValidationError as exc:
             return error_response(422, "invalid conversions; none were accepted", exc.errors)
+        return await self._enqueue(events)
+
+    async def update_conversion(self, request: Request) -> Response:
+        """POST /v1/conversions/{id}/events: a new status and/or amounts for a conversion."""
+        self.require(request, "ingest")
+        cid = request.path_params["conversion_id"]
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            return error_response(422, "invalid update", [FieldError("body", "must be an "
+                                                                             "object")])
+        try:
+            item = await run_in_threadpool(update_event, self.store, cid, body)
+            events = self.producer.validate([item])
+        except ValidationError as exc:
+            return error_response(422, "invalid update", exc.errors)
         return await self._enqueue(events)
 
     async def conversion(self, request: Request) -> Response:

@@ -5,13 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from postback_worker.domain.events import click_spec, conversion_spec, object_schema
+from postback_worker.domain.lifecycle import Trigger
 from postback_worker.ops.config import OFFER_SCHEMA, PARTNER_SCHEMA
+from postback_worker.ops.conversions import UPDATE_SCHEMA
 from postback_worker.settings import IngestSettings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
 _TEXT = {"type": "string", "maxLength": 255}
 _MONEY = {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?$"}
+_EVENT = {"type": "string", "enum": [t.value for t in Trigger],
+          "description": "the conversion event whose template to use (default: approved)"}
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +89,11 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
         "/v1/conversions/{conversion_id}": {"get": {
             "security": admin, "parameters": [_path("conversion_id")],
             "responses": _responses("200", *_AUTH, "404")}},
+        "/v1/conversions/{conversion_id}/events": {"post": {
+            "security": [{"bearer": []}], "parameters": [_path("conversion_id")],
+            "summary": "update a conversion: a new status and/or amounts",
+            "requestBody": {"required": True, **_json(UPDATE_SCHEMA)},
+            "responses": _responses("202", "400", *_AUTH, "404", "413", "422", "503")}},
         "/v1/offers": {
             "get": {"security": admin, "responses": _responses("200", *_AUTH)},
             "post": {"security": admin, "requestBody": {"required": True, **_json(OFFER_SCHEMA)},
@@ -103,13 +112,15 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
             "responses": _responses("200", "400", *_AUTH, "413", "422")}},
         "/v1/partners/{partner_id}/validate": {"get": {
             "security": admin, "parameters": [_path("partner_id"),
-                                              _query("dns", {"type": "boolean"})],
+                                              _query("dns", {"type": "boolean"}),
+                                              _query("event", _EVENT)],
             "responses": _responses("200", *_AUTH, "404", "422")}},
         "/v1/partners/{partner_id}/test": {"post": {
             "security": admin, "parameters": [_path("partner_id")],
             "requestBody": {"required": False, **_json({
                 "type": "object", "additionalProperties": False, "properties": {
-                    "transaction_id": _TEXT, "payout": _MONEY, "fire": {"type": "boolean"}}})},
+                    "transaction_id": _TEXT, "payout": _MONEY, "fire": {"type": "boolean"},
+                    "event": _EVENT}})},
             "responses": _responses("200", "400", *_AUTH, "404", "413", "422")}},
         "/v1/partners/{partner_id}/signing": {"post": {
             "security": admin, "parameters": [_path("partner_id")],

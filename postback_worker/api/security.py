@@ -20,10 +20,12 @@ from postback_worker.api.core import Api
 from postback_worker.api.http import HttpError, error_response, json_response
 from postback_worker.delivery.sender import Sender
 from postback_worker.domain.events import FieldError, ValidationError
+from postback_worker.domain.lifecycle import Trigger
 from postback_worker.domain.masking import mask_url
 from postback_worker.ops.config import (
     body_report,
     change_signing,
+    event_template,
     set_offer_token,
     template_report,
 )
@@ -32,6 +34,8 @@ from postback_worker.ops.security.audit import run_audit
 from postback_worker.ops.security.testfire import run_test_fire
 from postback_worker.ops.visibility import partner_page
 from postback_worker.ops.visibility.dashboard_auth import NoSigningKey
+
+EVENTS = tuple(t.value for t in Trigger)
 
 
 def _object(payload: Any, allowed: dict[str, type | tuple[type, ...]],
@@ -99,8 +103,12 @@ class SecurityRoutes:
         if dns not in {"true", "false", "1", "0"}:
             return error_response(422, "invalid request", [FieldError("dns", "must be true or "
                                                                              "false")])
+        event = request.query_params.get("event", "approved")
+        if event not in EVENTS:
+            return error_response(422, "invalid request", [FieldError(
+                "event", f"must be one of {', '.join(EVENTS)}")])
         row = await self._partner(request)
-        return await self._report(row["postback_url"], dns in {"true", "1"}, row["id"],
+        return await self._report(event_template(row, event), dns in {"true", "1"}, row["id"],
                                   row.get("body_format"), row.get("body_template"))
 
     async def _report(self, url: str, dns: bool, partner_id: str | None,
@@ -119,9 +127,14 @@ class SecurityRoutes:
         self.api.require(request, "admin")
         try:
             data = _object(await self._body(request), {
-                "transaction_id": str, "payout": (str, int, float), "fire": bool})
+                "transaction_id": str, "payout": (str, int, float), "fire": bool,
+                "event": str})
         except ValidationError as exc:
             return error_response(422, "invalid request", exc.errors)
+        event = data.get("event", "approved")
+        if event not in EVENTS:
+            return error_response(422, "invalid request", [FieldError(
+                "event", f"must be one of {', '.join(EVENTS)}")])
         row = await self._partner(request)
         payout = data.get("payout")
         report = await run_in_threadpool(
@@ -130,7 +143,7 @@ class SecurityRoutes:
                                   fire=bool(data.get("fire")),
                                   transaction_id=data.get("transaction_id"),
                                   payout=None if payout is None else str(payout),
-                                  clock=self.api.clock))
+                                  clock=self.api.clock, event=Trigger(event)))
         return json_response(report.to_dict())
 
     async def signing(self, request: Request) -> Response:

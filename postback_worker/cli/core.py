@@ -19,7 +19,7 @@ from postback_worker.cli.output import (
 )
 from postback_worker.dev.demo import DEMO_PARTNER_PORT
 from postback_worker.domain.postback import PostbackState
-from postback_worker.errors import NotFound
+from postback_worker.errors import InvalidInput, NotFound
 
 # -- db --------------------------------------------------------------------------------------
 
@@ -73,7 +73,8 @@ def offers() -> None:
 @click.option("--lifespan-days", type=int, help="Override the click session lifespan.")
 @click.option("--landing-url", help="Where /click redirects; may contain {transaction_id}.")
 @click.option("--allow-multiple", is_flag=True,
-              help="Count every conversion of a click+goal, not only the first.")
+              help="Count every conversion of a click+goal, not only the first (same as "
+                   "--duplicate-mode separate).")
 @click.option("--allowed-ips", help="Advertiser networks allowed to call GET /postback with the "
                                     "offer's token (comma-separated CIDRs); default: any.")
 @click.option("--min-click-seconds", type=int,
@@ -85,20 +86,36 @@ def offers() -> None:
 @click.option("--affiliate-daily-cap", type=int, help="Conversions per affiliate per UTC day.")
 @click.option("--affiliate-daily-payout-cap", type=float,
               help="Payout per affiliate per UTC day.")
+@click.option("--duplicate-mode", type=click.Choice(["update", "ignore", "separate"]),
+              help="A new event for a known conversion (offer + transaction + goal): update "
+                   "it (default), ignore it, or count it as a separate conversion.")
+@click.option("--hold-hours", type=float,
+              help="Approved postbacks wait this long; a reversal meanwhile fires nothing.")
+@click.option("--payout-rule", "payout_rules", multiple=True, metavar="PARTNER=RULE",
+              help="Payout rule for a partner on this offer ('*' for any partner), "
+                   "e.g. '*=percent:40'. Repeatable.")
 def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_days: int | None,
-               landing_url: str | None, allow_multiple: bool, **rules: Any) -> None:
+               landing_url: str | None, allow_multiple: bool, duplicate_mode: str | None,
+               hold_hours: float | None, payout_rules: tuple[str, ...], **rules: Any) -> None:
     """Create or update an offer."""
     from postback_worker.ops.config import parse_offer
 
     data: dict[str, Any] = {"id": offer_id, "campaign_type": campaign_type,
                             "allow_multiple": allow_multiple}
     for key, value in (("name", name), ("lifespan_days", lifespan_days),
-                       ("landing_url", landing_url), *rules.items()):
+                       ("landing_url", landing_url), ("duplicate_mode", duplicate_mode),
+                       ("hold_hours", hold_hours), *rules.items()):
         if value is not None:
             data[key] = value
+    if payout_rules:
+        data["payout_rules"] = ",".join(payout_rules)
     row = parse_offer(data, datetime.now(UTC))
     open_store(load_settings()).upsert_offer(row)
-    click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} days")
+    mode = row["duplicate_mode"]
+    extra = (f", duplicates: {mode}" if mode != "update" else "") + (
+        f", hold {row['hold_hours']:g} h" if row["hold_hours"] else "")
+    click.echo(f"offer {row['id']}: {row['campaign_type']}, lifespan {row['lifespan_days']} "
+               f"days{extra}")
 
 
 @offers.command("list")
@@ -109,8 +126,8 @@ def offers_list(fmt: str) -> None:
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(rows, ["id", "name", "campaign_type", "lifespan_days", "allow_multiple",
-                           "landing_url"])
+        print_table(rows, ["id", "name", "campaign_type", "lifespan_days", "duplicate_mode",
+                           "hold_hours", "landing_url"])
 
 
 # -- partners --------------------------------------------------------------------------------
@@ -153,13 +170,25 @@ def partners() -> None:
 @click.option("--egress-proxy",
               help="Forward proxy for this partner (http://host:port), or 'direct'; default: "
                    "POSTBACK_EGRESS_PROXY.")
+@click.option("--fire-events", help="Comma-separated events that fire this partner: approved "
+                                    "(entering a --fire-on status; the default), reversal, "
+                                    "adjustment, status (any status change).")
+@click.option("--template", "templates", multiple=True, metavar="EVENT=URL",
+              help="A URL template for one event, e.g. 'reversal=https://p.example/"
+                   "refund?t={transaction_id}'. Repeatable.")
+@click.option("--status-map", help="{status} as the partner names it, e.g. "
+                                   "'approved=sale,pending=lead'.")
+@click.option("--payout-rule", help="The affiliate's {payout}: advertiser (default), "
+                                    "fixed:AMOUNT or percent:P of the sale amount.")
+@click.option("--hold-hours", type=float, help="Override the offers' hold period (hours).")
 def partners_add(partner_id: str, name: str | None, postback_url: str, method: str,
                  timeout: float, success_check: str | None, fire_on: str, disabled: bool,
                  scope: str, offer_ids: str | None, max_attempts: int | None,
                  base_delay: float | None, max_delay: float | None,
                  horizon: float | None, body_format: str | None, body_template: str | None,
-                 headers: tuple[str, ...], no_headers: bool,
-                 egress_proxy: str | None) -> None:
+                 headers: tuple[str, ...], no_headers: bool, egress_proxy: str | None,
+                 fire_events: str | None, templates: tuple[str, ...], status_map: str | None,
+                 payout_rule: str | None, hold_hours: float | None) -> None:
     """Create or update a partner; an invalid template is refused with every problem."""
     from postback_worker.ops.config import parse_partner
 
@@ -171,13 +200,17 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
                        ("offer_ids", offer_ids), ("max_attempts", max_attempts),
                        ("base_delay", base_delay), ("max_delay", max_delay),
                        ("horizon", horizon), ("body_format", body_format),
-                       ("egress_proxy", egress_proxy)):
+                       ("egress_proxy", egress_proxy), ("fire_events", fire_events),
+                       ("status_map", status_map), ("payout_rule", payout_rule),
+                       ("hold_hours", hold_hours)):
         if value is not None:
             data[key] = value
     if body_template is not None:
         data["body_template"] = _read_at_file(body_template)
     if headers or no_headers:
         data["headers"] = [] if no_headers else list(headers)
+    if templates:
+        data["templates"] = dict(_pair(t) for t in templates)
     row = parse_partner(data, datetime.now(UTC))
     open_store(load_settings()).upsert_partner(row)
     state = "enabled" if row["enabled"] else "disabled"
@@ -196,6 +229,13 @@ def _read_at_file(value: str) -> str:
         sys.exit(2)
 
 
+def _pair(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise InvalidInput(f"--template {text!r}: write EVENT=URL, e.g. reversal=https://...")
+    return key.strip(), value.strip()
+
+
 @partners.command("list")
 @FORMAT
 def partners_list(fmt: str) -> None:
@@ -206,8 +246,8 @@ def partners_list(fmt: str) -> None:
     if fmt == "json":
         print_json(rows)
     else:
-        print_table(rows, ["id", "name", "enabled", "method", "fire_statuses", "scope",
-                           "postback_url"])
+        print_table(rows, ["id", "name", "enabled", "method", "fire_statuses", "fire_events",
+                           "scope", "postback_url"])
 
 
 # -- inspection ------------------------------------------------------------------------------
@@ -233,12 +273,26 @@ def show(conversion_id: str, fmt: str) -> None:
                f"status {c['status']}  payout {cell(c['payout'])} {c['currency'] or ''}")
     click.echo(f"  occurred {cell(c['occurred_at'])}  received {cell(c['received_at'])}  "
                f"processed {cell(c['processed_at'])}")
+    asked = detail["requested_event"]
+    if asked:
+        click.echo(f"  ({asked['id']} is an event of this conversion: {asked['state']} - "
+                   f"{asked['reason'] or ''})")
+    click.echo("events:")
+    for e in detail["events"]:
+        click.echo(f"  {e['seq']} {cell(e['received_at'])} {e['summary']} "
+                   f"(payout {cell(e['payout'])} {e['currency'] or ''}; event {e['event_id']})")
+        for p in e["postbacks"]:
+            click.echo(f"      {p['partner_id']} {p['event'] or '-'}: {p['state']} after "
+                       f"{p['attempts']} attempt(s)" + (f" - {p['reason']}" if p["reason"]
+                                                        else ""))
     if not detail["postbacks"]:
         click.echo("  no postbacks")
     for p in detail["postbacks"]:
         click.echo(f"postback {p['id']} -> partner {p['partner_id']}: {p['state']}"
                    f" after {p['attempts']} attempt(s)"
                    + (f" - {p['reason']}" if p["reason"] else ""))
+        if p["event"]:
+            click.echo(f"  for event {p['event_seq']} ({p['event']})")
         click.echo(f"  {p['method']} {p['url']}")
         if p["next_attempt_at"] and p["state"] == PostbackState.RETRY_SCHEDULED:
             click.echo(f"  next attempt at {cell(p['next_attempt_at'])}")
@@ -246,6 +300,38 @@ def show(conversion_id: str, fmt: str) -> None:
             click.echo(f"  #{a['attempt_no']} {cell(a['started_at'])} {a['duration_ms']:.1f} ms "
                        f"status {cell(a['status_code'])} {a['failure_class']}"
                        + (f" - {a['error']}" if a["error"] else ""))
+
+
+@main.group("conversions")
+def conversions() -> None:
+    """Conversions: explicit updates by conversion id."""
+
+
+@conversions.command("update")
+@click.argument("conversion_id")
+@click.option("--status", help="The new status, e.g. approved, rejected, reversed.")
+@click.option("--payout", help="The new payout (the advertiser's amount).")
+@click.option("--sale-amount", help="The new sale amount.")
+@click.option("--currency", help="The currency of the amounts (3 letters).")
+@click.option("--id", "event_id", help="Idempotency key of this update (default: a new id).")
+def conversions_update(conversion_id: str, status: str | None, payout: str | None,
+                       sale_amount: str | None, currency: str | None,
+                       event_id: str | None) -> None:
+    """Send a new status and/or amounts for a conversion (like the advertiser would)."""
+    from postback_worker.ops.conversions import update_event
+    from postback_worker.producer import Producer
+
+    settings = load_settings()
+    changes = {"status": status, "payout": payout, "sale_amount": sale_amount,
+               "currency": currency, "id": event_id}
+    item = update_event(open_store(settings), conversion_id,
+                        {k: v for k, v in changes.items() if v is not None})
+    producer = Producer(settings)
+    try:
+        (accepted,) = producer.send_conversions([item])
+    finally:
+        producer.close()
+    click.echo(f"accepted update {accepted} of conversion {conversion_id}")
 
 
 # -- running ---------------------------------------------------------------------------------

@@ -336,7 +336,8 @@ def partners_health(fmt: str) -> None:
         age = r["backlog_age_seconds"]
         r["backlog_age"] = "-" if age is None else duration(age)
     print_table(rows, ["partner_id", "circuit", "paused", "rate_limit", "max_concurrency",
-                       "in_flight", "waiting", "backlog_age", "dead_letters",
+                       "in_flight", "waiting", "held", "behind_dead_letter", "backlog_age",
+                       "dead_letters",
                        "attempts_last_hour", "success_1h"])
     for r in rows:
         if r["circuit"] not in ("closed", "unknown") and r["circuit_reason"]:

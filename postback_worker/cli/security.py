@@ -19,8 +19,13 @@ from postback_worker.cli.output import (
     print_table,
     utcnow,
 )
+from postback_worker.domain.lifecycle import Trigger
 from postback_worker.domain.masking import mask_url
 from postback_worker.errors import InvalidInput, NotFound, UnknownOffer, UnknownPartner
+
+EVENT = click.option("--event", type=click.Choice([t.value for t in Trigger]),
+                     default="approved", show_default=True,
+                     help="The conversion event whose template (and sample values) to use.")
 
 
 def _partner_row(partner_id: str) -> dict[str, Any]:
@@ -39,12 +44,14 @@ def _partner_row(partner_id: str) -> dict[str, Any]:
 @click.option("--body", "body_template", help="Also check this body template (with --url).")
 @click.option("--body-format", type=click.Choice(["form", "json"]), default="json",
               show_default=True, help="The format of --body.")
+@EVENT
 @FORMAT
 def partners_validate(partner_id: str | None, url: str | None, no_dns: bool,
-                      body_template: str | None, body_format: str, fmt: str) -> None:
+                      body_template: str | None, body_format: str, event: str,
+                      fmt: str) -> None:
     """Check a postback template (and body template); exit code 1 when it has errors
     (warnings do not count)."""
-    from postback_worker.ops.config import body_report, template_report
+    from postback_worker.ops.config import body_report, event_template, template_report
 
     if bool(partner_id) == bool(url):
         raise InvalidInput("give a partner ID or --url URL (one of them)")
@@ -52,7 +59,7 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool,
         template, fmt_body = url, (body_format if body_template is not None else None)
     else:
         row = _partner_row(str(partner_id))
-        template, fmt_body = str(row["postback_url"]), row.get("body_format")
+        template, fmt_body = event_template(row, event), row.get("body_format")
         body_template = row.get("body_template")
     problems = template_report(template, dns=not no_dns)
     body_problems = body_report(fmt_body, body_template)
@@ -82,9 +89,10 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool,
 @click.option("--payout", help="Use this payout instead of 1.00.")
 @click.option("--fire", is_flag=True,
               help="Send it once (recorded as a test attempt, never counted in reports).")
+@EVENT
 @FORMAT
 def partners_test(partner_id: str, transaction_id: str | None, payout: str | None, fire: bool,
-                  fmt: str) -> None:
+                  event: str, fmt: str) -> None:
     """Render a partner's postback with sample values; with --fire, send it and explain."""
     from postback_worker.delivery.sender import Sender
     from postback_worker.ops.security.testfire import run_test_fire
@@ -94,7 +102,8 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
     row = _partner_row(partner_id)
     with Sender.from_settings(settings.delivery, concurrency=1) as sender:
         report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
-                               transaction_id=transaction_id, payout=payout, clock=utcnow)
+                               transaction_id=transaction_id, payout=payout, clock=utcnow,
+                               event=Trigger(event))
     if fmt == "json":
         print_json(report.to_dict())
     else:

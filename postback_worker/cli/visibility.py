@@ -81,6 +81,11 @@ def _print_report(data: dict[str, Any]) -> None:
     r = s["response_ms"]
     click.echo(f"attempts {s['attempts']} ({s['failed_attempts']} failed); response ms "
                f"p50 {millis(r['p50'])}, p95 {millis(r['p95'])}, p99 {millis(r['p99'])}")
+    life = data["lifecycle"]
+    by_event = ", ".join(f"{k} {v}" for k, v in sorted(life["postbacks_by_event"].items()))
+    click.echo(f"conversion events: {life['status_changes']} status changes "
+               f"({life['reversals']} reversals), {life['adjustments']} adjustments, "
+               f"{life['repeats']} repeats; postbacks by event: {by_event or '-'}")
     click.echo("\nStatus codes (attempts):")
     print_table(data["status_codes"], ["status_code", "attempts"])
     click.echo("\nFailure classes:")

@@ -136,6 +136,10 @@ def _run(api: str, partner: DemoPartner, timeout: float, cli: str) -> bool:
         if d is None:
             rows.append((cid, "(not processed)", "", ""))
             continue
+        if d["requested_event"]:  # a later event of an earlier conversion: shown there
+            e = d["requested_event"]
+            rows.append((cid, e["state"], e["reason"] or "", "-"))
+            continue
         c = d["conversion"]
         pbs = "; ".join(f"{p['partner_id']}: {p['state']} after {p['attempts']} attempt(s)"
                         for p in d["postbacks"]) or "-"

@@ -24,6 +24,7 @@ class ConversionState(StrEnum):
     TOO_LATE = "too_late"
     CAPPED = "capped"
     IP_NOT_ALLOWED = "ip_not_allowed"
+    UPDATED = "updated"  # an event folded into an earlier conversion (its history)
 
 
 FINAL_STATES: frozenset[ConversionState] = frozenset(ConversionState) - {ConversionState.RECEIVED}

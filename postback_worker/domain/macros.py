@@ -117,6 +117,9 @@ def macro_values(
         )
     }  # fmt: skip
     values["conversion_id"] = _s(cv("id"))
+    # Lifecycle: the advertiser's amount, the event that fired, the status before it.
+    for name in ("revenue", "event", "previous_status"):
+        values[name] = _s(cv(name))
     values["ip"] = _s(cv("ip")) or _s(ck("ip"))
     values["device_id"] = _s(cv("device_id")) or _s(ck("device_id"))
     values["affiliate_id"] = _s(ck("aff_id"))

@@ -21,7 +21,7 @@ KNOWN_MACROS: frozenset[str] = frozenset(
         "aff_sub", "aff_sub2", "aff_sub3", "aff_sub4", "aff_sub5",
         "source", "adv_sub", "goal_id", "payout", "sale_amount", "currency", "status",
         "conversion_id", "postback_id", "datetime", "date", "time", "timestamp",
-        "ip", "device_id", "random",
+        "ip", "device_id", "random", "revenue", "event", "previous_status",
     }
 )  # fmt: skip
 
@@ -34,7 +34,7 @@ ALIASES: dict[str, str] = {
     "sub1": "aff_sub", "sub2": "aff_sub2", "sub3": "aff_sub3", "sub4": "aff_sub4",
     "sub5": "aff_sub5", "subid": "aff_sub", "sub_id": "aff_sub", "subid1": "aff_sub",
     "aff_id": "affiliate_id", "affid": "affiliate_id", "oid": "offer_id",
-    "amount": "sale_amount", "revenue": "payout", "sum": "payout", "price": "payout",
+    "amount": "sale_amount", "sum": "payout", "price": "payout",
     "payout_amount": "payout", "ip_address": "ip", "leadid": "conversion_id",
     "order_id": "adv_sub", "orderid": "adv_sub", "utcunixtime": "timestamp",
 }  # fmt: skip

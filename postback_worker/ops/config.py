@@ -28,8 +28,18 @@ from postback_worker.domain.campaigns import (
     parse_campaign_type,
 )
 from postback_worker.domain.events import FieldError, ValidationError
+from postback_worker.domain.lifecycle import (
+    MAX_HOLD_HOURS,
+    DuplicateMode,
+    Trigger,
+    dump_mapping,
+    load_mapping,
+    parse_duplicate_mode,
+    parse_fire_on,
+)
 from postback_worker.domain.macros import BODY_FORMATS, validate_body, validate_template
 from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
+from postback_worker.domain.payout import ANY_PARTNER, parse_rule
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.errors import UnknownPartner
 from postback_worker.store.repo import Store
@@ -45,6 +55,14 @@ _ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
 _LIST = {"anyOf": [{"type": "string", "maxLength": 2000},
                    {"type": "array", "items": {"type": "string"}}],
          "description": "comma-separated, or a list"}
+_MAP = {"anyOf": [{"type": "object", "additionalProperties": {"type": "string"}},
+                  {"type": "string", "maxLength": 8000}],
+        "description": "an object, or 'key=value' pairs separated by commas or spaces"}
+_HOLD = {"anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_HOLD_HOURS},
+                   {"type": "null"}]}
+_RULE = {"type": "string", "maxLength": 40, "pattern": "^(advertiser|(fixed|percent):[0-9.]+)$",
+         "description": "advertiser (default), fixed:AMOUNT or percent:P of the sale amount"}
+_TRIGGERS = ", ".join(t.value for t in Trigger)
 # JSON Schemas of what parse_offer / parse_partner accept: the field sets below and the
 # API's OpenAPI document are both built from them, so neither can drift from the other.
 OFFER_SCHEMA: dict[str, Any] = {
@@ -63,6 +81,13 @@ OFFER_SCHEMA: dict[str, Any] = {
         "daily_payout_cap": {"type": "number", "minimum": 0.01, "maximum": 10**12},
         "affiliate_daily_cap": {"type": "integer", "minimum": 1, "maximum": 10**9},
         "affiliate_daily_payout_cap": {"type": "number", "minimum": 0.01, "maximum": 10**12},
+        "duplicate_mode": {"type": "string", "enum": [m.value for m in DuplicateMode],
+                           "description": "a new event for a known conversion: update it "
+                                          "(default), ignore it, or count it separately"},
+        "hold_hours": {**_HOLD, "description": "approved postbacks wait this long; a reversal "
+                                               "meanwhile fires nothing"},
+        "payout_rules": {**_MAP, "description": "payout rule per partner id ('*': any "
+                                                "partner), overriding the partners' own"},
     },
 }
 PARTNER_SCHEMA: dict[str, Any] = {
@@ -89,6 +114,14 @@ PARTNER_SCHEMA: dict[str, Any] = {
             {"type": "array", "items": {"type": "string"}}],
             "description": "custom headers (secrets): {name: value} or 'Name: value' items"},
         "egress_proxy": {"type": "string", "maxLength": 500},
+        "fire_events": {**_LIST, "description": f"events that fire: {_TRIGGERS} "
+                                                "(default: approved)"},
+        "templates": {**_MAP, "description": "a URL template per event (reversal, adjustment, "
+                                             "status, approved); default: postback_url"},
+        "status_map": {**_MAP, "description": "{status} as the partner names it, e.g. "
+                                              "approved=sale,pending=lead"},
+        "payout_rule": _RULE,
+        "hold_hours": {**_HOLD, "description": "overrides the offer's hold period"},
     },
 }
 OFFER_FIELDS = set(OFFER_SCHEMA["properties"])
@@ -156,6 +189,27 @@ class _Errors:
         self.add(name, "must be true or false")
         return default
 
+    def mapping(self, name: str, *, separators: str = ", ") -> dict[str, str]:
+        """An object of strings, or 'key=value' pairs (split on `separators`)."""
+        value = self.data.get(name)
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            pairs = [p for p in re.split(f"[{re.escape(separators)}]+", value) if p] \
+                if separators else [value]
+            value = {}
+            for pair in pairs:
+                key, eq, item = pair.partition("=")
+                if not eq or not key.strip():
+                    self.add(name, f"{pair!r} is not key=value")
+                    return {}
+                value[key.strip()] = item.strip()
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            self.add(name, "must be an object of strings or key=value pairs")
+            return {}
+        return {k.strip(): v.strip() for k, v in value.items()}
+
     def check(self) -> None:
         if self.errors:
             raise ValidationError(self.errors)
@@ -188,13 +242,24 @@ def parse_offer(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
             e.add("landing_url", f"position {p.position}: {p.message}")
     allow_multiple = e.flag("allow_multiple", False)
     rules = _inbound_rules(e)
+    mode = _duplicate_mode(e, allow_multiple)
+    hold = e.number("hold_hours", low=0, high=MAX_HOLD_HOURS)
+    payout = e.mapping("payout_rules")
+    for key, rule in payout.items():
+        if key != ANY_PARTNER and not _ID.fullmatch(key):
+            e.add("payout_rules", f"{key!r} is not a partner id (or '*')")
+        try:
+            payout[key] = str(parse_rule(rule))
+        except ValueError as exc:
+            e.add("payout_rules", f"{key}: {exc}")
     e.check()
     assert ct is not None
     return {
         **rules,
         "id": offer_id, "name": name, "campaign_type": ct.value,
         "lifespan_days": lifespan if lifespan is not None else DEFAULT_LIFESPAN_DAYS[ct],
-        "landing_url": landing, "allow_multiple": allow_multiple,
+        "landing_url": landing, "allow_multiple": mode == DuplicateMode.SEPARATE,
+        "duplicate_mode": mode.value, "hold_hours": hold, "payout_rules": dump_mapping(payout),
         "created_at": now, "updated_at": now,
     }
 
@@ -255,6 +320,7 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     body_format, body_template = _body(e, method)
     headers = _headers(e, data.get("headers"))
     proxy = _proxy(e, data.get("egress_proxy"))
+    lifecycle = _partner_lifecycle(e)
     e.check()
     # Custom headers are secrets given once: saving a partner without "headers" keeps them.
     kept = {"custom_headers": json.dumps(headers, sort_keys=True) if headers else None
@@ -266,7 +332,52 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "timeout": timeout if timeout is not None else 10.0,
         "success_check": success_check or None, "fire_statuses": ",".join(statuses),
         "enabled": enabled, "scope": scope, "offer_ids": _csv(data.get("offer_ids")) or None,
-        **overrides, "created_at": now, "updated_at": now,
+        **overrides, **lifecycle, "created_at": now, "updated_at": now,
+    }
+
+
+def _duplicate_mode(e: _Errors, allow_multiple: bool) -> DuplicateMode:
+    raw = e.data.get("duplicate_mode")
+    try:
+        return parse_duplicate_mode(raw if isinstance(raw, str) else None, allow_multiple)
+    except ValueError as exc:
+        e.add("duplicate_mode", str(exc))
+        return DuplicateMode.UPDATE
+
+
+def _partner_lifecycle(e: _Errors) -> dict[str, Any]:
+    """The partner's lifecycle options: events that fire, templates, status names, payout
+    rule and hold period, in their stored form."""
+    names = (_csv(e.data.get("fire_events")) or "").split(",")
+    try:
+        fire_events = parse_fire_on(names)
+    except ValueError as exc:
+        e.add("fire_events", str(exc))
+        fire_events = frozenset()
+    templates = e.mapping("templates", separators="")
+    for kind, url in templates.items():
+        if kind not in {t.value for t in Trigger}:
+            e.add("templates", f"{kind!r} is not an event ({_TRIGGERS})")
+        for p in validate_template(url):
+            if p.severity == "error":
+                e.add(f"templates.{kind}", p.describe())
+    status_map = e.mapping("status_map", separators=", \n")
+    for status, alias in status_map.items():
+        if not _STATUS.fullmatch(status):
+            e.add("status_map", f"{status!r} is not a status (letters and underscores)")
+        if not alias or len(alias) > 64:
+            e.add("status_map", f"{status}: the name must be 1 to 64 characters")
+    rule = e.text("payout_rule", limit=40)
+    if rule:
+        try:
+            rule = str(parse_rule(rule))
+        except ValueError as exc:
+            e.add("payout_rule", str(exc))
+    return {
+        "fire_events": ",".join(sorted(t.value for t in fire_events)) or None,
+        "templates": dump_mapping(templates), "status_map": dump_mapping(status_map),
+        "payout_rule": rule or None,
+        "hold_hours": e.number("hold_hours", low=0, high=MAX_HOLD_HOURS),
     }
 
 
@@ -335,6 +446,11 @@ def _proxy(e: _Errors, raw: Any) -> str | None:
 
 # -- template reports (the validator plus a DNS check) ----------------------------------------
 
+def event_template(partner: Mapping[str, Any], event: str) -> str:
+    """The partner's template for a conversion event (its postback_url unless it has one)."""
+    return load_mapping(partner.get("templates")).get(event) or str(partner["postback_url"])
+
+
 def _resolve(host: str) -> object:
     return socket.getaddrinfo(host, None)
 
@@ -381,6 +497,9 @@ def redact_partner(row: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = mask_url(out[key])
     if isinstance(out.get("body_template"), str):
         out["body_template"] = mask_body(out["body_template"], out.get("body_format"))
+    if isinstance(out.get("templates"), str):
+        out["templates"] = dump_mapping({k: mask_url(v) for k, v in
+                                         load_mapping(out["templates"]).items()})
     return out
 
 

@@ -9,7 +9,10 @@ from typing import Any
 
 from postback_worker.delivery.signing import SigningKeys
 from postback_worker.domain.attribution import Caps
+from postback_worker.domain.lifecycle import DuplicateMode, FireRule, fire_rule, load_mapping
+from postback_worker.domain.lifecycle import parse_duplicate_mode as _mode
 from postback_worker.domain.masking import load_headers
+from postback_worker.domain.payout import PayoutRule, parse_rule
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.store.repo import Store
 
@@ -38,6 +41,10 @@ class Partner:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     # Own egress proxy ("direct": none); None: the deployment's.
     egress_proxy: str | None = field(default=None, repr=False)
+    # Lifecycle: which events fire it and how; its payout rule; its hold period override.
+    fire_rule: FireRule = FireRule()
+    payout_rule: PayoutRule | None = None
+    hold_hours: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Partner:
@@ -60,6 +67,12 @@ class Partner:
             body_template=row.get("body_template") or None,
             headers=load_headers(row.get("custom_headers")),
             egress_proxy=row.get("egress_proxy") or None,
+            fire_rule=fire_rule(fire_statuses=_split(row["fire_statuses"]),
+                                fire_events=row.get("fire_events"),
+                                templates=row.get("templates"),
+                                status_map=row.get("status_map")),
+            payout_rule=parse_rule(row["payout_rule"]) if row.get("payout_rule") else None,
+            hold_hours=row.get("hold_hours"),
         )
 
     @property
@@ -89,6 +102,9 @@ class Offer:
     max_seconds: int | None = None
     allowed_networks: tuple[str, ...] = ()
     caps: Caps = field(default_factory=Caps)
+    duplicate_mode: DuplicateMode = DuplicateMode.UPDATE
+    hold_hours: float | None = None
+    payout_rules: Mapping[str, PayoutRule] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Offer:
@@ -98,7 +114,11 @@ class Offer:
                    allowed_networks=_split(row.get("allowed_ips")),
                    caps=Caps(row.get("daily_cap"), row.get("daily_payout_cap"),
                              row.get("affiliate_daily_cap"),
-                             row.get("affiliate_daily_payout_cap")))
+                             row.get("affiliate_daily_payout_cap")),
+                   duplicate_mode=_mode(row.get("duplicate_mode"), bool(row["allow_multiple"])),
+                   hold_hours=row.get("hold_hours"),
+                   payout_rules={k: parse_rule(v)
+                                 for k, v in load_mapping(row.get("payout_rules")).items()})
 
 
 class Catalog:

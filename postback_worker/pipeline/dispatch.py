@@ -18,13 +18,16 @@ from typing import Any
 
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.failures import FailureClass
+from postback_worker.domain.lifecycle import DONE_STATES
 from postback_worker.domain.masking import mask_url
-from postback_worker.domain.postback import PostbackState, Settlement, settle
+from postback_worker.domain.postback import WAITING_PREFIX, PostbackState, Settlement, settle
 from postback_worker.domain.retry import Outcome
 from postback_worker.pipeline.admission import Admission
 from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.leases import LeaseKeeper
+from postback_worker.pipeline.lifecycle import Lifecycle
 from postback_worker.settings import Settings
+from postback_worker.store.lifecycle import wake_successors
 from postback_worker.store.postbacks import Claimed, dead_letter_row, release_row, update_row
 from postback_worker.store.repo import Store
 
@@ -93,6 +96,7 @@ class Dispatch:
         self.clock = clock
         self.rand = rand
         self.worker_name = worker_name
+        self.lifecycle = Lifecycle(catalog, settings.delivery.order_recheck)
 
     def claim(self, *, ids: Sequence[str] = (),
               conversion_ids: Sequence[str] = ()) -> list[Claimed]:
@@ -137,10 +141,19 @@ class Dispatch:
     def _admit(self, claimed: list[Claimed], unsaved: _Unsaved,
                result: BatchResult) -> tuple[list[tuple[Claimed, Partner]], set[str]]:
         """The claimed postbacks that fire now (with their partner), and the circuit probes;
-        the others are skipped (partner gone or disabled) or put back to wait."""
+        the others are skipped (partner gone or disabled) or put back to wait (behind an
+        earlier event of the same conversion and partner, paused, circuit open, limits)."""
         now = self.clock()
+        with self.store.engine.connect() as conn:
+            behind = self.lifecycle.order(conn, [c.id for c in claimed], now)
         groups: dict[str, tuple[Partner, list[Claimed]]] = {}
         for c in claimed:
+            if c.id in behind:
+                until, why = behind[c.id]
+                unsaved.released.append(release_row(c, until, why.removeprefix(WAITING_PREFIX),
+                                                    now))
+                result.count(result.postbacks, WAITING)
+                continue
             p = self.catalog.partner(c.partner_id)
             if p is None or not p.enabled:
                 why = "partner deleted" if p is None else "partner disabled"
@@ -208,6 +221,10 @@ class Dispatch:
                     row["offer_id"] = offers.get(unsaved.dead_conversions[row["postback_id"]])
             saved = self.store.finish(updates=unsaved.updates, attempts=unsaved.attempts,
                                       dead_letters=unsaved.dead)
+            done = [u["id"] for u in unsaved.updates if u["state"] in DONE_STATES]
+            if done:  # later events of the same conversion and partner may go now
+                with self.store.engine.begin() as conn:
+                    wake_successors(conn, done, self.clock())
             if saved < len(unsaved.updates):
                 log.warning("%d postback lease(s) expired before their result was saved",
                             len(unsaved.updates) - saved)

@@ -1,12 +1,13 @@
-"""Intake: persist a batch of conversions, attribute them, build their postbacks.
+"""Intake: persist a batch of conversion events, attribute them, fold them into their
+conversions and build their postbacks (pipeline/lifecycle.py).
 
-Everything runs in one transaction: the conversions, their states, the postbacks to fire (or
-skipped, or dead-lettered at once when a template cannot render). Firing is dispatch's job.
+Everything runs in one transaction: the events, their states, the conversions' history, the
+postbacks to fire (or held, skipped, or dead-lettered at once when a template cannot render).
+Firing is dispatch's job.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,16 +20,13 @@ from postback_worker.domain.attribution import (
     OfferFacts,
     Usage,
     attribute,
-    dedupe_key,
-    fires_on,
     over_cap,
 )
 from postback_worker.domain.events import ConversionEvent
 from postback_worker.domain.failures import FailureClass
-from postback_worker.domain.ids import new_id
-from postback_worker.domain.macros import TemplateError, macro_values, render, render_body
 from postback_worker.domain.postback import PostbackState
-from postback_worker.pipeline.catalog import Catalog, Offer, Partner
+from postback_worker.pipeline.catalog import Catalog, Offer
+from postback_worker.pipeline.lifecycle import Lifecycle
 from postback_worker.store.postbacks import dead_letter_row
 from postback_worker.store.repo import Store
 
@@ -37,7 +35,8 @@ S = PostbackState
 
 @dataclass
 class Persisted:
-    """What intake did with one batch: the conversion ids and how many ended in each state."""
+    """What intake did with one batch: the conversion ids (and those of the conversions its
+    updates belong to) and how many events ended in each state."""
 
     conversion_ids: list[str]
     states: dict[str, int]
@@ -50,7 +49,6 @@ class _Decided:
     reason: str
     offer_id: str | None
     aff_id: str | None
-    allow_multiple: bool
 
 
 class Intake:
@@ -60,6 +58,7 @@ class Intake:
         self.store = store
         self.catalog = catalog
         self.clock = clock
+        self.lifecycle = Lifecycle(catalog)
 
     def persist(self, messages: Sequence[Mapping[str, Any]],
                 triggered_by: str | None = None) -> Persisted:
@@ -77,9 +76,15 @@ class Intake:
             todo = self.store.unprocessed_conversions(conn, ids)
             clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
             decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
-            self._mark_duplicates(conn, decided)
+            folded = self.lifecycle.fold(conn, self.store, decided, now)
+            # Inbound caps count the new conversions only (not updates of known ones), before
+            # any postback is built: a capped conversion fires nothing, nor do its updates.
             self._apply_caps(conn, decided, now)
-            postbacks, dead = self._build_postbacks(decided, clicks, now)
+            postbacks = self.lifecycle.postbacks(conn, folded, clicks, now)
+            dead = [dead_letter_row(
+                row["id"], row["partner_id"], offer_id=folded.offer_of(row["conversion_id"]),
+                failure_class=FailureClass.CONFIG, last_status=None, reason=row["reason"],
+                attempts=0, now=now) for row in postbacks if row["state"] == S.DEAD_LETTERED]
             for row in postbacks:
                 row["triggered_by"] = triggered_by
             self.store.set_conversion_states(conn, [
@@ -87,12 +92,15 @@ class Intake:
                  "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
                 for d in decided
             ])
+            self.lifecycle.write(conn, self.store, folded)
             self.store.insert_postbacks(conn, postbacks)
             self.store.dead_letter_now(conn, dead)
         states: dict[str, int] = {}
         for d in decided:
             states[d.state] = states.get(d.state, 0) + 1
-        return Persisted(ids, states)
+        # The conversions the batch's updates belong to have new postbacks to fire too.
+        roots = sorted({u["update_of"] for u in folded.updates} - set(ids))
+        return Persisted(ids + roots, states)
 
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
@@ -113,31 +121,7 @@ class Intake:
             reason=decision.reason,
             offer_id=offer_id,
             aff_id=click["aff_id"] if click else None,
-            allow_multiple=bool(offer and offer.allow_multiple),
         )
-
-    def _mark_duplicates(self, conn: Any, decided: list[_Decided]) -> None:
-        keys: dict[str, str] = {}
-        in_batch: dict[str, _Decided] = {}
-        for d in decided:
-            if d.state != ConversionState.ATTRIBUTED or d.allow_multiple:
-                continue
-            key = dedupe_key(d.offer_id or "", d.conv["transaction_id"], d.conv["goal_id"])
-            first = in_batch.get(key)
-            if first is not None:
-                d.state = ConversionState.DUPLICATE.value
-                d.reason = f"duplicate of conversion {first.conv['id']}"
-                continue
-            in_batch[key] = d
-            keys[key] = d.conv["id"]
-        owners = self.store.claim_keys(conn, keys) if keys else {}
-        for key, d in in_batch.items():
-            owner = owners.get(key)
-            if owner is not None and owner != d.conv["id"]:
-                d.state = ConversionState.DUPLICATE.value
-                d.reason = (
-                    f"duplicate of conversion {owner} (same offer, transaction_id and goal_id)"
-                )
 
     def _apply_caps(self, conn: Any, decided: list[_Decided], now: datetime) -> None:
         """Daily caps (UTC day) per offer and per affiliate: over a cap is `capped`."""
@@ -167,81 +151,6 @@ class Intake:
             for u in (used, aff):
                 u.count += 1
                 u.payout += payout
-
-    def _build_postbacks(self, decided: list[_Decided], clicks: Mapping[str, dict[str, Any]],
-                         now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        postbacks: list[dict[str, Any]] = []
-        dead: list[dict[str, Any]] = []
-        for d in decided:
-            if d.state != ConversionState.ATTRIBUTED:
-                continue
-            assert d.offer_id is not None and d.aff_id is not None
-            click = clicks[d.conv["transaction_id"]]
-            partners = self.catalog.destinations(d.offer_id, d.aff_id)
-            if not partners:
-                d.reason = f"{d.reason}; no postback destination for affiliate {d.aff_id!r}"
-                continue
-            firing = 0
-            for partner in partners:
-                row = self._postback_row(d, click, partner, now)
-                if row["state"] == S.PENDING:
-                    firing += 1
-                elif row["state"] == S.DEAD_LETTERED:
-                    dead.append(dead_letter_row(
-                        row["id"], row["partner_id"], offer_id=d.offer_id,
-                        failure_class=FailureClass.CONFIG, last_status=None,
-                        reason=row["reason"], attempts=0, now=now))
-                postbacks.append(row)
-            if firing == 0 and all(
-                not fires_on(d.conv["status"], p.fire_statuses) for p in partners
-            ):
-                d.state = ConversionState.REJECTED_STATUS.value
-                d.reason = f"status {d.conv['status']!r} fires no partner"
-        return postbacks, dead
-
-    def _postback_row(self, d: _Decided, click: Mapping[str, Any], partner: Partner,
-                      now: datetime) -> dict[str, Any]:
-        pid = new_id("pb")
-        row: dict[str, Any] = {
-            "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
-            "body": None, "method": partner.method, "attempts": 0,
-            "received_at": d.conv["received_at"], "created_at": now, "updated_at": now,
-            "next_attempt_at": now,
-            "state": S.PENDING, "reason": None,
-        }
-        if not partner.enabled:
-            row.update(state=S.SKIPPED, reason="partner disabled", next_attempt_at=None)
-            return row
-        if not fires_on(d.conv["status"], partner.fire_statuses):
-            fires = ", ".join(partner.fire_statuses) or "nothing"
-            status = d.conv["status"]
-            row.update(
-                state=S.SKIPPED, next_attempt_at=None,
-                reason=f"status {status!r} does not fire this partner (fires on: {fires})",
-            )
-            return row
-        try:
-            row["url"], row["body"] = render_postback(
-                partner.postback_url, {**d.conv, "offer_id": d.offer_id}, click, pid, now,
-                partner.body_format, partner.body_template)
-        except TemplateError as exc:
-            row.update(url=partner.postback_url, state=S.DEAD_LETTERED, next_attempt_at=None,
-                       reason=f"config: template cannot render: {exc}",
-                       last_class=FailureClass.CONFIG)
-        return row
-
-
-def render_postback(template: str, conversion: Mapping[str, Any], click: Mapping[str, Any],
-                    postback_id: str, now: datetime, body_format: str | None = None,
-                    body_template: str | None = None) -> tuple[str, str | None]:
-    """A postback's URL and body (None without a body template) from the partner's templates,
-    a stored conversion and its click, with the same macro values (raises TemplateError)."""
-    values = macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
-                          random_value=secrets.token_hex(8))
-    url = render(template, values)
-    if body_format and body_template:
-        return url, render_body(body_template, body_format, values)
-    return url, None
 
 
 def _money(value: Any) -> float:

@@ -47,6 +47,7 @@ class Pipeline:
         # Without Redis (unit tests, tools) pauses still hold; breaker and limits are off.
         admission: Admission = (Guarded(settings, store, redis) if redis is not None
                                 else PausesOnly(settings, store))
+        self.catalog = catalog
         self.intake = Intake(store, catalog, clock)
         self.dispatch = Dispatch(settings, store, sender, catalog, admission, clock=clock,
                                  rand=rand,

@@ -77,11 +77,11 @@ class DeadLetterReads(StoreBase):
     def replay_selection(self, filt: Filter, limit: int | None = None) -> tuple[
             list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """The dead letters a replay takes (oldest first), with their conversions and clicks:
-        (rows of postback_id, partner_id, failure_class, url, conversion_id; conversions by id;
-        clicks by transaction id)."""
+        (rows of postback_id, partner_id, failure_class, url, conversion_id, event, event_seq;
+        conversions by id; clicks by transaction id)."""
         dl, pb = t.dead_letters.c, t.postbacks.c
         stmt = (select(dl.postback_id, dl.partner_id, dl.failure_class, pb.url,
-                       pb.conversion_id)
+                       pb.conversion_id, pb.event, pb.event_seq)
                 .select_from(DEAD_JOIN).where(filter_clause(filt))
                 .order_by(dl.created_at, dl.postback_id))
         if limit:

@@ -22,6 +22,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
+from postback_worker.store.lifecycle import event_counts
 from postback_worker.store.repo import Store
 from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 
@@ -342,6 +343,20 @@ class RawFigures:
                 if state in BUCKETS:
                     failed = state == FAILED_POSTBACK
                     _add(out, (partner, BUCKETS[state], (cls or "config") if failed else ""), n)
+        return out
+
+    def report_lifecycle(self, since: datetime, until: datetime, partner_id: str | None = None,
+                         offer_id: str | None = None) -> dict[str, Any]:
+        """Conversion events recorded in [since, until) (status changes, reversals,
+        adjustments, repeats) and postbacks created in range per event. From rows (no
+        rollup keeps them)."""
+        with self.connect() as conn:
+            out: dict[str, Any] = dict(event_counts(conn, since, until))
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            out["postbacks_by_event"] = {
+                event: int(n) for event, n in conn.execute(
+                    select(P.event, func.count()).where(*where, P.event.is_not(None))
+                    .group_by(P.event))}
         return out
 
     def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,

@@ -54,8 +54,10 @@ def update_row(c: Claimed, state: PostbackState, reason: str | None, now: dateti
     }
 
 
-def release_row(c: Claimed, next_at: datetime, why: str, now: datetime) -> dict[str, Any]:
-    """What `release` sets on one claimed postback put back to wait."""
+def release_row(c: Claimed, next_at: datetime | None, why: str,
+                now: datetime) -> dict[str, Any]:
+    """What `release` sets on one claimed postback put back to wait (`next_at` None: until
+    something wakes it, e.g. the replay of an earlier postback)."""
     return {"id": c.id, "token": c.token, "next_attempt_at": next_at,
             "reason": WAITING_PREFIX + why, "updated_at": now}
 
@@ -77,7 +79,7 @@ class PostbackRecords(StoreBase):
     # -- intake ---------------------------------------------------------------------------
 
     def insert_postbacks(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id"])
+        self.insert_ignore(conn, t.postbacks, rows, ["conversion_id", "partner_id", "event_seq"])
 
     def dead_letter_now(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Dead letters for postbacks that never got an HTTP attempt (template errors)."""
@@ -227,7 +229,8 @@ class PostbackRecords(StoreBase):
         with self.engine.connect() as conn:
             rows = [dict(r) for r in conn.execute(
                 select(pb.id.label("postback_id"), pb.partner_id,
-                       pb.last_class.label("failure_class"), pb.url, pb.conversion_id)
+                       pb.last_class.label("failure_class"), pb.url, pb.conversion_id,
+                       pb.event, pb.event_seq)
                 .where(pb.partner_id == partner_id, pb.state == S.RETRY_SCHEDULED,
                        pb.reason.like(WAITING_PREFIX + "%"))).mappings()]
             convs = conversions_by_id(conn, [r["conversion_id"] for r in rows])

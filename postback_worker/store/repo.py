@@ -144,6 +144,9 @@ def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = mask_body(value, row.get("body_format"))
         elif isinstance(value, str) and key.endswith("url"):
             out[key] = mask_url(value)
+        elif isinstance(value, str) and key == "templates":  # per-event URL templates
+            out[key] = json.dumps({k: mask_url(str(v)) for k, v in json.loads(value).items()},
+                                  sort_keys=True)
         else:
             out[key] = value
     return out

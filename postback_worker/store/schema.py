@@ -80,6 +80,13 @@ offers = Table(
     Column("daily_payout_cap", Float),
     Column("affiliate_daily_cap", Integer),
     Column("affiliate_daily_payout_cap", Float),
+    # Lifecycle: a new event for a known conversion is an update (default), ignored, or a
+    # separate conversion (None: 'separate' when allow_multiple, else 'update').
+    Column("duplicate_mode", String(10)),
+    # Hours an approved postback waits before firing (a reversal meanwhile cancels it).
+    Column("hold_hours", Float),
+    # Payout rules overriding the partners' own: JSON {"partner id" or "*": "percent:40"}.
+    Column("payout_rules", Text),
 )
 
 partners = Table(
@@ -129,6 +136,14 @@ partners = Table(
     Column("egress_proxy", Text),
     # Who paused the partner: "operator", or "gone" (the partner answered 410 Gone).
     Column("paused_by", String(20)),
+    # Lifecycle: comma-separated events that fire (approved, reversal, adjustment, status; None:
+    # approved), JSON templates per trigger, JSON status names for {status}, the payout rule
+    # (advertiser, fixed:AMOUNT, percent:P) and a hold period overriding the offer's.
+    Column("fire_events", String(100)),
+    Column("templates", Text),
+    Column("status_map", Text),
+    Column("payout_rule", String(40)),
+    Column("hold_hours", Float),
 )
 
 # Every saved version of an offer or partner (secrets redacted), for audits and bundles.
@@ -186,6 +201,8 @@ conversions = Table(
     Column("reason", Text),
     Column("processed_at", UTCDateTime),
     Column("reattributed_at", UTCDateTime),
+    # An event that updates an earlier conversion (state 'updated'): that conversion's id.
+    Column("update_of", String(64), index=True),
     Index(None, "state", "received_at"),
     Index(None, "offer_id", "received_at"),
 )
@@ -196,6 +213,30 @@ conversion_keys = Table(
     metadata,
     Column("key", String(400), primary_key=True),
     Column("conversion_id", String(64), nullable=False),
+)
+
+# The history of a conversion: one row per advertiser event folded into it (seq 1: created).
+conversion_events = Table(
+    "conversion_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("conversion_id", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    # The accepted event (its row in conversions) this entry records.
+    Column("event_id", String(64), nullable=False, unique=True),
+    # created, status_changed, adjusted, repeat
+    Column("kind", String(20), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("previous_status", String(32)),
+    Column("payout", String(40)),
+    Column("sale_amount", String(40)),
+    Column("currency", String(3)),
+    Column("summary", Text, nullable=False),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("recorded_at", UTCDateTime, nullable=False),
+    UniqueConstraint("conversion_id", "seq"),
+    Index(None, "kind", "recorded_at"),
 )
 
 postbacks = Table(
@@ -226,7 +267,11 @@ postbacks = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Column("delivered_at", UTCDateTime, index=True),
     Column("triggered_by", String(200)),
-    UniqueConstraint("conversion_id", "partner_id"),
+    # The conversion event this postback carries (conversion_events.seq) and its trigger
+    # (approved, reversal, adjustment, status); per conversion and partner, lower seqs first.
+    Column("event_seq", Integer, nullable=False, default=1, server_default="1"),
+    Column("event", String(20)),
+    UniqueConstraint("conversion_id", "partner_id", "event_seq"),
     Index(None, "state", "next_attempt_at"),
     Index(None, "partner_id", "created_at"),
 )

@@ -30,7 +30,7 @@ def test_known_macros_match_design_list() -> None:
         "transaction_id", "offer_id", "affiliate_id", "aff_sub", "aff_sub2", "aff_sub3",
         "aff_sub4", "aff_sub5", "source", "adv_sub", "goal_id", "payout", "sale_amount",
         "currency", "status", "conversion_id", "postback_id", "datetime", "date", "time",
-        "timestamp", "ip", "device_id", "random",
+        "timestamp", "ip", "device_id", "random", "revenue", "event", "previous_status",
     }  # fmt: skip
     assert design == KNOWN_MACROS
 
@@ -298,3 +298,16 @@ def test_macro_values_time_is_utc(now: datetime) -> None:
     values = macro_values(conversion={}, click={}, postback_id="p", now=now, random_value="r")
     assert values["datetime"] == "2026-11-26T20:30:00Z"
     assert values["timestamp"] == "1795725000"
+
+
+@pytest.mark.parametrize("name, given, expected", [
+    ("event", "reversal", "reversal"),
+    ("previous_status", "approved", "approved"),
+    ("revenue", "12.5", "12.5"),
+    ("event", None, ""),
+])
+def test_lifecycle_macro_values(name: str, given: str | None, expected: str) -> None:
+    values = macro_values(conversion={**CONVERSION, name: given}, click=CLICK, postback_id="p",
+                          now=NOW, random_value="r")
+    assert values[name] == expected
+    assert render(f"https://p.example/?x={{{name}}}", values) == f"https://p.example/?x={expected}"

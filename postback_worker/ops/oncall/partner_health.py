@@ -11,6 +11,7 @@ from postback_worker.ops.oncall.replay import rerender_waiting
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store.figures import figures_for
+from postback_worker.store.lifecycle import held_counts
 from postback_worker.store.repo import Store
 
 
@@ -22,6 +23,8 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
            now: datetime) -> list[dict[str, Any]]:
     """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
     waiting, dead, recent = store.partner_counts(now - timedelta(hours=1))
+    with store.engine.connect() as conn:
+        held = held_counts(conn)
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
     backlog = figures_for(store).backlog_by_partner()
     rows = []
@@ -40,6 +43,9 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
             "backlog_age_seconds": (max(0.0, (now - backlog[pid][1]).total_seconds())
                                     if pid in backlog else None),
             "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
+            # Of those waiting: held for a hold period; behind a dead-lettered earlier event.
+            "held": held.get(pid, {}).get("held", 0),
+            "behind_dead_letter": held.get(pid, {}).get("blocked", 0),
             "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
         }
         if guard is not None:

@@ -21,8 +21,9 @@ from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import PostbackState
-from postback_worker.pipeline.intake import render_postback
+from postback_worker.pipeline.lifecycle import rerender
 from postback_worker.settings import Settings
+from postback_worker.store.lifecycle import event_history
 from postback_worker.store.repo import Store
 from postback_worker.store.runs import marker
 
@@ -79,7 +80,10 @@ def _candidates(store: Store, rows: list[dict[str, Any]], convs: dict[str, dict[
                 clicks: dict[str, dict[str, Any]], now: datetime) -> list[Candidate]:
     """Render postbacks (rows: postback_id, partner_id, failure_class, url, conversion_id)
     again from their stored conversion and click with the partners' current templates."""
+    with store.engine.connect() as conn:
+        history = event_history(conn, list(convs))
     partners = {p["id"]: p for p in store.list_partners()}
+    offers = {o["id"]: o for o in store.list_offers()}
     out: list[Candidate] = []
     for r in rows:
         cand = Candidate(r["postback_id"], r["partner_id"], r["failure_class"], r["url"], None)
@@ -94,9 +98,10 @@ def _candidates(store: Store, rows: list[dict[str, Any]], convs: dict[str, dict[
             cand.problem = "conversion or click no longer stored (retention)"
         else:
             try:
-                cand.new_url, cand.new_body = render_postback(
-                    partner["postback_url"], conv, click, r["postback_id"], now,
-                    partner.get("body_format"), partner.get("body_template"))
+                cand.new_url, cand.new_body = rerender(
+                    partner, offers.get(conv["offer_id"]), conv, click, r["event"],
+                    history.get((r["conversion_id"], r["event_seq"])), r["postback_id"],
+                    now)
             except TemplateError as exc:
                 cand.problem = f"current template cannot render: {exc}"
         out.append(cand)

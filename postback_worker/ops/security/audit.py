@@ -17,8 +17,10 @@ from postback_worker.domain.campaigns import (
     lifespan_in_range,
     parse_campaign_type,
 )
+from postback_worker.domain.lifecycle import Trigger, fire_rule, load_mapping
 from postback_worker.domain.masking import SECRET_PARAM
-from postback_worker.domain.validator import validate, validate_body
+from postback_worker.domain.payout import ANY_PARTNER
+from postback_worker.domain.validator import macro_names, validate, validate_body
 from postback_worker.settings import Settings
 from postback_worker.store import audit as audit_store
 from postback_worker.store.repo import Store
@@ -166,6 +168,39 @@ def _partner_findings(partners: list[dict[str, Any]], stats: dict[str, dict[str,
                           "review it")
 
 
+def _lifecycle_findings(offers: list[dict[str, Any]],
+                        partners: list[dict[str, Any]]) -> Iterable[Finding]:
+    """Per-event templates, events a partner cannot tell apart, unused status names, payout
+    rules naming partners that do not exist."""
+    known = {p["id"] for p in partners}
+    for o in offers:
+        for pid in load_mapping(o.get("payout_rules")):
+            if pid != ANY_PARTNER and pid not in known:
+                yield Finding("warning", "offer", o["id"], "payout_rules",
+                              f"payout rule for partner {pid!r}, which does not exist")
+    for p in partners:
+        pid = p["id"]
+        rule = fire_rule(fire_statuses=str(p.get("fire_statuses") or "").split(","),
+                         fire_events=p.get("fire_events"), templates=p.get("templates"),
+                         status_map=p.get("status_map"))
+        for event, url in sorted(rule.templates.items()):
+            for problem in validate(url):
+                yield Finding(problem.severity, "partner", pid, "template",
+                              f"templates.{event} {problem.describe()}")
+        main = set(macro_names(p["postback_url"]))
+        for trigger in sorted(rule.fire_on - {Trigger.APPROVED}):
+            if trigger.value not in rule.templates and not main & {"event", "status"}:
+                yield Finding("warning", "partner", pid, "events",
+                              f"fires on {trigger.value} but its postback_url has no {{event}} "
+                              f"or {{status}} and there is no {trigger.value} template: the "
+                              "partner cannot tell it from an approved conversion")
+        used = main.union(*(macro_names(u) for u in rule.templates.values()))
+        if rule.status_map and not used & {"status", "previous_status"}:
+            yield Finding("info", "partner", pid, "status_map",
+                          "status_map is set but no template uses {status} or "
+                          "{previous_status}")
+
+
 def run_audit(store: Store, settings: Settings, now: datetime) -> AuditReport:
     """Check every offer and partner; findings sorted by severity, kind and id."""
     offers, partners = audit_store.catalog(store)
@@ -174,6 +209,7 @@ def run_audit(store: Store, settings: Settings, now: datetime) -> AuditReport:
         now - timedelta(days=FAILURE_WINDOW_DAYS))
     expired = audit_store.expired_by_offer(store, now, EXPIRED_WINDOW_DAYS)
     findings = [*_offer_findings(offers, expired, now, settings),
-                *_partner_findings(partners, stats, now, settings)]
+                *_partner_findings(partners, stats, now, settings),
+                *_lifecycle_findings(offers, partners)]
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.kind, f.object_id, f.check))
     return AuditReport(now, len(offers), len(partners), findings)

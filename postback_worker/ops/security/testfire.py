@@ -13,8 +13,16 @@ from typing import Any
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.diagnosis import TITLES
 from postback_worker.domain.failures import FACTS, Cause, cause_of
+from postback_worker.domain.lifecycle import (
+    SAMPLE_CHANGES,
+    Snapshot,
+    Trigger,
+    event_values,
+    fire_rule,
+)
 from postback_worker.domain.macros import TemplateError, macro_values, render, render_body
 from postback_worker.domain.masking import mask_body, mask_headers, mask_url
+from postback_worker.domain.payout import parse_rule
 from postback_worker.domain.retry import FailureClass, classify, describe
 from postback_worker.pipeline.catalog import Partner
 
@@ -51,13 +59,15 @@ class FireReport:
 
 def sample_values(partner_id: str, postback_id: str, now: datetime, *,
                   transaction_id: str | None = None, payout: str | None = None,
-                  random_value: str = "r4nd0m") -> dict[str, str]:
-    """Macro values for a test: realistic samples, or the given transaction id and payout."""
-    conversion = {
+                  random_value: str = "r4nd0m",
+                  lifecycle: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Macro values for a test: realistic samples, or the given transaction id and payout;
+    `lifecycle` overrides the event macros (status, event, payout by the partner's rule)."""
+    conversion: dict[str, Any] = {
         "id": "cv_test", "transaction_id": transaction_id or "tx_test_0001",
         "offer_id": "test-offer", "goal_id": "", "payout": payout or "1.00",
         "sale_amount": "10.00", "currency": "USD", "status": "approved", "adv_sub": "order-1",
-        "ip": "203.0.113.7", "device_id": "test-device",
+        "ip": "203.0.113.7", "device_id": "test-device", **(lifecycle or {}),
     }
     click = {"aff_id": partner_id, "aff_sub": "sub1", "aff_sub2": "sub2", "source": "test"}
     return macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
@@ -67,15 +77,18 @@ def sample_values(partner_id: str, postback_id: str, now: datetime, *,
 def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
               sender: Sender | None = None, fire: bool = False,
               transaction_id: str | None = None, payout: str | None = None,
-              clock: Callable[[], datetime] | None = None) -> FireReport:
-    """Render the partner's postback and, with `fire`, send it once and record the attempt."""
+              clock: Callable[[], datetime] | None = None,
+              event: Trigger = Trigger.APPROVED) -> FireReport:
+    """Render the partner's postback for `event` (its template for that event, its status
+    names and payout rule) and, with `fire`, send it once and record the attempt."""
     postback_id = "pb_test_" + secrets.token_hex(8)
+    template, lifecycle = sample_event(partner, event, payout or "1.00")
     values = sample_values(partner["id"], postback_id, now, transaction_id=transaction_id,
-                           payout=payout)
+                           payout=payout, lifecycle=lifecycle)
     method = partner["method"]
     p = Partner.from_row(partner)
     try:
-        url = render(partner["postback_url"], values)
+        url = render(template, values)
         body = (render_body(p.body_template, p.body_format, values)
                 if p.body_format and p.body_template else None)
     except TemplateError as exc:
@@ -109,6 +122,19 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     _record(store, partner, postback_id, url, result.body, now, outcome, failure,
             result.outcome, (clock or (lambda: now))())
     return result
+
+
+def sample_event(partner: Mapping[str, Any], event: Trigger,
+                 payout: str) -> tuple[str, dict[str, str]]:
+    """The partner's template for `event` and the lifecycle macros of a sample of it."""
+    rule = fire_rule(fire_statuses=str(partner.get("fire_statuses") or "").split(","),
+                     fire_events=partner.get("fire_events"), templates=partner.get("templates"),
+                     status_map=partner.get("status_map"))
+    previous, status = SAMPLE_CHANGES[event]
+    sale = "12.50" if event == Trigger.ADJUSTMENT else "10.00"  # an adjusted sale amount
+    values = event_values(rule, parse_rule(partner.get("payout_rule")), event, previous,
+                          Snapshot(status, payout, sale, "USD"))
+    return rule.template(event, partner["postback_url"]), values
 
 
 def _record(store: Any, partner: Mapping[str, Any], postback_id: str, url: str,

@@ -92,6 +92,7 @@ def delivery_report(store: Store, scope: Scope,
         everything[ms] = everything.get(ms, 0) + n
         per.setdefault(pid, {})[ms] = per.get(pid, {}).get(ms, 0) + n
     lost = fg.lost_window(figs, scope.range.since, scope.range.until, scope.offer_id)
+    lifecycle = figs.report_lifecycle(*scope.args)
     for pid, p in partners.items():
         p["response_ms"] = _quantiles(per.get(pid, {}))
         _finish(p)
@@ -112,6 +113,7 @@ def delivery_report(store: Store, scope: Scope,
         ],
         "partners": ranked,
         "lost_conversions": lost,
+        "lifecycle": lifecycle,
     }
 
 
@@ -169,6 +171,9 @@ PARTNER_FIGURES = ("postbacks", "delivered", "failed", "pending", "skipped", "su
                    "failure_rate", "attempts", "failed_attempts", "attempt_failure_rate")
 
 
+LIFECYCLE_FIGURES = ("status_changes", "reversals", "adjustments", "repeats")
+
+
 def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The report as tidy rows: section, key, metric, value (every figure once)."""
     s = report["summary"]
@@ -195,6 +200,12 @@ def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
                        *fg.INBOUND_STATES, "refused"):
             yield {"section": "lost_conversions", "key": row["offer_id"] or "", "metric": metric,
                    "value": row[metric]}
+    life = report["lifecycle"]
+    for metric in LIFECYCLE_FIGURES:
+        yield {"section": "conversion_events", "key": "", "metric": metric,
+               "value": life[metric]}
+    for event, n in sorted(life["postbacks_by_event"].items()):
+        yield {"section": "postbacks_by_event", "key": event, "metric": "postbacks", "value": n}
 
 
 def percent(value: float | None) -> str:
