@@ -3,7 +3,7 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
-        [--json out.json]
+        [--producer-batch K[,K...]] [--no-ceiling] [--json out.json]
 
 See bench/README.md for what each figure means and how it is measured.
 """
@@ -55,7 +55,7 @@ OFFER_ID = "o1"
 PARTNER_ID = "p1"
 PAYOUT = "1.00"
 PATH_QS = "/pb?tid={transaction_id}&payout={payout}&pb={postback_id}"
-BATCH = 500  # conversions per Producer.send_conversions call (= one Celery message)
+BATCH = 500  # default conversions per Producer.send_conversions call (--producer-batch)
 QUEUES = "conversions,retries,replay,maintenance"
 POLL_INTERVAL = 0.1
 RSS_INTERVAL = 0.1
@@ -547,27 +547,30 @@ class Config:
     ours_app: str = "postback_worker.worker.app"
     # Conversions/s offered at a steady pace (0: everything at once, as fast as possible).
     rate: float = 0.0
+    # Events per Producer.send_conversions call, one system per value.
+    producer_batches: tuple[int, ...] = (BATCH,)
 
 
 PACE_TICK = 0.05  # a steady producer sends what is due every 50 ms
 
 
-def paced(n: int, rate: float, send: Callable[[int, int], None]) -> None:
-    """Call send(start, stop) for consecutive slices of range(n): all at once in BATCH-sized
-    slices when rate is 0, else every PACE_TICK the slice the rate has made due since the
-    last one (a backend that batches what it produced in the last 50 ms)."""
+def paced(n: int, rate: float, send: Callable[[int, int], None], batch: int = BATCH) -> None:
+    """Call send(start, stop) for consecutive slices of range(n) of at most `batch` events:
+    all at once when rate is 0, else every PACE_TICK what the rate has made due since the
+    last tick (a backend that sends what it produced in the last 50 ms, `batch` per call)."""
     if not rate:
-        for start in range(0, n, BATCH):
-            send(start, min(n, start + BATCH))
+        for start in range(0, n, batch):
+            send(start, min(n, start + batch))
         return
     begin = time.monotonic()
     sent = 0
     tick = 0
     while sent < n:
         due = min(n, int((time.monotonic() - begin) * rate))
-        if due > sent:
-            send(sent, due)
-            sent = due
+        while due > sent:
+            stop = min(due, sent + batch)
+            send(sent, stop)
+            sent = stop
         tick += 1
         time.sleep(max(0.0, begin + tick * PACE_TICK - time.monotonic()))
 
@@ -583,7 +586,7 @@ class System:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def ours_system(cfg: Config, svc: Services) -> System:
+def ours_system(cfg: Config, svc: Services, batch: int = BATCH) -> System:
     settings = Settings.build(database_url=svc.db_url, redis_url=svc.redis_url,
                         allow_networks=LOOPBACK)
     env = {**os.environ, **settings.to_env()}
@@ -597,11 +600,12 @@ def ours_system(cfg: Config, svc: Services) -> System:
         producer = Producer(settings)
         try:
             paced(n, cfg.rate, lambda a, b: producer.send_conversions(
-                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)]))
+                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)]), batch)
         finally:
             producer.close()
 
-    return System("ours", cfg.n, args, env, enqueue)
+    label = "ours" if len(cfg.producer_batches) == 1 else f"ours K={batch}"
+    return System(label, cfg.n, args, env, enqueue)
 
 
 def naive_system(cfg: Config, svc: Services) -> System:
@@ -629,6 +633,34 @@ def naive_system(cfg: Config, svc: Services) -> System:
             app.close()
 
     return System("naive", cfg.naive_n, args, env, enqueue)
+
+
+def ceiling_system(cfg: Config) -> System:
+    """The same delivery transport firing the same N requests at the same partner, in this
+    process, with no database or queue: the most the pipeline could deliver."""
+    return System("ceiling", cfg.n, lambda node: [], {}, lambda n: None)
+
+
+def run_ceiling(cfg: Config, partner: Partner, run_no: int) -> dict[str, Any]:
+    from postback_worker.delivery.sender import PostbackRequest, Sender
+
+    settings = Settings.build(allow_networks=LOOPBACK)
+    partner.reset()
+    requests = [PostbackRequest(postback_id=f"pb_{i}", url=partner.base_url + PATH_QS.format(
+        transaction_id=tx(i), payout=PAYOUT, postback_id=f"pb_{i}")) for i in range(cfg.n)]
+    with Sender(concurrency=settings.delivery.concurrency,
+                allow_networks=settings.delivery.allow_networks) as sender:
+        m0 = time.monotonic()
+        outcomes = sender.send_many(requests)
+        span = time.monotonic() - m0
+    count = partner.count()
+    ok = count == cfg.n and all(o.status_code == 200 for o in outcomes)
+    result = {"run": run_no, "n": cfg.n, "postbacks_per_s": round(cfg.n / span, 1),
+              "seconds_first_enqueue_to_last_delivery": round(span, 3),
+              "partner_requests": count, "checks": {"partner_requests == N, all 200": ok},
+              "ok": ok}
+    log(f"ceiling run {run_no}: {result['postbacks_per_s']} requests/s")
+    return result
 
 
 def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: Path,
@@ -719,42 +751,50 @@ def git_commit() -> str:
 
 
 def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
-    by = {s.label: s for s in systems}
     med = {s.label: medians(s.runs) for s in systems}
-    ratios: dict[str, float] = {}
-    if "ours" in med and "naive" in med:
-        for _, key, _ in FIGURES:
-            a, b = med["ours"].get(key), med["naive"].get(key)
-            if a is not None and b:
-                ratios[key] = round(a / b, 2)
+    labels = [s.label for s in systems]
+    ours = [lb for lb in labels if lb.startswith("ours")]
+    ratios: dict[str, dict[str, float]] = {}
+    if "naive" in med:
+        for lb in ours:
+            ratios[f"{lb} / naive"] = {
+                key: round(med[lb][key] / med["naive"][key], 2)
+                for _, key, _ in FIGURES
+                if med[lb].get(key) is not None and med["naive"].get(key)}
     w = 34
     lines = []
     lines.append(f"postback-worker end-to-end benchmark — commit {meta['commit']}")
     lines.append(f"machine: {meta['machine']}")
     lines.append(f"N ours = {meta['n_ours']}, N naive = {meta['n_naive']}, runs = {meta['runs']}, "
                  f"W = {meta['workers']} worker process(es) x C = {meta['concurrency']} "
-                 f"(prefork), partner: {meta['partner']}")
-    if "ours" in by and "naive" in by and by["ours"].n != by["naive"].n:
+                 f"(prefork), partner: {meta['partner']}, producer batch (events per "
+                 f"send_conversions call) = {meta['producer_batches']}")
+    ns = {s.n for s in systems if s.label != "ceiling"}
+    if len(ns) > 1:
         lines.append(
-            f"note: the two sides process different N ({by['ours'].n} vs {by['naive'].n}); "
-            "rates are comparable, latencies are not (all conversions are enqueued at once, "
-            "so latency grows with N / rate).")
+            f"note: the systems process different N ({sorted(ns)}); rates are comparable, "
+            "latencies are not (all conversions are enqueued at once, so latency grows with "
+            "N / rate).")
     lines.append("")
-    header = f"{'figure':<{w}} {'ours (median)':>15} {'naive (median)':>15} {'ratio':>8}"
+    header = f"{'figure (median)':<{w}} " + " ".join(f"{lb:>13}" for lb in labels)
     lines.append(header)
     lines.append("-" * len(header))
     for title, key, fmt in FIGURES:
-        cells = []
-        for label in ("ours", "naive"):
-            v = med.get(label, {}).get(key)
-            cells.append(fmt.format(v) if v is not None else "-")
-        ratio = ratios.get(key)
-        lines.append(f"{title:<{w}} {cells[0]:>15} {cells[1]:>15} "
-                     f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8}")
+        cells = [med[lb].get(key) for lb in labels]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"{title:<{w}} " + " ".join(
+            f"{(fmt.format(c) if c is not None else '-'):>13}" for c in cells))
     lines.append("")
     for s in systems:
         lines.append(f"{s.label} per run:")
         for r in s.runs:
+            if s.label == "ceiling":
+                lines.append(f"  run {r['run']}: N={r['n']} {r['postbacks_per_s']:.0f} requests/s "
+                             f"in {r['seconds_first_enqueue_to_last_delivery']:.2f} s, partner "
+                             f"{r['partner_requests']}, checks "
+                             + ("ok" if r["ok"] else "FAILED"))
+                continue
             lines.append(
                 f"  run {r['run']}: N={r['n']} {r['postbacks_per_s']:.0f} postbacks/s, "
                 f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms, "
@@ -764,13 +804,26 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
                 f"partner {r['partner_requests']}, checks "
                 + ("ok" if r["ok"] else
                    "FAILED: " + ", ".join(k for k, v in r["checks"].items() if not v)))
-    if "postbacks_per_s" in ratios:
+    rate = {lb: med[lb].get("postbacks_per_s") for lb in labels}
+    summary = []
+    for lb in ours:
+        if rate.get("naive"):
+            summary.append(f"{lb} / naive postbacks/s: {rate[lb] / rate['naive']:.1f}x")
+        if rate.get("ceiling"):
+            share = 100 * rate[lb] / rate["ceiling"]
+            summary.append(f"{lb} as a share of the ceiling: {share:.0f}%")
+    if len(ours) > 1:
+        best = max(ours, key=lambda lb: int(lb.split("=")[1]))
+        for lb in ours:
+            if lb != best and rate[best]:
+                summary.append(f"{lb} / {best} postbacks/s: {100 * rate[lb] / rate[best]:.0f}%")
+    if summary:
         lines.append("")
-        lines.append(f"ratio ours/naive postbacks/s: {ratios['postbacks_per_s']:.1f}x")
+        lines.extend(summary)
     print("\n".join(lines), flush=True)
     return {"meta": meta,
             **{s.label: {"runs": s.runs, "median": med[s.label]} for s in systems},
-            "ratio_ours_over_naive": ratios}
+            "ratios": ratios, "summary": summary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -799,7 +852,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="with --rate: seconds to offer load (sets --conversions)")
     ap.add_argument("--partner", choices=("auto", "python", "nginx"), default="auto",
                     help="auto: nginx if on PATH and no delay, else bench/fast_partner.py")
-    ap.add_argument("--only", choices=("ours", "naive"))
+    ap.add_argument("--only", choices=("ours", "naive", "ceiling"))
+    ap.add_argument("--producer-batch", default=str(BATCH), metavar="K[,K...]",
+                    help="events per Producer.send_conversions call for ours; a comma list "
+                         "runs ours once per value (e.g. 1,25,500); default 500")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the ceiling (the transport alone, no database or queue)")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--pg-url", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -821,6 +879,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.naive_conversions = args.conversions
     if args.naive_conversions is None:
         args.naive_conversions = min(args.conversions, 2000)
+    try:
+        args.producer_batches = tuple(int(k) for k in args.producer_batch.split(","))
+    except ValueError:
+        ap.error("--producer-batch takes whole numbers separated by commas, e.g. 1,25,500")
+    if any(k < 1 for k in args.producer_batches):
+        ap.error("--producer-batch values must be at least 1")
     for name in ("conversions", "naive_conversions", "runs", "workers", "concurrency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -836,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(n=args.conversions, naive_n=args.naive_conversions, runs=args.runs,
                  workers=args.workers, concurrency=args.concurrency,
                  delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall,
-                 ours_app=args.ours_app, rate=args.rate)
+                 ours_app=args.ours_app, rate=args.rate,
+                 producer_batches=args.producer_batches)
     if not devservices.postgres_answers(args.pg_url):
         raise BenchError(f"PostgreSQL at {args.pg_url} does not answer")
     if not devservices.redis_answers(args.redis_url):
@@ -857,12 +922,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"seeding 1 offer, 1 partner, {n_clicks} clicks")
         seed(svc.store, partner.base_url, n_clicks)
         stack.callback(reset_state, svc)  # leave no queued messages behind in the Redis db
-        systems = [ours_system(cfg, svc) if s == "ours" else naive_system(cfg, svc)
-                   for s in wanted]
+        systems = []
+        if "ours" in wanted:
+            systems += [ours_system(cfg, svc, k) for k in cfg.producer_batches]
+        if "naive" in wanted:
+            systems.append(naive_system(cfg, svc))
+        if args.only == "ceiling" or ("ours" in wanted and not args.no_ceiling):
+            systems.append(ceiling_system(cfg))
         for system in systems:
             for run_no in range(1, cfg.runs + 1):
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
-                system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
+                if system.label == "ceiling":
+                    system.runs.append(run_ceiling(cfg, partner, run_no))
+                else:
+                    system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
         meta = {
             "commit": git_commit(), "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
@@ -871,7 +944,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_naive": cfg.naive_n if "naive" in wanted else None, "runs": cfg.runs,
             "workers": cfg.workers, "concurrency": cfg.concurrency,
             "partner": partner.kind, "partner_delay_ms": cfg.delay_ms,
-            "batch_per_message_ours": BATCH, "redis_url": args.redis_url,
+            "producer_batches": ",".join(map(str, cfg.producer_batches)),
+            "redis_url": args.redis_url,
             "ours_app": cfg.ours_app,
         }
         out = report(meta, systems)

@@ -10,3 +10,5 @@ TASK_PROCESS = "postback_worker.process_conversions"
 TASK_DELIVER = "postback_worker.deliver_postbacks"
 TASK_SWEEP = "postback_worker.sweep"
 TASK_REQUEUE_STUCK = "postback_worker.requeue_stuck_conversions"
+# Wake-up: conversions committed to the journal (args: their ids) wait for intake.
+TASK_INTAKE = "postback_worker.intake"

@@ -12,6 +12,7 @@ from postback_worker.worker.queues import (
     CONVERSIONS,
     RETRIES,
     TASK_DELIVER,
+    TASK_INTAKE,
     TASK_PROCESS,
     TASK_REQUEUE_STUCK,
     TASK_SWEEP,
@@ -37,6 +38,11 @@ def register(app: Celery) -> None:
     @app.task(name=TASK_PROCESS, bind=True, **DB_RETRY)
     def process_conversions(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:
         return services.pipeline.process_conversions(events).as_dict()
+
+    @app.task(name=TASK_INTAKE, bind=True, **DB_RETRY)
+    def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
+        # Events already committed to the journal by the API or the producer.
+        return services.pipeline.reprocess(conversion_ids, None).as_dict()
 
     @app.task(name=TASK_DELIVER, bind=True, **DB_RETRY)
     def deliver_postbacks(self: Task, postback_ids: list[str],

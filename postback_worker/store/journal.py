@@ -1,0 +1,91 @@
+"""The intake journal: accepted conversion events, committed before anyone acknowledges them.
+
+The journal is the `conversions` table itself: an accepted event is a conversion row in state
+`received`. Producers and the API insert rows here (one transaction per group of events);
+workers claim `received` rows in bulk (FOR UPDATE SKIP LOCKED on PostgreSQL) and move them on.
+Redis only tells workers that there is work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.exc import DBAPIError
+
+from postback_worker.domain.attribution import ConversionState
+from postback_worker.domain.events import ConversionEvent
+from postback_worker.errors import Unavailable
+from postback_worker.store import schema as t
+from postback_worker.store.repo import Store
+
+RECEIVED = ConversionState.RECEIVED.value
+
+
+class JournalUnavailable(Unavailable):
+    """PostgreSQL did not commit the events: nothing was accepted."""
+
+
+def conversion_row(e: ConversionEvent) -> dict[str, Any]:
+    """The journal row of an accepted event (a conversion waiting for intake)."""
+    return {
+        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
+        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
+        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
+        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
+        "state": RECEIVED, "reason": None, "processed_at": None,
+    }
+
+
+class Journal:
+    """Writes accepted events and hands pending ones to workers in bulk."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def over(cls, engine: Engine) -> Journal:
+        return cls(Store(engine))
+
+    def record(self, events: Sequence[ConversionEvent]) -> None:
+        """Commit the events (one transaction; ids already stored are left as they are).
+
+        Raises JournalUnavailable when the database cannot commit them.
+        """
+        if not events:
+            return
+        try:
+            with self.store.engine.begin() as conn:
+                self.store.insert_conversions(conn, [conversion_row(e) for e in events])
+        except DBAPIError as exc:
+            raise JournalUnavailable(
+                f"the database did not store the events ({type(exc.orig).__name__}); "
+                "nothing was accepted, retry later") from exc
+
+    def claim(self, conn: Connection, limit: int) -> list[dict[str, Any]]:
+        """Lock up to `limit` pending conversions for this transaction, oldest first.
+
+        Rows another worker holds are skipped, so workers share a backlog without waiting on
+        each other. Conversions handed back by a re-attribution run wait for that run's task.
+        """
+        cv = t.conversions.c
+        return self._lock(conn, select(t.conversions)
+                          .where(cv.state == RECEIVED, cv.reattributed_at.is_(None))
+                          .order_by(cv.received_at, cv.id).limit(limit))
+
+    def _lock(self, conn: Connection, stmt: Any) -> list[dict[str, Any]]:
+        if self.store.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def pending(self, older_than: datetime | None = None) -> int:
+        """How many accepted events wait for intake (received before `older_than`)."""
+        cv = t.conversions.c
+        cond = [cv.state == RECEIVED]
+        if older_than is not None:
+            cond.append(cv.received_at < older_than)
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).where(*cond)).scalar_one())
+
