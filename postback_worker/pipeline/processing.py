@@ -42,6 +42,7 @@ from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.guardrails import Guardrails, Limits
 from postback_worker.settings import Settings
 from postback_worker.store import repo
+from postback_worker.store.journal import Journal
 from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -104,26 +105,50 @@ class Pipeline:
         ids = [r["id"] for r in rows]
         with self.store.engine.begin() as conn:
             self.store.insert_conversions(conn, rows)
-            todo = self.store.unprocessed_conversions(conn, ids)
-            clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
-            decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
-            self._mark_duplicates(conn, decided)
-            postbacks, dead = self._build_postbacks(decided, clicks, now)
-            for row in postbacks:
-                row["triggered_by"] = triggered_by
-            self.store.set_conversion_states(conn, [
-                {"id": d.conv["id"], "state": d.state, "reason": d.reason,
-                 "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
-                for d in decided
-            ])
-            self.store.insert_postbacks(conn, postbacks)
-            self.store.dead_letter_now(conn, dead)
+            decided = self._attribute(conn, self.store.unprocessed_conversions(conn, ids),
+                                      triggered_by, now)
         for d in decided:
             result.count(result.conversions, d.state)
         # Fire what is claimable for every conversion in the batch, including postbacks a
         # previous, interrupted delivery of this message created but never fired.
         self._fire(self._claim(conversion_ids=ids), result)
         return result
+
+    def intake_pending(self, limit: int, max_rounds: int) -> BatchResult:
+        """Take accepted events waiting in the journal in batches of `limit` (whatever
+        message woke us), attribute them and fire; stop when a batch comes back short."""
+        result = BatchResult()
+        journal = Journal(self.store)
+        for _ in range(max_rounds):
+            now = self.clock()
+            with self.store.engine.begin() as conn:
+                todo = journal.claim(conn, limit)
+                decided = self._attribute(conn, todo, None, now)
+            for d in decided:
+                result.count(result.conversions, d.state)
+            if todo:
+                self._fire(self._claim(conversion_ids=[c["id"] for c in todo]), result)
+            if len(todo) < limit:
+                break
+        return result
+
+    def _attribute(self, conn: Any, todo: list[dict[str, Any]], triggered_by: str | None,
+                   now: datetime) -> list[_Decided]:
+        """Attribute locked `received` conversions and create their postbacks (in `conn`)."""
+        clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
+        decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
+        self._mark_duplicates(conn, decided)
+        postbacks, dead = self._build_postbacks(decided, clicks, now)
+        for row in postbacks:
+            row["triggered_by"] = triggered_by
+        self.store.set_conversion_states(conn, [
+            {"id": d.conv["id"], "state": d.state, "reason": d.reason,
+             "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
+            for d in decided
+        ])
+        self.store.insert_postbacks(conn, postbacks)
+        self.store.dead_letter_now(conn, dead)
+        return decided
 
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
