@@ -3,7 +3,7 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
-        [--producer-batch K[,K...]] [--no-ceiling] [--json out.json]
+        [--producer-batch K[,K...]] [--producer-threads T] [--no-ceiling] [--json out.json]
 
 See bench/README.md for what each figure means and how it is measured.
 """
@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -549,6 +550,8 @@ class Config:
     rate: float = 0.0
     # Events per Producer.send_conversions call, one system per value.
     producer_batches: tuple[int, ...] = (BATCH,)
+    # Threads calling send_conversions at once (1: one call after the other).
+    producer_threads: int = 1
 
 
 PACE_TICK = 0.05  # a steady producer sends what is due every 50 ms
@@ -598,9 +601,21 @@ def ours_system(cfg: Config, svc: Services, batch: int = BATCH) -> System:
 
     def enqueue(n: int) -> None:
         producer = Producer(settings)
+
+        def send(a: int, b: int) -> None:
+            producer.send_conversions(
+                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)])
+
         try:
-            paced(n, cfg.rate, lambda a, b: producer.send_conversions(
-                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)]), batch)
+            if cfg.producer_threads <= 1:
+                paced(n, cfg.rate, send, batch)
+                return
+            # A busy backend: calls from several threads at once (e.g. one per order).
+            with ThreadPoolExecutor(cfg.producer_threads) as pool:
+                futures: list[Future[None]] = []
+                paced(n, cfg.rate, lambda a, b: futures.append(pool.submit(send, a, b)), batch)
+                for f in futures:
+                    f.result()
         finally:
             producer.close()
 
@@ -768,7 +783,8 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
     lines.append(f"N ours = {meta['n_ours']}, N naive = {meta['n_naive']}, runs = {meta['runs']}, "
                  f"W = {meta['workers']} worker process(es) x C = {meta['concurrency']} "
                  f"(prefork), partner: {meta['partner']}, producer batch (events per "
-                 f"send_conversions call) = {meta['producer_batches']}")
+                 f"send_conversions call) = {meta['producer_batches']} from "
+                 f"{meta['producer_threads']} thread(s)")
     ns = {s.n for s in systems if s.label != "ceiling"}
     if len(ns) > 1:
         lines.append(
@@ -856,6 +872,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--producer-batch", default=str(BATCH), metavar="K[,K...]",
                     help="events per Producer.send_conversions call for ours; a comma list "
                          "runs ours once per value (e.g. 1,25,500); default 500")
+    ap.add_argument("--producer-threads", type=int, default=1, metavar="T",
+                    help="threads calling send_conversions at once for ours (default 1: "
+                         "one call after the other)")
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the ceiling (the transport alone, no database or queue)")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
@@ -901,7 +920,8 @@ def main(argv: list[str] | None = None) -> int:
                  workers=args.workers, concurrency=args.concurrency,
                  delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall,
                  ours_app=args.ours_app, rate=args.rate,
-                 producer_batches=args.producer_batches)
+                 producer_batches=args.producer_batches,
+                 producer_threads=args.producer_threads)
     if not devservices.postgres_answers(args.pg_url):
         raise BenchError(f"PostgreSQL at {args.pg_url} does not answer")
     if not devservices.redis_answers(args.redis_url):
@@ -945,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": cfg.workers, "concurrency": cfg.concurrency,
             "partner": partner.kind, "partner_delay_ms": cfg.delay_ms,
             "producer_batches": ",".join(map(str, cfg.producer_batches)),
+            "producer_threads": cfg.producer_threads,
             "redis_url": args.redis_url,
             "ours_app": cfg.ours_app,
         }
