@@ -119,10 +119,11 @@ class Pipeline:
         message woke us), attribute them and fire; stop when a batch comes back short."""
         result = BatchResult()
         journal = Journal(self.store)
+        stuck_after = timedelta(seconds=self.settings.sweep.stuck_conversion_after)
         for _ in range(max_rounds):
             now = self.clock()
             with self.store.engine.begin() as conn:
-                todo = journal.claim(conn, limit)
+                todo = journal.claim(conn, limit, reattributed_before=now - stuck_after)
                 decided = self._attribute(conn, todo, None, now)
             for d in decided:
                 result.count(result.conversions, d.state)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from postback_worker.domain.attribution import ConversionState
@@ -64,15 +64,17 @@ class Journal:
                 f"the database did not store the events ({type(exc.orig).__name__}); "
                 "nothing was accepted, retry later") from exc
 
-    def claim(self, conn: Connection, limit: int) -> list[dict[str, Any]]:
+    def claim(self, conn: Connection, limit: int,
+              reattributed_before: datetime) -> list[dict[str, Any]]:
         """Lock up to `limit` pending conversions for this transaction, oldest first.
 
         Rows another worker holds are skipped, so workers share a backlog without waiting on
-        each other. Conversions handed back by a re-attribution run wait for that run's task.
+        each other. Conversions handed back by a re-attribution run wait for that run's own
+        task, unless it was handed back before `reattributed_before` (its message was lost).
         """
         cv = t.conversions.c
         return self._lock(conn, select(t.conversions)
-                          .where(cv.state == RECEIVED, cv.reattributed_at.is_(None))
+                          .where(*_waiting(reattributed_before))
                           .order_by(cv.received_at, cv.id).limit(limit))
 
     def _lock(self, conn: Connection, stmt: Any) -> list[dict[str, Any]]:
@@ -80,12 +82,15 @@ class Journal:
             stmt = stmt.with_for_update(skip_locked=True)
         return [dict(r) for r in conn.execute(stmt).mappings()]
 
-    def pending(self, older_than: datetime | None = None) -> int:
-        """How many accepted events wait for intake (received before `older_than`)."""
+    def pending(self, older_than: datetime) -> int:
+        """How many accepted events wait for intake since before `older_than`."""
         cv = t.conversions.c
-        cond = [cv.state == RECEIVED]
-        if older_than is not None:
-            cond.append(cv.received_at < older_than)
         with self.store.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).where(*cond)).scalar_one())
+            return int(conn.execute(select(func.count()).where(
+                *_waiting(older_than), cv.received_at < older_than)).scalar_one())
 
+
+def _waiting(reattributed_before: datetime) -> tuple[Any, ...]:
+    cv = t.conversions.c
+    return (cv.state == RECEIVED,
+            or_(cv.reattributed_at.is_(None), cv.reattributed_at < reattributed_before))
