@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, or_, select
+from sqlalchemy import Connection, Engine, false, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
 from postback_worker.domain.attribution import ConversionState
@@ -73,6 +73,10 @@ class Journal:
         task, unless it was handed back before `reattributed_before` (its message was lost).
         """
         cv = t.conversions.c
+        if self.store.dialect == "sqlite":
+            # SQLite has no row locks and pysqlite begins a transaction only at the first
+            # write: take the database write lock first, so two workers take turns.
+            conn.execute(update(t.conversions).where(false()).values(state=cv.state))
         return self._lock(conn, select(t.conversions)
                           .where(*_waiting(reattributed_before))
                           .order_by(cv.received_at, cv.id).limit(limit))
