@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,9 @@ from postback_worker.worker.queues import CONVERSIONS, TASK_INTAKE, TASK_PROCESS
 log = logging.getLogger(__name__)
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
                  "interval_max": 1.0}
+# After a failed wake-up, skip waking for this many seconds (the events are committed; the
+# next wake-up after that, or beat's sweep, takes everything that waits).
+BROKER_BACKOFF = 5.0
 
 
 class EnqueueError(Unavailable):
@@ -113,21 +117,20 @@ class GroupCommit:
             self.commit(events)
         except BaseException as exc:  # every caller in the group must hear about it
             error = exc
+        with self._lock:  # the next group commits while this one runs `after`
+            if self._queue:
+                self._queue[0].lead = True
+                self._queue[0].wake.set()
+            else:
+                self._busy = False
         for w in batch:
             w.error, w.done, w.lead = error, True, False
             w.wake.set()
-        try:
-            if error is None:
+        if error is None:
+            try:
                 self.after(events)
-        except Exception:  # the events are committed; beat's sweep finds them
-            log.exception("after-commit step failed")
-        finally:
-            with self._lock:
-                if self._queue:
-                    self._queue[0].lead = True
-                    self._queue[0].wake.set()
-                else:
-                    self._busy = False
+            except Exception:  # the events are committed; beat's sweep finds them
+                log.exception("after-commit step failed")
 
 
 class Producer:
@@ -151,6 +154,7 @@ class Producer:
             self.journal = Journal.over(engine or make_engine(settings.database.url))
         self._group = GroupCommit(self._commit, self.wake,
                                   max_events=settings.ingest.enqueue_chunk_size)
+        self._broker_down_until = 0.0
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -202,6 +206,8 @@ class Producer:
     def wake(self, events: Sequence[ConversionEvent]) -> None:
         """Tell a worker that these committed events wait (best effort: beat's sweep finds
         them if this message is lost)."""
+        if time.monotonic() < self._broker_down_until:
+            return  # Redis failed moments ago: do not make every caller wait for it again
         size = self.settings.ingest.enqueue_chunk_size
         try:
             for i in range(0, len(events), size):
@@ -209,8 +215,9 @@ class Producer:
                     TASK_INTAKE, args=([e.id for e in events[i : i + size]],),
                     queue=CONVERSIONS, retry=True, retry_policy=_RETRY_POLICY)
         except (KombuOperationalError, OSError) as exc:
-            log.warning("%d events are stored but no worker was woken (%s); beat's sweep "
-                        "will hand them to a worker", len(events), exc)
+            self._broker_down_until = time.monotonic() + BROKER_BACKOFF
+            log.warning("%d events are stored but no worker was woken (%s); the next "
+                        "wake-up or beat's sweep hands them to a worker", len(events), exc)
 
     def publish_events(self, events: Sequence[ConversionEvent]) -> list[str]:
         """durable=False: publish whole events to Redis in chunks (Redis holds the only copy
