@@ -25,6 +25,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
 from sqlalchemy import Engine
 
 from postback_worker.domain.events import (
@@ -37,7 +38,13 @@ from postback_worker.errors import Unavailable
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine
 from postback_worker.store.journal import Journal
-from postback_worker.worker.queues import CONVERSIONS, TASK_INTAKE, TASK_PROCESS
+from postback_worker.worker.queues import (
+    CONVERSIONS,
+    INTAKE_WOKEN_KEY,
+    INTAKE_WOKEN_MS,
+    TASK_INTAKE,
+    TASK_PROCESS,
+)
 
 log = logging.getLogger(__name__)
 _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
@@ -155,6 +162,7 @@ class Producer:
         self._group = GroupCommit(self._commit, self.wake,
                                   max_events=settings.ingest.enqueue_chunk_size)
         self._broker_down_until = 0.0
+        self._redis = settings.redis.client(timeout=2.0)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -210,11 +218,13 @@ class Producer:
             return  # Redis failed moments ago: do not make every caller wait for it again
         size = self.settings.ingest.enqueue_chunk_size
         try:
+            if not self._redis.set(INTAKE_WOKEN_KEY, "1", nx=True, px=INTAKE_WOKEN_MS):
+                return  # a wake-up already waits; it will take these events too
             for i in range(0, len(events), size):
                 self._celery.send_task(
                     TASK_INTAKE, args=([e.id for e in events[i : i + size]],),
                     queue=CONVERSIONS, retry=True, retry_policy=_RETRY_POLICY)
-        except (KombuOperationalError, OSError) as exc:
+        except (KombuOperationalError, RedisError, OSError) as exc:
             self._broker_down_until = time.monotonic() + BROKER_BACKOFF
             log.warning("%d events are stored but no worker was woken (%s); the next "
                         "wake-up or beat's sweep hands them to a worker", len(events), exc)
@@ -240,5 +250,6 @@ class Producer:
 
     def close(self) -> None:
         self._celery.close()
+        self._redis.close()
         if self._own_engine and self.journal is not None:
             self.journal.store.engine.dispose()

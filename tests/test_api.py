@@ -257,5 +257,6 @@ def test_concurrent_single_events_share_commits_and_none_is_lost(
     assert sorted(e["id"] for e in stored) == ids  # type: ignore[type-var]
     assert sorted(e["transaction_id"] for e in stored) == sorted(  # type: ignore[type-var]
         f"tx{i}" for i in range(60))
-    assert sorted(woken_ids(redis_client)) == ids
-    assert redis_client.llen("conversions") < 60
+    # Fewer commits than requests, and one wake-up at a time (test_durable_intake.py).
+    assert 1 <= redis_client.llen("conversions") < 60
+    assert set(woken_ids(redis_client)) <= set(ids)

@@ -8,11 +8,13 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import worker_ready
+from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from postback_worker.store.journal import Journal
 from postback_worker.worker.queues import (
     CONVERSIONS,
+    INTAKE_WOKEN_KEY,
     RETRIES,
     TASK_DELIVER,
     TASK_INTAKE,
@@ -44,10 +46,17 @@ def register(app: Celery) -> None:
     def process_conversions(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:
         return services.pipeline.process_conversions(events).as_dict()
 
-    @app.task(name=TASK_INTAKE, bind=True, **DB_RETRY)
+    # Acknowledged on receipt: a wake-up carries no state. If the worker dies, the events
+    # are still `received` in the journal and the next wake-up (a starting worker, beat's
+    # sweep) takes them; claimed postbacks come back through the sweep.
+    @app.task(name=TASK_INTAKE, bind=True, acks_late=False, **DB_RETRY)
     def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
         # A wake-up: events wait in the journal. The ids only say what prompted it; the
         # worker takes whatever waits, oldest first, in batches.
+        try:
+            services.redis.delete(INTAKE_WOKEN_KEY)  # later commits wake another worker
+        except RedisError as exc:
+            log.warning("could not clear the wake-up flag (it expires): %s", exc)
         ingest = services.pipeline.settings.ingest
         return services.pipeline.intake_pending(ingest.claim_batch,
                                                 ingest.claim_rounds).as_dict()
