@@ -49,8 +49,8 @@ CLICK = {"offer_id": "o1", "aff_id": "p1"}
 def test_scopes(api: str, store: Store, method: str, path: str, body: object,
                 scope_needed: str) -> None:
     add_offer(store)
-    _, ingest = create_key(store.engine, "backend", ["ingest"], NOW)
-    _, admin = create_key(store.engine, "ops", ["admin"], NOW)
+    _, ingest = create_key(store, "backend", ["ingest"], NOW)
+    _, admin = create_key(store, "ops", ["admin"], NOW)
 
     def call(headers: dict[str, str]) -> requests.Response:
         return requests.request(method, api + path, json=body, headers=headers, timeout=10)

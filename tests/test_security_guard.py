@@ -77,7 +77,7 @@ def test_refused_address_is_a_config_dead_letter_with_a_clear_message(
     add_click(store, "tx1")
     event = conversion("tx1")
     strict = settings.with_overrides(allow_networks=())
-    with Sender(allow_networks=strict.allow_networks) as sender:
+    with Sender(allow_networks=strict.delivery.allow_networks) as sender:
         Pipeline(strict, store, sender, clock=lambda: NOW).process_conversions(messages(event))
     (pb,) = store.postbacks_for(event.id)
     assert pb["state"] == "dead_lettered"

@@ -83,3 +83,19 @@ def test_conversions_flow_through_a_sentinel_managed_redis(
     # the work really went through the primary the sentinel names
     primary = redis.Redis(port=primary_port)
     assert primary.exists("_kombu.binding.conversions")
+
+
+def test_replay_and_reattribution_enqueue_through_sentinel(
+    sentinel: tuple[int, int], settings: Settings,
+) -> None:
+    """On-call runs publish to the `replay` queue of the primary the Sentinel names."""
+    from postback_worker.ops.oncall.replay import TASK_REATTRIBUTE_RUN, celery_enqueue
+
+    primary_port, sentinel_port = sentinel
+    sentinel_settings = settings.with_overrides(
+        redis_url=f"sentinel://127.0.0.1:{sentinel_port}/0", redis_sentinel_master="pbw")
+    enqueue = celery_enqueue(sentinel_settings)
+    enqueue(TASK_REATTRIBUTE_RUN, ["run_1", ["cv_1", "cv_2"]])
+    primary = redis.Redis(port=primary_port)
+    assert primary.llen("replay") == 1
+    assert TASK_REATTRIBUTE_RUN.encode() in primary.lindex("replay", 0)

@@ -199,7 +199,7 @@ def test_parse_range_errors(since: str | None, until: str | None, field: str,
                             message: str) -> None:
     with pytest.raises(RangeError) as info:
         parse_range(since, until, NOW)
-    assert info.value.field == field and info.value.message.startswith(message)
+    assert info.value.field == field and info.value.errors[0].message.startswith(message)
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,7 @@ class Api:
         self.store = store
         self.producer = producer
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.keys = KeyChecker(store.engine, settings.security.api_key_cache_seconds,
+        self.keys = KeyChecker(store, settings.security.api_key_cache_seconds,
                                clock=self.clock)
         # Single-event requests share one journal commit and one Redis wake-up (group
         # commit); see api/batcher.py.
@@ -140,7 +140,7 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
 
-        return json_response(document())
+        return json_response(document(self.settings.ingest))
 
     async def click(self, request: Request) -> Response:
         params = dict(request.query_params)

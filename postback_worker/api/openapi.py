@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from postback_worker.domain.events import click_spec, conversion_spec, object_schema
+from postback_worker.ops.config import OFFER_SCHEMA, PARTNER_SCHEMA
+from postback_worker.settings import IngestSettings
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _ID = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
 _TEXT = {"type": "string", "maxLength": 255}
-_REQUIRED_TEXT = {"type": "string", "minLength": 1, "maxLength": 255}
 _MONEY = {"type": "string", "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?$"}
 
 
@@ -34,82 +37,61 @@ def _path(name: str) -> dict[str, Any]:
 
 
 _AUTH = ("401", "403")
-_CLICK = {
-    "type": "object", "additionalProperties": False, "required": ["offer_id", "aff_id"],
-    "properties": {"offer_id": _ID, "aff_id": _ID, "aff_sub": _TEXT, "aff_sub2": _TEXT,
-                   "aff_sub3": _TEXT, "aff_sub4": _TEXT, "aff_sub5": _TEXT, "source": _TEXT,
-                   "ip": {"type": "string", "format": "ipv4"}, "device_id": _TEXT},
-}
-_CONVERSION = {
-    "type": "object", "additionalProperties": False, "required": ["transaction_id"],
-    "properties": {"transaction_id": _REQUIRED_TEXT, "offer_id": _ID, "payout": _MONEY,
-                   "sale_amount": _MONEY, "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
-                   "status": {"type": "string", "enum": ["approved", "pending", "rejected"]},
-                   "goal_id": _ID, "adv_sub": _TEXT},
-}
-_PARTNER = {
-    "type": "object", "required": ["id", "postback_url"], "additionalProperties": False,
-    "properties": {"id": _ID, "name": {"type": "string", "maxLength": 200},
-                   "postback_url": {"type": "string", "minLength": 1, "maxLength": 4000},
-                   "method": {"type": "string", "enum": ["GET", "POST"]},
-                   "timeout": {"type": "number", "minimum": 0.1, "maximum": 120},
-                   "fire_statuses": {"type": "string", "maxLength": 200},
-                   "scope": {"type": "string", "enum": ["own", "global"]},
-                   "enabled": {"type": "boolean"}},
-}
-_OFFER = {
-    "type": "object", "required": ["id"], "additionalProperties": False,
-    "properties": {"id": _ID, "name": {"type": "string", "maxLength": 200},
-                   "campaign_type": {"type": "string",
-                                     "enum": ["lead_gen", "ecommerce", "b2b_saas", "financial"]},
-                   "lifespan_days": {"type": "integer", "minimum": 1, "maximum": 3650},
-                   "landing_url": {"type": "string", "maxLength": 2000},
-                   "allow_multiple": {"type": "boolean"}},
-}
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI document of the endpoints in ingest/api.py and ingest/security.py."""
+def _one_or_many(item: dict[str, Any], max_items: int) -> dict[str, Any]:
+    return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1,
+                             "maxItems": max_items}]}
+
+
+def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
+    """The OpenAPI document of the endpoints in api/core.py and api/security.py.
+
+    Request bodies come from the same field specs the validators use (domain/events.py,
+    ops/config.py), so the document cannot drift from the code.
+    """
+    ingest = ingest or IngestSettings()
     admin: list[dict[str, list[str]]] = [{"bearer": []}]
+    n, batch = ingest.max_field_length, ingest.max_batch_size
+    click = object_schema(click_spec(n))
+    conversion = object_schema(conversion_spec(n))
+    query = conversion["properties"]
     paths: dict[str, Any] = {
         "/health": {"get": {"security": [], "responses": _responses("200")}},
         "/healthz": {"get": {"security": [], "responses": _responses("200")}},
         "/click": {"get": {
             "security": [], "summary": "tracking link: store a click, redirect to the offer",
-            "parameters": [_query("offer_id", _ID, True), _query("aff_id", _ID, True),
-                           _query("aff_sub", _TEXT), _query("source", _TEXT)],
+            "parameters": [_query(name, {"type": "string"}, name in click["required"])
+                           for name in click["properties"]],
             "responses": {**_responses("200", "404", "422", "503"),
                           "302": {"description": "redirect to the landing URL"}}}},
         "/postback": {"get": {
             "summary": "TUNE-style advertiser conversion URL",
             "security": [{"bearer": []}, {"securityToken": []}],
-            "parameters": [_query("transaction_id", _REQUIRED_TEXT, True), _query("offer_id", _ID),
-                           _query("payout", _MONEY), _query("sale_amount", _MONEY),
-                           _query("goal_id", _ID), _query("adv_sub", _TEXT),
-                           _query("status", {"type": "string",
-                                             "enum": ["approved", "pending", "rejected"]})],
+            "parameters": [_query(name, {"type": "string", "description":
+                                         query[name].get("description", "")},
+                                  name in conversion["required"])
+                           for name in query if name != "id"]
+                          + [_query("security_token", {"type": "string"})],
             "responses": _responses("200", *_AUTH, "422", "503")}},
         "/v1/clicks": {"post": {
             "security": [{"bearer": []}], "requestBody": {"required": True, **_json(
-                {"oneOf": [_CLICK, {"type": "array", "items": _CLICK, "minItems": 1,
-                                    "maxItems": 100}]})},
+                _one_or_many(click, batch))},
             "responses": _responses("201", "400", *_AUTH, "413", "422", "503")}},
         "/v1/conversions": {"post": {
             "security": [{"bearer": []}], "requestBody": {"required": True, **_json(
-                {"oneOf": [_CONVERSION,
-                           {"type": "array", "items": _CONVERSION, "minItems": 1,
-                            "maxItems": 100}]})},
+                _one_or_many(conversion, batch))},
             "responses": _responses("202", "400", *_AUTH, "413", "422", "503")}},
         "/v1/conversions/{conversion_id}": {"get": {
             "security": admin, "parameters": [_path("conversion_id")],
             "responses": _responses("200", *_AUTH, "404")}},
         "/v1/offers": {
             "get": {"security": admin, "responses": _responses("200", *_AUTH)},
-            "post": {"security": admin, "requestBody": {"required": True, **_json(_OFFER)},
+            "post": {"security": admin, "requestBody": {"required": True, **_json(OFFER_SCHEMA)},
                      "responses": _responses("201", "400", *_AUTH, "413", "422")}},
         "/v1/partners": {
             "get": {"security": admin, "responses": _responses("200", *_AUTH)},
-            "post": {"security": admin, "requestBody": {"required": True, **_json(_PARTNER)},
+            "post": {"security": admin, "requestBody": {"required": True, **_json(PARTNER_SCHEMA)},
                      "responses": _responses("201", "400", *_AUTH, "413", "422")}},
         "/v1/templates/validate": {"post": {
             "security": admin, "requestBody": {"required": True, **_json({

@@ -152,15 +152,15 @@ class SecurityRoutes:
 
     async def keys(self, request: Request) -> Response:
         self.api.require(request, "admin")
-        engine = self.api.store.engine
+        store = self.api.store
         if request.method == "GET":
-            return json_response({"keys": await run_in_threadpool(apikeys.list_keys, engine)})
+            return json_response({"keys": await run_in_threadpool(apikeys.list_keys, store)})
         try:
             data = _object(await self._body(request), {"name": str, "scopes": list},
                            ("name", "scopes"))
             if not all(isinstance(s, str) for s in data["scopes"]):
                 raise ValidationError([FieldError("scopes", "must be a list of strings")])
-            key_id, key = await run_in_threadpool(apikeys.create_key, engine, data["name"],
+            key_id, key = await run_in_threadpool(apikeys.create_key, store, data["name"],
                                                   data["scopes"], self.api.clock())
         except ValidationError as exc:
             return error_response(422, "invalid key", exc.errors)
@@ -172,7 +172,7 @@ class SecurityRoutes:
     async def revoke(self, request: Request) -> Response:
         self.api.require(request, "admin")
         key_id = request.path_params["key_id"]
-        done = await run_in_threadpool(apikeys.revoke_key, self.api.store.engine, key_id,
+        done = await run_in_threadpool(apikeys.revoke_key, self.api.store, key_id,
                                        self.api.clock())
         if not done:
             return error_response(404, f"no active key {key_id!r}")

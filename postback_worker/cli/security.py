@@ -181,7 +181,7 @@ def keys_create(name: str, scopes: tuple[str, ...]) -> None:
     """Create a key and print it once."""
     from postback_worker.ops.security.apikeys import create_key
 
-    key_id, key = create_key(open_store(load_settings()).engine, name, scopes, utcnow())
+    key_id, key = create_key(open_store(load_settings()), name, scopes, utcnow())
     click.echo(f"key {key_id} ({', '.join(sorted(set(scopes)))}) created; shown once:")
     click.echo(key)
 
@@ -192,7 +192,7 @@ def keys_list(fmt: str) -> None:
     """List keys (never the keys themselves)."""
     from postback_worker.ops.security.apikeys import list_keys
 
-    rows = list_keys(open_store(load_settings()).engine)
+    rows = list_keys(open_store(load_settings()))
     if fmt == "json":
         print_json(rows)
     else:
@@ -205,6 +205,6 @@ def keys_revoke(key_id: str) -> None:
     """Revoke a key (API processes stop accepting it within POSTBACK_API_KEY_CACHE_SECONDS)."""
     from postback_worker.ops.security.apikeys import revoke_key
 
-    if not revoke_key(open_store(load_settings()).engine, key_id, utcnow()):
+    if not revoke_key(open_store(load_settings()), key_id, utcnow()):
         raise NotFound(f"no active key {key_id!r}")
     click.echo(f"key {key_id} revoked")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from postback_worker.domain.ids import new_id
@@ -157,10 +158,97 @@ def _time(value: object, now: datetime) -> datetime:
     raise _Bad(message)
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """One input field: its parser (raises _Bad) and its JSON Schema, from one place.
+
+    The API's OpenAPI document is generated from these (api/openapi.py), so the document and
+    the validation cannot drift apart.
+    """
+
+    parse: Callable[[object, datetime], Any]
+    schema: Mapping[str, Any]
+    required: bool = False
+
+
+def object_schema(spec: Mapping[str, FieldSpec]) -> dict[str, Any]:
+    """The JSON Schema of an object made of `spec`'s fields (no other fields allowed)."""
+    out: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                           "properties": {name: dict(f.schema) for name, f in spec.items()}}
+    required = [name for name, f in spec.items() if f.required]
+    if required:
+        out["required"] = required
+    return out
+
+
+def _text_schema(limit: int, min_length: int = 0) -> dict[str, Any]:
+    text: dict[str, Any] = {"type": "string", "maxLength": limit}
+    if min_length:
+        text["minLength"] = min_length
+    return {"anyOf": [text, {"type": "integer"}]}
+
+
+_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+_AMOUNT_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0},
+                            {"type": "string", "pattern": "^[+]?([0-9]+([.][0-9]*)?|[.][0-9]+)$"}],
+                  "description": "non-negative amount, at most 20 decimal places"}
+_TIME_SCHEMA = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
+                "description": "ISO 8601 (no offset: UTC) or unix seconds; default: now"}
+
+
+def _const(parse: Callable[[object], Any]) -> Callable[[object, datetime], Any]:
+    return lambda value, now: parse(value)
+
+
+@lru_cache(maxsize=8)
+def conversion_spec(max_field_length: int = 255) -> dict[str, FieldSpec]:
+    """The fields of a conversion event, in validation order."""
+    n = max_field_length
+    text = FieldSpec(lambda v, now: _text(v, n), _text_schema(n))
+    return {
+        "id": FieldSpec(_const(_ident), {**_ID_SCHEMA, "description":
+                                         "your idempotency key; default: a new id"}),
+        "transaction_id": FieldSpec(lambda v, now: _required(v, n), _text_schema(n, 1),
+                                    required=True),
+        "offer_id": text,
+        "goal_id": text,
+        "payout": FieldSpec(_const(_amount), _AMOUNT_SCHEMA),
+        "sale_amount": FieldSpec(_const(_amount), _AMOUNT_SCHEMA),
+        "currency": FieldSpec(_const(_currency), {"type": "string", "pattern": "^[A-Za-z]{3}$"}),
+        "status": FieldSpec(_const(_status), {"type": "string", "pattern": "^[A-Za-z_]{1,32}$",
+                                              "description": "default: approved"}),
+        "adv_sub": text,
+        "ip": FieldSpec(_const(_ip), {"type": "string", "description": "IPv4 or IPv6 address"}),
+        "device_id": text,
+        "occurred_at": FieldSpec(_time, _TIME_SCHEMA),
+    }
+
+
+@lru_cache(maxsize=8)
+def click_spec(max_field_length: int = 255) -> dict[str, FieldSpec]:
+    """The fields of a click, in validation order."""
+    n = max_field_length
+    text = FieldSpec(lambda v, now: _text(v, n), _text_schema(n))
+    required = FieldSpec(lambda v, now: _required(v, n), _text_schema(n, 1), required=True)
+    return {
+        "transaction_id": FieldSpec(_const(_ident), {**_ID_SCHEMA, "description":
+                                                     "default: a new id"}),
+        "offer_id": required,
+        "aff_id": required,
+        **{name: text for name in _CLICK_TEXT},
+        "ip": FieldSpec(_const(_ip), {"type": "string", "description": "IPv4 or IPv6 address"}),
+        "user_agent": FieldSpec(lambda v, now: _text(v, USER_AGENT_MAX),
+                                _text_schema(USER_AGENT_MAX)),
+        "clicked_at": FieldSpec(_click_time, {**_TIME_SCHEMA, "description":
+                                              "at most 5 minutes in the future; default: now"}),
+    }
+
+
 class _Collector:
     """Runs field parsers, collecting errors under a prefix."""
 
-    def __init__(self, data: object, prefix: str, known: frozenset[str], allow_unknown: bool):
+    def __init__(self, data: object, prefix: str, known: Mapping[str, object] | frozenset[str],
+                 allow_unknown: bool):
         self.prefix = prefix
         self.errors: list[FieldError] = []
         if not isinstance(data, Mapping):
@@ -177,6 +265,18 @@ class _Collector:
         except _Bad as bad:
             self.errors.append(FieldError(f"{self.prefix}{name}", str(bad)))
             return None
+
+    def fields(self, spec: Mapping[str, FieldSpec], now: datetime) -> dict[str, Any]:
+        """Every field of `spec`, parsed (None where it had an error)."""
+        out: dict[str, Any] = {}
+        data, errors = self.data, self.errors
+        for name, f in spec.items():
+            try:
+                out[name] = f.parse(data.get(name), now)
+            except _Bad as bad:
+                errors.append(FieldError(f"{self.prefix}{name}", str(bad)))
+                out[name] = None
+        return out
 
     def check(self) -> None:
         if self.errors:
@@ -238,9 +338,6 @@ class ConversionEvent:
         )
 
 
-CONVERSION_FIELDS: frozenset[str] = frozenset(
-    f.name for f in fields(ConversionEvent) if f.name != "received_at"
-)
 
 
 def parse_conversion(
@@ -252,40 +349,13 @@ def parse_conversion(
     prefix: str = "",
 ) -> ConversionEvent:
     """Validate one conversion; raise ValidationError naming every bad field."""
-    c = _Collector(data, prefix, CONVERSION_FIELDS, allow_unknown)
-    n = max_field_length
-
-    def text(value: object) -> str | None:
-        return _text(value, n)
-
-    event_id = c.get("id", _ident)
-    transaction_id = c.get("transaction_id", lambda v: _required(v, n))
-    offer_id = c.get("offer_id", text)
-    goal_id = c.get("goal_id", text)
-    payout = c.get("payout", _amount)
-    sale_amount = c.get("sale_amount", _amount)
-    currency = c.get("currency", _currency)
-    status = c.get("status", _status)
-    adv_sub = c.get("adv_sub", text)
-    ip = c.get("ip", _ip)
-    device_id = c.get("device_id", text)
-    occurred_at = c.get("occurred_at", lambda v: _time(v, now))
+    spec = conversion_spec(max_field_length)
+    c = _Collector(data, prefix, spec, allow_unknown)
+    v = c.fields(spec, now)
     c.check()
-    return ConversionEvent(
-        id=event_id or new_id("cv", now_ms=_now_ms(now)),
-        transaction_id=transaction_id,
-        offer_id=offer_id,
-        goal_id=goal_id or "",
-        payout=payout,
-        sale_amount=sale_amount,
-        currency=currency,
-        status=status,
-        adv_sub=adv_sub,
-        ip=ip,
-        device_id=device_id,
-        occurred_at=occurred_at,
-        received_at=_utc(now),
-    )
+    v["id"] = v["id"] or new_id("cv", now_ms=_now_ms(now))
+    v["goal_id"] = v["goal_id"] or ""
+    return ConversionEvent(**v, received_at=_utc(now))
 
 
 @dataclass(frozen=True)
@@ -307,7 +377,6 @@ class ClickEvent:
     clicked_at: datetime
 
 
-CLICK_FIELDS: frozenset[str] = frozenset(f.name for f in fields(ClickEvent))
 _CLICK_TEXT = ("aff_sub", "aff_sub2", "aff_sub3", "aff_sub4", "aff_sub5", "source", "device_id")
 
 
@@ -327,25 +396,12 @@ def parse_click(
     prefix: str = "",
 ) -> ClickEvent:
     """Validate one click; raise ValidationError naming every bad field."""
-    c = _Collector(data, prefix, CLICK_FIELDS, allow_unknown)
-    n = max_field_length
-    transaction_id = c.get("transaction_id", _ident)
-    offer_id = c.get("offer_id", lambda v: _required(v, n))
-    aff_id = c.get("aff_id", lambda v: _required(v, n))
-    texts = {name: c.get(name, lambda v: _text(v, n)) for name in _CLICK_TEXT}
-    ip = c.get("ip", _ip)
-    user_agent = c.get("user_agent", lambda v: _text(v, USER_AGENT_MAX))
-    clicked_at = c.get("clicked_at", lambda v: _click_time(v, now))
+    spec = click_spec(max_field_length)
+    c = _Collector(data, prefix, spec, allow_unknown)
+    v = c.fields(spec, now)
     c.check()
-    return ClickEvent(
-        transaction_id=transaction_id or new_id("tx", now_ms=_now_ms(now)),
-        offer_id=offer_id,
-        aff_id=aff_id,
-        ip=ip,
-        user_agent=user_agent,
-        clicked_at=clicked_at,
-        **texts,
-    )
+    v["transaction_id"] = v["transaction_id"] or new_id("tx", now_ms=_now_ms(now))
+    return ClickEvent(**v)
 
 
 def parse_batch(

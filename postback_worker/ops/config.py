@@ -12,14 +12,16 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-
-from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS, parse_campaign_type
+from postback_worker.domain.campaigns import (
+    DEFAULT_LIFESPAN_DAYS,
+    CampaignType,
+    parse_campaign_type,
+)
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.errors import UnknownPartner
-from postback_worker.store import schema
+from postback_worker.store import credentials
 
 # resolve(host) returns normally when the host resolves and raises OSError when it does not.
 HostResolver = Callable[[str], object]
@@ -27,11 +29,43 @@ HostResolver = Callable[[str], object]
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 
-OFFER_FIELDS = {"id", "name", "campaign_type", "lifespan_days", "landing_url", "allow_multiple"}
-PARTNER_FIELDS = {
-    "id", "name", "postback_url", "method", "timeout", "success_check", "fire_statuses",
-    "enabled", "scope", "offer_ids", "max_attempts", "base_delay", "max_delay", "horizon",
+_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+_LIST = {"anyOf": [{"type": "string", "maxLength": 2000},
+                   {"type": "array", "items": {"type": "string"}}],
+         "description": "comma-separated, or a list"}
+# JSON Schemas of what parse_offer / parse_partner accept: the field sets below and the
+# API's OpenAPI document are both built from them, so neither can drift from the other.
+OFFER_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id"], "additionalProperties": False,
+    "properties": {
+        "id": _ID_SCHEMA, "name": {"type": "string", "maxLength": 200},
+        "campaign_type": {"type": "string", "enum": [c.value for c in CampaignType]},
+        "lifespan_days": {"type": "integer", "minimum": 1, "maximum": 3650,
+                          "description": "default: the campaign type's"},
+        "landing_url": {"type": "string", "maxLength": 2000},
+        "allow_multiple": {"type": "boolean"},
+    },
 }
+PARTNER_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["id", "postback_url"], "additionalProperties": False,
+    "properties": {
+        "id": _ID_SCHEMA, "name": {"type": "string", "maxLength": 200},
+        "postback_url": {"type": "string", "minLength": 1, "maxLength": 4000},
+        "method": {"type": "string", "enum": ["GET", "POST", "get", "post"]},
+        "timeout": {"type": "number", "minimum": 0.1, "maximum": 120},
+        "success_check": {"type": "string", "maxLength": 200},
+        "fire_statuses": _LIST,
+        "enabled": {"type": "boolean"},
+        "scope": {"type": "string", "enum": ["own", "global"]},
+        "offer_ids": _LIST,
+        "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+        "base_delay": {"type": "number", "minimum": 0, "maximum": 86400},
+        "max_delay": {"type": "number", "minimum": 0, "maximum": 7 * 86400},
+        "horizon": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
+    },
+}
+OFFER_FIELDS = set(OFFER_SCHEMA["properties"])
+PARTNER_FIELDS = set(PARTNER_SCHEMA["properties"])
 
 
 class _Errors:
@@ -227,10 +261,8 @@ def _token_hash(token: str) -> str:
 def set_offer_token(store: Any, offer_id: str, now: datetime) -> str | None:
     """Give the offer a new security token (the old one stops working); None: no such offer."""
     token = secrets.token_urlsafe(24)
-    with store.engine.begin() as conn:
-        result = conn.execute(update(schema.offers).where(schema.offers.c.id == offer_id)
-                              .values(security_token_hash=_token_hash(token), updated_at=now))
-    return token if result.rowcount else None
+    return token if credentials.set_offer_token_hash(store, offer_id, _token_hash(token),
+                                                     now) else None
 
 
 def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str | None:
@@ -238,15 +270,9 @@ def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str 
 
     The offer is `offer_id`, or the offer of the click named by `transaction_id`.
     """
-    offer_id = params.get("offer_id")
-    with store.engine.connect() as conn:
-        if not offer_id and params.get("transaction_id"):
-            offer_id = conn.execute(select(schema.clicks.c.offer_id).where(
-                schema.clicks.c.transaction_id == params["transaction_id"][:64])).scalar()
-        if not offer_id:
-            return "cannot check the security_token: pass offer_id or a known transaction_id"
-        stored = conn.execute(select(schema.offers.c.security_token_hash).where(
-            schema.offers.c.id == offer_id[:64])).scalar()
+    offer_id, stored = credentials.offer_token_hash(store, params)
+    if not offer_id:
+        return "cannot check the security_token: pass offer_id or a known transaction_id"
     return offer_token_problem(stored, token)
 
 
@@ -306,7 +332,5 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
         changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
     if changes:
         changes["updated_at"] = now
-        with store.engine.begin() as conn:
-            conn.execute(update(schema.partners).where(schema.partners.c.id == partner_id)
-                         .values(**changes))
+        credentials.update_partner_signing(store, partner_id, changes)
     return secret, summary

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
-
 from postback_worker.errors import InvalidInput
-from postback_worker.store import schema as t
+from postback_worker.store import credentials
+from postback_worker.store.repo import Store
 
 SCOPES = ("ingest", "admin")
 PREFIX = "pbw_"
@@ -43,7 +42,7 @@ def parse_scopes(scopes: Iterable[str]) -> list[str]:
     return chosen
 
 
-def create_key(engine: Engine, name: str, scopes: Iterable[str], now: datetime) -> tuple[str, str]:
+def create_key(store: Store, name: str, scopes: Iterable[str], now: datetime) -> tuple[str, str]:
     """Store a new key; returns (key id, the key itself, shown only now)."""
     name = name.strip()
     if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
@@ -51,27 +50,19 @@ def create_key(engine: Engine, name: str, scopes: Iterable[str], now: datetime) 
     chosen = parse_scopes(scopes)
     key_id = "key_" + secrets.token_hex(6)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-    with engine.begin() as conn:
-        conn.execute(insert(t.api_keys).values(
-            id=key_id, name=name, key_hash=hash_key(key), scopes=",".join(chosen),
-            created_at=now, last_used_at=None, revoked_at=None))
+    credentials.insert_api_key(store, key_id=key_id, name=name, key_hash=hash_key(key),
+                               scopes=",".join(chosen), now=now)
     return key_id, key
 
 
-def list_keys(engine: Engine) -> list[dict[str, Any]]:
+def list_keys(store: Store) -> list[dict[str, Any]]:
     """Every key without its hash."""
-    cols = [c for c in t.api_keys.c if c.name != "key_hash"]
-    with engine.connect() as conn:
-        rows = conn.execute(select(*cols).order_by(t.api_keys.c.created_at)).mappings().all()
-    return [dict(r) for r in rows]
+    return credentials.list_api_keys(store)
 
 
-def revoke_key(engine: Engine, key_id: str, now: datetime) -> bool:
+def revoke_key(store: Store, key_id: str, now: datetime) -> bool:
     """Revoke a key; False when there is no such active key."""
-    with engine.begin() as conn:
-        result = conn.execute(update(t.api_keys).where(
-            t.api_keys.c.id == key_id, t.api_keys.c.revoked_at.is_(None)).values(revoked_at=now))
-    return bool(result.rowcount)
+    return credentials.revoke_api_key(store, key_id, now)
 
 
 @dataclass(frozen=True)
@@ -88,10 +79,10 @@ class Principal:
 class KeyChecker:
     """Look keys up by hash, caching answers (positive and negative) for `ttl` seconds."""
 
-    def __init__(self, engine: Engine, ttl: float,
+    def __init__(self, store: Store, ttl: float,
                  clock: Callable[[], datetime] | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.engine = engine
+        self.store = store
         self.ttl = ttl
         self.clock = clock
         self.monotonic = monotonic
@@ -115,13 +106,9 @@ class KeyChecker:
         return principal
 
     def _load(self, digest: str) -> Principal | None:
-        k = t.api_keys.c
-        with self.engine.begin() as conn:
-            row = conn.execute(select(k.id, k.scopes).where(
-                k.key_hash == digest, k.revoked_at.is_(None))).first()
-            if row is None:
-                return None
-            if self.clock is not None:
-                conn.execute(update(t.api_keys).where(k.id == row.id)
-                             .values(last_used_at=self.clock()))
-        return Principal(row.id, frozenset(row.scopes.split(",")))
+        found = credentials.active_api_key(self.store, digest,
+                                           self.clock() if self.clock is not None else None)
+        if found is None:
+            return None
+        key_id, scopes = found
+        return Principal(key_id, frozenset(scopes.split(",")))
