@@ -42,7 +42,7 @@ from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.guardrails import Guardrails, Limits
 from postback_worker.settings import Settings
 from postback_worker.store import repo
-from postback_worker.store.journal import Journal
+from postback_worker.store.journal import Journal, conversion_row
 from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Pipeline:
         if not events:
             return result
         now = self.clock()
-        rows = [_conversion_row(e) for e in events]
+        rows = [conversion_row(e) for e in events]
         ids = [r["id"] for r in rows]
         with self.store.engine.begin() as conn:
             self.store.insert_conversions(conn, rows)
@@ -550,16 +550,6 @@ class _Decided:
     offer_id: str | None
     aff_id: str | None
     allow_multiple: bool
-
-
-def _conversion_row(e: ConversionEvent) -> dict[str, Any]:
-    return {
-        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
-        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
-        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
-        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
-        "state": ConversionState.RECEIVED.value, "reason": None, "processed_at": None,
-    }
 
 
 def _conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
