@@ -114,9 +114,11 @@ class Pipeline:
         self._fire(self._claim(conversion_ids=ids), result)
         return result
 
-    def intake_pending(self, limit: int, max_rounds: int) -> BatchResult:
+    def intake_pending(self, limit: int, max_rounds: int,
+                       on_backlog: Callable[[], None] | None = None) -> BatchResult:
         """Take accepted events waiting in the journal in batches of `limit` (whatever
-        message woke us), attribute them and fire; stop when a batch comes back short."""
+        message woke us), attribute them and fire; stop when a batch comes back short.
+        `on_backlog` is called when a batch comes back full (e.g. to wake another worker)."""
         result = BatchResult()
         journal = Journal(self.store)
         stuck_after = timedelta(seconds=self.settings.sweep.stuck_conversion_after)
@@ -125,6 +127,8 @@ class Pipeline:
             with self.store.engine.begin() as conn:
                 todo = journal.claim(conn, limit, reattributed_before=now - stuck_after)
                 decided = self._attribute(conn, todo, None, now)
+            if len(todo) == limit and on_backlog is not None:
+                on_backlog()
             for d in decided:
                 result.count(result.conversions, d.state)
             if todo:

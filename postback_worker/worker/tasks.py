@@ -15,6 +15,7 @@ from postback_worker.store.journal import Journal
 from postback_worker.worker.queues import (
     CONVERSIONS,
     INTAKE_WOKEN_KEY,
+    INTAKE_WOKEN_MS,
     RETRIES,
     TASK_DELIVER,
     TASK_INTAKE,
@@ -58,8 +59,16 @@ def register(app: Celery) -> None:
         except RedisError as exc:
             log.warning("could not clear the wake-up flag (it expires): %s", exc)
         ingest = services.pipeline.settings.ingest
-        return services.pipeline.intake_pending(ingest.claim_batch,
-                                                ingest.claim_rounds).as_dict()
+        return services.pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
+                                                on_backlog=wake_another).as_dict()
+
+    def wake_another() -> None:
+        """A full batch: more waits. Wake one more worker to share it (one at a time)."""
+        try:
+            if services.redis.set(INTAKE_WOKEN_KEY, "1", nx=True, px=INTAKE_WOKEN_MS):
+                intake.apply_async(([],), queue=CONVERSIONS)
+        except (RedisError, OSError) as exc:
+            log.warning("could not wake another worker for the backlog: %s", exc)
 
     def wake_on_start(sender: Any = None, **_: Any) -> None:
         # A starting worker takes what waits in the journal (after Redis lost its queue, or
