@@ -104,8 +104,13 @@ class DeliverySettings:
     # Requests in flight at once per worker process.
     concurrency: int = field(default=256, metadata=env("POSTBACK_DELIVERY_CONCURRENCY"))
     response_excerpt_bytes: int = 512
-    # Seconds a worker's claim on a postback lasts (renewed while its request is in flight).
+    # Seconds a worker's claim on a postback lasts (renewed every third of it while the batch
+    # is in flight). A worker refuses to start unless it is at least twice the longest timeout.
     lease_seconds: int = 120
+    # Answers are saved in groups as they arrive: a group is saved once it holds this many
+    # answers or its oldest answer is record_wait_ms old, whichever comes first.
+    record_batch: int = 32
+    record_wait_ms: float = 20.0
     user_agent: str = "postback-worker/0.1"
     # CIDRs that outbound requests may reach although they are private/loopback (dev and tests).
     allow_networks: tuple[str, ...] = ()

@@ -24,8 +24,10 @@ from sqlalchemy import create_engine, text
 from support.helpers import NOW, Clock
 from support.partner import PartnerServer
 
+from postback_worker.delivery.sender import Sender
 from postback_worker.dev import services as devservices
 from postback_worker.domain.retry import RetryPolicy
+from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine, normalize_url, upgrade
 from postback_worker.store.repo import Store
@@ -153,6 +155,39 @@ def partner() -> Iterator[PartnerServer]:
 def clock() -> Clock:
     """An injected clock at helpers.NOW that a test moves with clock.advance(seconds)."""
     return Clock(NOW)
+
+
+@pytest.fixture()
+def make_pipeline(store: Store, clock: Clock) -> Iterator[Callable[..., Pipeline]]:
+    """Factory: make(settings, redis=None, clock=None) -> a Pipeline without Celery (real
+    PostgreSQL and HTTP sender; the injected clock unless another is given; jitter fixed)."""
+    senders: list[Sender] = []
+
+    def make(settings: Settings, *, redis: Any | None = None,
+             clock: Callable[[], Any] | None = None) -> Pipeline:
+        sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
+        senders.append(sender)
+        return Pipeline(settings, store, sender, clock=clock or default_clock,
+                        rand=lambda: 0.5, worker_name="test", redis=redis)
+
+    default_clock = clock
+    yield make
+    for sender in senders:
+        sender.close()
+
+
+@pytest.fixture()
+def pipeline_redis() -> Any | None:
+    """The Redis client of the `pipeline` fixture's guardrails: none (pauses only), unless a
+    test module overrides this fixture."""
+    return None
+
+
+@pytest.fixture()
+def pipeline(make_pipeline: Callable[..., Pipeline], settings: Settings,
+             pipeline_redis: Any | None) -> Pipeline:
+    """The pipeline in-process: the test settings, the injected clock, no Celery."""
+    return make_pipeline(settings, redis=pipeline_redis)
 
 
 @pytest.fixture()

@@ -115,26 +115,62 @@ def test_worker_killed_mid_batch_loses_nothing(
 ) -> None:
     """SIGKILL a worker while it fires a batch; a new worker finishes every conversion.
 
-    Only postbacks in flight at the kill may be fired again, always with the same postback id.
+    Only postbacks fired but not yet recorded may be fired again, always with the same
+    postback id: those in flight (at most the delivery concurrency) and the answers not yet
+    saved (saved in groups of at most record_batch as they arrive; README, Guarantees).
     """
-    concurrency = 4
-    txs = seed(store, partner, 60)
-    partner.set_response(status=200, delay=0.25)
-    worker = celery_procs("worker", concurrency=1, delivery_concurrency=concurrency)
+    concurrency, record_batch = 8, 2
+    txs = seed(store, partner, 80)
+    # Answers spread out in time, as from a real partner (not in lockstep).
+    partner.set_script([{"status": 200, "delay": 0.05 * (1 + i % 8)} for i in range(400)])
+    limits = {"delivery_concurrency": concurrency, "record_batch": record_batch}
+    worker = celery_procs("worker", concurrency=1, **limits)
     ids = Producer(settings).send_conversions([{"transaction_id": tx} for tx in txs])
-    wait_until(lambda: partner.count() >= 12, 60, message="the worker to start firing")
+    wait_until(lambda: partner.count() >= 30, 60, message="the worker to be mid-batch")
     worker.kill(signal.SIGKILL)
     fired_before_kill = partner.count()
-    assert fired_before_kill < 60
-    celery_procs("worker", concurrency=1, delivery_concurrency=concurrency)
+    assert fired_before_kill < 80
+    celery_procs("worker", concurrency=1, **limits)
     celery_procs("beat")
     wait_until(lambda: all_final(store, ids), 120, message="every conversion after the restart")
     pb_ids = delivered_ids(store, ids)
-    assert len(pb_ids) == 60
+    assert len(pb_ids) == 80
     counts = Counter(partner.postback_ids())
     assert set(counts) == pb_ids
     twice = [k for k, v in counts.items() if v > 1]
     assert max(counts.values()) <= 2
-    # In flight = sent and awaiting an answer, or answered but not yet saved (one flush).
     print(f"fired before kill {fired_before_kill}, fired twice {len(twice)}")
-    assert len(twice) <= 2 * concurrency, twice
+    # In flight, plus one group being saved and the answers that came meanwhile.
+    assert len(twice) <= concurrency + 2 * record_batch, twice
+
+
+def test_worker_refuses_a_lease_shorter_than_twice_the_longest_timeout(
+    settings: Settings, store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc]
+) -> None:
+    """Settings that cannot keep postbacks claimed stop the worker at start, saying why."""
+    seed(store, partner, 1, timeout=4)
+    worker = celery_procs("worker", lease_seconds=5)
+    assert worker.proc is not None
+    assert worker.proc.wait(60) == 1
+    out = worker.output()
+    assert "worker not started: POSTBACK_LEASE_SECONDS=5 is too short" in out, out[-2000:]
+    assert "(4 s, the timeout of partner p1)" in out
+    assert "Set POSTBACK_LEASE_SECONDS to 8 or more" in out
+
+
+def test_slow_partner_batch_longer_than_the_lease_fires_each_postback_once(
+    settings: Settings, store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc]
+) -> None:
+    """One batch to a slow partner outlasts its 3 s lease several times over while beat
+    sweeps every 0.2 s: leases are renewed, nothing is fired twice (issue 15)."""
+    txs = seed(store, partner, 8, timeout=1.5)
+    partner.set_response(status=200, delay=1.0)
+    slow = {"lease_seconds": 3, "default_timeout": 1.5, "delivery_concurrency": 1}
+    celery_procs("worker", concurrency=1, **slow)
+    celery_procs("beat", **slow)
+    ids = Producer(settings).send_conversions([{"transaction_id": tx} for tx in txs])
+    wait_all_final(store, ids, 90, "the slow batch to be delivered")
+    counts = Counter(partner.postback_ids())
+    assert len(counts) == 8 and max(counts.values()) == 1, counts
+    pb_ids = sorted(delivered_ids(store, ids))
+    assert [a["attempt_no"] for a in store.attempts_for(pb_ids)] == [1] * 8

@@ -6,7 +6,7 @@ The pipeline runs in-process with an injected clock; the partner is the real loc
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -14,7 +14,6 @@ import redis
 from support.helpers import Clock, add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
 
-from postback_worker.delivery.sender import Sender
 from postback_worker.domain import guards as g
 from postback_worker.ops.oncall import partner_health
 from postback_worker.pipeline.guardrails import Guardrails, Limits, circuit_states
@@ -24,19 +23,22 @@ from postback_worker.store.repo import Store
 
 
 @pytest.fixture()
-def guard_settings(settings: Settings) -> Settings:
+def settings(settings: Settings) -> Settings:
+    """The test settings with the breaker on (the `pipeline` fixture runs with them)."""
     return settings.with_overrides(breaker_enabled=True, breaker_min_attempts=4,
                                    breaker_cooldown=10.0,
                                    breaker_probe_timeout=30.0)
 
 
 @pytest.fixture()
-def pipeline(guard_settings: Settings, store: Store, clock: Clock,
-             redis_client: redis.Redis) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=guard_settings.delivery.allow_networks, concurrency=8)
-    yield Pipeline(guard_settings, store, sender, clock=clock, rand=lambda: 0.5,
-                   worker_name="test", redis=redis_client)
-    sender.close()
+def guard_settings(settings: Settings) -> Settings:
+    return settings
+
+
+@pytest.fixture()
+def pipeline_redis(redis_client: redis.Redis) -> redis.Redis:
+    """The `pipeline` fixture's guardrails use the real Redis here."""
+    return redis_client
 
 
 def test_lua_token_bucket_matches_the_pure_maths(redis_client: redis.Redis,
@@ -175,11 +177,10 @@ def test_a_failed_probe_never_dead_letters_its_postback(
 @pytest.mark.parametrize("breaker", [True, False], ids=["breaker-on", "breaker-off"])
 def test_retry_after_holds_every_postback_of_the_partner(
     guard_settings: Settings, store: Store, partner: PartnerServer, clock: Clock,
-    redis_client: redis.Redis, breaker: bool,
+    redis_client: redis.Redis, breaker: bool, make_pipeline: Callable[..., Pipeline],
 ) -> None:
     s = guard_settings.with_overrides(breaker_enabled=breaker)
-    sender = Sender(allow_networks=s.delivery.allow_networks)
-    pipeline = Pipeline(s, store, sender, clock=clock, rand=lambda: 0.5, redis=redis_client)
+    pipeline = make_pipeline(s, redis=redis_client)
     txs = _seed(store, partner, 3)
     partner.set_script([{"status": 429, "headers": {"Retry-After": "120"}}])
     first = conversion(txs[0])
@@ -197,4 +198,3 @@ def test_retry_after_holds_every_postback_of_the_partner(
     clock.advance(120)
     _run_due(pipeline)
     assert [p["state"] for p in _postbacks(store, [first.id, second.id])] == ["delivered"] * 2
-    sender.close()

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import timedelta
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
 
-from postback_worker.delivery.sender import Sender
 from postback_worker.ops.config import parse_partner
+from postback_worker.pipeline.leases import lease_problem
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
-    yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")
-    sender.close()
 
 
 def states(store: Store, conversion_id: str) -> tuple[str, list[str]]:
@@ -288,10 +282,10 @@ def test_interrupted_delivery_is_resumed_after_the_lease(
     add_partner(store, "p1", partner.url)
     add_click(store, "tx1")
     event = conversion("tx1")
-    pipeline.sender, real = _DeadSender(), pipeline.sender
+    pipeline.dispatch.sender, real = _DeadSender(), pipeline.dispatch.sender
     with pytest.raises(RuntimeError):
         pipeline.process_conversions(messages(event))
-    pipeline.sender = real
+    pipeline.dispatch.sender = real
     (pb,) = store.postbacks_for(event.id)
     assert pb["state"] == "in_flight"
     assert pipeline.deliver([pb["id"]]).postbacks == {}  # lease still held
@@ -347,7 +341,7 @@ def test_long_batch_renews_its_leases(
         add_click(store, f"tx{i}")
     events = [conversion(f"tx{i}") for i in range(3)]
     seen: list[list[str]] = []
-    real = pipeline.sender
+    real = pipeline.dispatch.sender
 
     class SlowSender:
         def send_iter(self, reqs: list[object]):  # type: ignore[no-untyped-def]
@@ -356,9 +350,99 @@ def test_long_batch_renews_its_leases(
                 seen.append(pipeline.sweep())  # another worker's sweeper must find nothing
                 yield i, outcome
 
-    pipeline.settings = settings.with_overrides(delivery_concurrency=1)
-    pipeline.sender = SlowSender()  # type: ignore[assignment]
+    pipeline.dispatch.settings = settings.with_overrides(delivery_concurrency=1)
+    pipeline.dispatch.sender = SlowSender()  # type: ignore[assignment]
     pipeline.process_conversions(messages(*events))
     assert seen == [[], [], []]
     assert all(states(store, e.id)[1] == ["delivered"] for e in events)
     assert partner.count() == 3
+
+
+def test_leases_are_renewed_while_no_answer_comes(
+    settings: Settings, store: Store, partner: PartnerServer,
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """A request slower than a lease: the lease is renewed on elapsed time (not only when
+    answers come), so a sweeper running meanwhile finds nothing to fire again."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url, timeout=6)
+    add_click(store, "tx1")
+    partner.set_response(status=200, delay=4.0)
+    s = settings.with_overrides(lease_seconds=3)  # renewed every second
+
+    def real_clock() -> datetime:
+        return datetime.now(UTC)
+
+    worker, sweeper = make_pipeline(s, clock=real_clock), make_pipeline(s, clock=real_clock)
+    found: list[str] = []
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.wait(0.2):
+            found.extend(sweeper.sweep())
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    event = conversion("tx1")
+    try:
+        worker.process_conversions(messages(event))
+    finally:
+        stop.set()
+        thread.join()
+    assert found == []
+    (pb,) = store.postbacks_for(event.id)
+    assert (pb["state"], pb["attempts"], partner.count()) == ("delivered", 1, 1)
+
+
+def test_answers_are_saved_in_small_groups_as_they_arrive(
+    settings: Settings, store: Store, partner: PartnerServer,
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """With groups of 4, answers are saved while the batch is still firing (not once at the
+    end): before each answer is handled, every complete group before it is saved."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    events = [conversion(f"tx{i}") for i in range(12)]
+    for i in range(12):
+        add_click(store, f"tx{i}")
+    pipeline = make_pipeline(settings.with_overrides(record_batch=4, record_wait_ms=60_000))
+    real = pipeline.dispatch.sender
+    saved_before: list[int] = []
+
+    def saved() -> int:
+        return len(store.attempts_for([p["id"] for e in events
+                                       for p in store.postbacks_for(e.id)]))
+
+    class Watching:
+        def send_iter(self, reqs: list[object]):  # type: ignore[no-untyped-def]
+            for index, outcome in real.send_iter(reqs):  # type: ignore[arg-type]
+                saved_before.append(saved())
+                yield index, outcome
+
+    pipeline.dispatch.sender = Watching()  # type: ignore[assignment]
+    pipeline.process_conversions(messages(*events))
+    assert saved_before == [k - k % 4 for k in range(12)]
+    assert saved() == 12 and partner.count() == 12
+
+
+@pytest.mark.parametrize(
+    ("lease", "default_timeout", "partners", "problem"),
+    [
+        (120, 10.0, {"p1": 10.0, "p2": 30.0}, None),
+        (20, 10.0, {"p1": 10.0}, None),
+        (15, 10.0, {}, "(10 s, POSTBACK_DEFAULT_TIMEOUT)"),  # issue 15: lease 15, timeout 10
+        (30, 10.0, {"p1": 4.0, "slow": 16.0}, "(16 s, the timeout of partner slow)"),
+        (5, 2.0, {"p1": 2.5}, None),
+        (2, 0.5, {}, "at least 3 s"),
+    ],
+)
+def test_lease_must_be_twice_the_longest_timeout(
+    lease: int, default_timeout: float, partners: dict[str, float], problem: str | None
+) -> None:
+    s = Settings.build(lease_seconds=lease, default_timeout=default_timeout)
+    found = lease_problem(s, partners)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found
+        assert found.startswith(f"POSTBACK_LEASE_SECONDS={lease} is too short")

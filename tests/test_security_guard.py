@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from conftest import LOOPBACK
-from support.helpers import NOW, add_click, add_offer, add_partner, conversion, messages
+from support.helpers import add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
 
 from postback_worker.delivery.guard import check_address
@@ -71,14 +73,14 @@ def test_rebinding_answer_is_never_asked_for_again(partner: PartnerServer) -> No
 
 
 def test_refused_address_is_a_config_dead_letter_with_a_clear_message(
-        settings: Settings, store: Store, partner: PartnerServer) -> None:
+        settings: Settings, store: Store, partner: PartnerServer,
+        make_pipeline: Callable[..., Pipeline]) -> None:
     add_offer(store)
     add_partner(store, "p1", partner.url)
     add_click(store, "tx1")
     event = conversion("tx1")
     strict = settings.with_overrides(allow_networks=())
-    with Sender(allow_networks=strict.delivery.allow_networks) as sender:
-        Pipeline(strict, store, sender, clock=lambda: NOW).process_conversions(messages(event))
+    make_pipeline(strict).process_conversions(messages(event))
     (pb,) = store.postbacks_for(event.id)
     assert pb["state"] == "dead_lettered"
     assert pb["last_class"] == "config"

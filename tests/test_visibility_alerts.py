@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import ADMIN, Proc, wait_until
 from support.helpers import add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer
-from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.visibility_seed import Clock, Scenario, Served, seed
 
 from postback_worker.cli import main
 from postback_worker.ops.visibility.alerts import evaluate, list_alerts
@@ -37,11 +37,6 @@ def alert_settings(settings: Settings, webhook: PartnerServer) -> Settings:
         alert_min_volume=2, alert_dead_letter_growth=5, alert_lost_rate=0.10,
         alert_lost_min_volume=2, alert_webhook_url=f"{webhook.url}/hooks/T000/B000/secret",
         egress_ips=EGRESS)
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 @pytest.fixture()
@@ -165,18 +160,17 @@ def test_alerts_list_cli_and_api(alert_settings: Settings, store: Store, scenari
 @pytest.mark.e2e
 def test_beat_task_evaluates_alerts_in_real_processes(
     settings: Settings, store: Store, partner: PartnerServer, webhook: PartnerServer,
-    celery_procs: Callable[..., Proc],
+    celery_procs: Callable[..., Proc], make_pipeline: Callable[..., Pipeline],
 ) -> None:
     """Beat schedules the evaluation every half second; the alert fires once, not each time."""
     add_offer(store, "o1")
     add_partner(store, "p-blocked", partner.url, path="/blocked")
     partner.route("/blocked", 403)
     live = Clock(datetime.now(UTC))
-    for p in run_pipeline(settings, store, lambda: datetime.now(UTC)):  # type: ignore[arg-type]
-        for i in range(3):
-            add_click(store, f"tx-live-{i}", aff_id="p-blocked")
-        p.process_conversions(messages(*[conversion(f"tx-live-{i}", now=live())
-                                         for i in range(3)]))
+    p = make_pipeline(settings, clock=lambda: datetime.now(UTC))
+    for i in range(3):
+        add_click(store, f"tx-live-{i}", aff_id="p-blocked")
+    p.process_conversions(messages(*[conversion(f"tx-live-{i}", now=live()) for i in range(3)]))
     overrides = {"alert_interval": 0.5, "alert_min_volume": 3, "egress_ips": EGRESS,
                  "alert_webhook_url": f"{webhook.url}/hook"}
     celery_procs("worker", **overrides)

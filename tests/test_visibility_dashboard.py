@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -17,7 +16,7 @@ import requests
 from conftest import ADMIN
 from support.helpers import NOW
 from support.partner import PartnerServer
-from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.visibility_seed import Clock, Scenario, Served, seed
 
 from postback_worker.ops.visibility.alerts import evaluate
 from postback_worker.pipeline.processing import Pipeline
@@ -34,11 +33,6 @@ def find_chromium() -> str | None:
         if path:
             return path
     return None
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 @pytest.fixture()

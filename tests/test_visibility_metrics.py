@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from conftest import ADMIN, ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from support.partner import PartnerServer
-from support.visibility_seed import Clock, Scenario, Served, run_pipeline, seed
+from support.visibility_seed import Clock, Scenario, Served, seed
 
 from postback_worker.ops.visibility import metrics
 from postback_worker.pipeline.processing import Pipeline
@@ -25,11 +24,6 @@ from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema
 from postback_worker.store.repo import Store
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,7 +16,7 @@ from conftest import ADMIN
 from sqlalchemy import select
 from support.helpers import NOW
 from support.partner import PartnerServer
-from support.visibility_seed import PARTNERS, Clock, Scenario, Served, run_pipeline, seed
+from support.visibility_seed import PARTNERS, Clock, Scenario, Served, seed
 
 from postback_worker.cli import main
 from postback_worker.ops.visibility import figures
@@ -29,11 +28,6 @@ from postback_worker.store import schema
 from postback_worker.store.repo import Store
 
 RANGE = TimeRange(NOW - timedelta(hours=1), NOW + timedelta(hours=1))
-
-
-@pytest.fixture()
-def pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    yield from run_pipeline(settings, store, clock)
 
 
 @pytest.fixture()

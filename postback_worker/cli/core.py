@@ -17,6 +17,7 @@ from postback_worker.cli.output import (
     print_json,
     print_table,
 )
+from postback_worker.domain.postback import PostbackState
 from postback_worker.errors import NotFound
 
 # -- db --------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def show(conversion_id: str, fmt: str) -> None:
                    f" after {p['attempts']} attempt(s)"
                    + (f" - {p['reason']}" if p["reason"] else ""))
         click.echo(f"  {p['method']} {p['url']}")
-        if p["next_attempt_at"] and p["state"] == "retry_scheduled":
+        if p["next_attempt_at"] and p["state"] == PostbackState.RETRY_SCHEDULED:
             click.echo(f"  next attempt at {cell(p['next_attempt_at'])}")
         for a in p["attempts_log"]:
             click.echo(f"  #{a['attempt_no']} {cell(a['started_at'])} {a['duration_ms']:.1f} ms "

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import requests
 
-FINAL_POSTBACK = {"delivered", "dead_lettered", "skipped"}
+from postback_worker.domain.postback import FINAL_STATES
 
 
 class DemoPartner:
@@ -130,13 +130,13 @@ def _run(api: str, partner: DemoPartner, timeout: float) -> bool:
     click.echo("")
     click.echo(f"postbacks delivered: {counts['delivered']}, skipped: {counts['skipped']}, "
                f"dead-lettered: {counts['dead_lettered']}, "
-               f"still pending: {sum(v for k, v in counts.items() if k not in FINAL_POSTBACK)}")
+               f"still pending: {sum(v for k, v in counts.items() if k not in FINAL_STATES)}")
     click.echo(f"the demo partner received {len(partner.received)} requests, e.g.:")
     for path in partner.received[:3]:
         click.echo(f"  GET {path}")
     click.echo("inspect one: postback-worker show <conversion id>  (or GET /v1/conversions/<id>)")
     return len(details) == len(ids) and all(
-        p["state"] in FINAL_POSTBACK for d in details.values() for p in d["postbacks"]
+        p["state"] in FINAL_STATES for d in details.values() for p in d["postbacks"]
     )
 
 
@@ -150,7 +150,7 @@ def _wait_final(api: str, ids: list[str], timeout: float) -> dict[str, Any]:
                 details[cid] = r.json()
         done = len(details) == len(ids) and all(
             d["conversion"]["state"] != "received"
-            and all(p["state"] in FINAL_POSTBACK for p in d["postbacks"])
+            and all(p["state"] in FINAL_STATES for p in d["postbacks"])
             for d in details.values()
         )
         if done:

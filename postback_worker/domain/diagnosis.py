@@ -1,17 +1,24 @@
-"""The most likely of DESIGN.md's six causes of lost postbacks, from counts (pure)."""
+"""The most likely of DESIGN.md's six causes of lost postbacks, from counts (pure).
+
+Which cause a failure class points to is the table in `domain.failures`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-EXPIRED_CLICK = "expired_click_lifespan"
-PROVIDER = "third_party_provider"
-URL_CONFIG = "incorrect_postback_url"
-PARTNER_DOWN = "partner_timeouts_or_downtime"
-FIREWALL = "firewall_or_security"
-NETWORK = "network_or_dns"
-NONE = "no_failures_found"
+from postback_worker.domain.failures import Cause, cause_of
+
+__all__ = ["ACTIONS", "TITLES", "Cause", "Diagnosis", "cause_of", "diagnose"]
+
+EXPIRED_CLICK = Cause.EXPIRED_CLICK
+PROVIDER = Cause.PROVIDER
+URL_CONFIG = Cause.URL_CONFIG
+PARTNER_DOWN = Cause.PARTNER_DOWN
+FIREWALL = Cause.FIREWALL
+NETWORK = Cause.NETWORK
+NONE = Cause.NONE
 
 TITLES = {
     EXPIRED_CLICK: "expired click session lifespan",
@@ -47,33 +54,14 @@ ACTIONS = {
           "side.",
 }
 
-# Statuses of class "config" that mean an endpoint moved or vanished (a provider change).
-ENDPOINT_GONE = frozenset({404, 410})
-
-
-def cause_of(failure_class: str, status: int | None) -> str | None:
-    """Which of the six causes a failure class (and status code) points to."""
-    if failure_class in {"partner_5xx", "timeout"}:
-        return PARTNER_DOWN
-    if failure_class in {"throttled", "auth"}:
-        return PROVIDER
-    if failure_class == "config":
-        return PROVIDER if status in ENDPOINT_GONE else URL_CONFIG
-    if failure_class == "blocked":
-        return FIREWALL
-    if failure_class in {"dns", "network"}:
-        return NETWORK
-    return None
-
-
 @dataclass(frozen=True)
 class Diagnosis:
     """The most likely cause, the evidence (cause -> count) and what to do."""
 
-    cause: str
+    cause: Cause
     title: str
     action: str
-    evidence: dict[str, int]
+    evidence: dict[Cause, int]
 
     def summary(self) -> str:
         lines = [f"Most likely cause: {self.title}.", "", self.action]
@@ -89,7 +77,7 @@ def diagnose(failed: Mapping[tuple[str, int | None], int], expired_conversions: 
 
     Ties go to the cause listed first in DESIGN.md.
     """
-    evidence: dict[str, int] = {}
+    evidence: dict[Cause, int] = {}
     if expired_conversions:
         evidence[EXPIRED_CLICK] = expired_conversions
     for (failure_class, status), n in failed.items():

@@ -1,4 +1,7 @@
-"""Classify delivery outcomes and decide retry or dead letter (a pure policy)."""
+"""Classify delivery outcomes and decide retry or dead letter (a pure policy).
+
+What each failure class means (retried or not, and why) is the table in `domain.failures`.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +13,12 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
+from postback_worker.domain.failures import FACTS, RETRYABLE, FailureClass
 
-class FailureClass(StrEnum):
-    """What an attempt's outcome means for delivery."""
-
-    DELIVERED = "delivered"
-    PARTNER_5XX = "partner_5xx"
-    TIMEOUT = "timeout"
-    THROTTLED = "throttled"
-    DNS = "dns"
-    NETWORK = "network"
-    AUTH = "auth"
-    BLOCKED = "blocked"
-    CONFIG = "config"
-
-
-RETRYABLE: frozenset[FailureClass] = frozenset(
-    {
-        FailureClass.PARTNER_5XX,
-        FailureClass.TIMEOUT,
-        FailureClass.THROTTLED,
-        FailureClass.DNS,
-        FailureClass.NETWORK,
-    }
-)
+__all__ = [
+    "RETRYABLE", "ErrorKind", "FailureClass", "Outcome", "RetryDecision", "RetryPolicy",
+    "classify", "describe", "parse_retry_after",
+]
 
 
 class ErrorKind(StrEnum):
@@ -89,13 +74,6 @@ _ERROR_TEXT = {
     ErrorKind.INVALID_URL: "invalid URL",
     ErrorKind.OTHER: "request failed",
 }
-
-_NOT_RETRIED = {
-    FailureClass.AUTH: "auth (HTTP 401) is not retried; the partner's credentials need fixing",
-    FailureClass.BLOCKED: "blocked (HTTP 403) is not retried; the partner must allowlist us",
-    FailureClass.CONFIG: "config (bad URL, redirect or 4xx) is not retried; fix the postback URL",
-}
-
 
 def classify(outcome: Outcome, success_check: str | None = None) -> FailureClass:
     """Map an attempt outcome to its failure class."""
@@ -225,7 +203,7 @@ class RetryPolicy:
         if failure is FailureClass.DELIVERED:
             return RetryDecision("delivered", None, "delivered")
         if failure not in RETRYABLE:
-            return RetryDecision("dead_letter", None, _NOT_RETRIED[failure])
+            return RetryDecision("dead_letter", None, FACTS[failure].not_retried or str(failure))
         if attempts_made >= self.max_attempts:
             return RetryDecision(
                 "dead_letter",

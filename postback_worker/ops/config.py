@@ -21,7 +21,7 @@ from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.domain.macros import validate_template
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.errors import UnknownPartner
-from postback_worker.store import credentials
+from postback_worker.store.repo import Store
 
 # resolve(host) returns normally when the host resolves and raises OSError when it does not.
 HostResolver = Callable[[str], object]
@@ -258,19 +258,21 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
-def set_offer_token(store: Any, offer_id: str, now: datetime) -> str | None:
+def set_offer_token(store: Store, offer_id: str, now: datetime) -> str | None:
     """Give the offer a new security token (the old one stops working); None: no such offer."""
     token = secrets.token_urlsafe(24)
-    return token if credentials.set_offer_token_hash(store, offer_id, _token_hash(token),
-                                                     now) else None
+    found = store.set_offer_fields(offer_id, security_token_hash=_token_hash(token),
+                                   updated_at=now)
+    return token if found else None
 
 
-def check_offer_token(store: Any, params: Mapping[str, str], token: str) -> str | None:
+def check_offer_token(store: Store, params: Mapping[str, str], token: str) -> str | None:
     """None when `token` is the security token of the conversion's offer; else why not.
 
     The offer is `offer_id`, or the offer of the click named by `transaction_id`.
     """
-    offer_id, stored = credentials.offer_token_hash(store, params)
+    offer_id, stored = store.offer_token_hash(params.get("offer_id"),
+                                              params.get("transaction_id"))
     if not offer_id:
         return "cannot check the security_token: pass offer_id or a known transaction_id"
     return offer_token_problem(stored, token)
@@ -291,7 +293,7 @@ SIGNING_ACTIONS = ("enable", "rotate", "disable")
 _HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 
 
-def change_signing(store: Any, partner_id: str, action: str, now: datetime,
+def change_signing(store: Store, partner_id: str, action: str, now: datetime,
                    grace: timedelta, header: str | None = None) -> tuple[str | None, str]:
     """Enable, rotate or disable a partner's signing. Returns (new secret or None, summary).
 
@@ -332,5 +334,5 @@ def change_signing(store: Any, partner_id: str, action: str, now: datetime,
         changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
     if changes:
         changes["updated_at"] = now
-        credentials.update_partner_signing(store, partner_id, changes)
+        store.set_partner_fields(partner_id, **changes)
     return secret, summary

@@ -1,9 +1,7 @@
-"""Credentials at rest: API key hashes, offers' advertiser token hashes, partners' signing
-secrets. Only hashes of keys and tokens are stored."""
+"""API keys at rest: only their SHA-256 hashes are stored."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -48,31 +46,3 @@ def active_api_key(store: Store, key_hash: str, used_at: datetime | None) -> tup
         if used_at is not None:
             conn.execute(update(t.api_keys).where(k.id == row.id).values(last_used_at=used_at))
     return str(row.id), str(row.scopes)
-
-
-def set_offer_token_hash(store: Store, offer_id: str, token_hash: str, now: datetime) -> bool:
-    """False when there is no such offer."""
-    with store.engine.begin() as conn:
-        result = conn.execute(update(t.offers).where(t.offers.c.id == offer_id)
-                              .values(security_token_hash=token_hash, updated_at=now))
-    return bool(result.rowcount)
-
-
-def offer_token_hash(store: Store, params: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """(offer id, its token hash) for `offer_id`, or the offer of the click named by
-    `transaction_id`; (None, None) when neither names one."""
-    offer_id = params.get("offer_id")
-    with store.engine.connect() as conn:
-        if not offer_id and params.get("transaction_id"):
-            offer_id = conn.execute(select(t.clicks.c.offer_id).where(
-                t.clicks.c.transaction_id == params["transaction_id"][:64])).scalar()
-        if not offer_id:
-            return None, None
-        stored = conn.execute(select(t.offers.c.security_token_hash).where(
-            t.offers.c.id == offer_id[:64])).scalar()
-    return offer_id, stored
-
-
-def update_partner_signing(store: Store, partner_id: str, changes: Mapping[str, Any]) -> None:
-    with store.engine.begin() as conn:
-        conn.execute(update(t.partners).where(t.partners.c.id == partner_id).values(**changes))

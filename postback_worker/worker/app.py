@@ -8,14 +8,15 @@ Run with the standard commands, e.g.::
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from postback_worker.settings import Settings
+from postback_worker.settings import Settings, SettingsError
 from postback_worker.worker.queues import (
     CONVERSIONS,
     MAINTENANCE,
@@ -26,6 +27,8 @@ from postback_worker.worker.queues import (
     TASK_REQUEUE_STUCK,
     TASK_SWEEP,
 )
+
+log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -123,10 +126,46 @@ def build_pipeline(settings: Settings) -> Any:
     return Pipeline(settings, store, sender, redis=settings.redis.client())
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse settings a worker cannot work with (raises SettingsError with what to change).
+
+    Partners' timeouts count too; if PostgreSQL cannot be read yet, only the default does.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from postback_worker.pipeline.leases import lease_problem
+    from postback_worker.store.db import make_engine
+    from postback_worker.store.repo import Store
+
+    store = Store(make_engine(settings.database.url))
+    try:
+        timeouts = {p["id"]: float(p["timeout"]) for p in store.list_partners() if p["enabled"]}
+    except SQLAlchemyError as exc:
+        log.warning("could not read partner timeouts to check the lease (%s)", exc)
+        timeouts = {}
+    finally:
+        store.engine.dispose()
+    problem = lease_problem(settings, timeouts)
+    if problem:
+        raise SettingsError(problem)
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app with the postback tasks registered; `settings` default to the environment."""
     settings = settings or Settings.from_env()
     app = Celery("postback_worker")
+
+    @signals.worker_init.connect(weak=False)
+    def refuse_bad_settings(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        try:
+            check_settings(settings)
+        except SettingsError as exc:
+            # SystemExit, not an Exception: Celery would log an Exception and start anyway.
+            log.critical("worker not started: %s", exc)
+            raise SystemExit(f"worker not started: {exc}") from None
+
     app.conf.update(celery_config(settings))
     app.postback_settings = settings  # type: ignore[attr-defined]
     app.postback_services = Services(settings)  # type: ignore[attr-defined]

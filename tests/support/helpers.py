@@ -35,6 +35,9 @@ def add_offer(store: Store, offer_id: str = "o1", campaign_type: str = "ecommerc
 
 def add_partner(store: Store, partner_id: str, base_url: str, path: str = "/pb",
                 **extra: Any) -> dict[str, Any]:
+    # A local partner answers at once: a 2 s timeout (the test settings' default) lets the
+    # test settings' 5 s lease pass the worker's start check (twice the longest timeout).
+    extra.setdefault("timeout", 2.0)
     row = parse_partner({"id": partner_id, "postback_url": f"{base_url}{path}?{QS}", **extra}, NOW)
     store.upsert_partner(row)
     return row

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -15,7 +15,6 @@ from conftest import wait_until
 from sqlalchemy import insert
 
 from postback_worker.api.app import create_app
-from postback_worker.delivery.sender import Sender
 from postback_worker.dev.services import free_port
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
@@ -44,12 +43,6 @@ class Scenario:
     def received_status_codes(self, partner: PartnerServer) -> Counter[str]:
         """What the partner server actually answered, counted by status code."""
         return Counter(str(self.statuses[r.path]) for r in partner.received())
-
-
-def run_pipeline(settings: Settings, store: Store, clock: Clock) -> Iterator[Pipeline]:
-    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
-    yield Pipeline(settings, store, sender, clock=clock, rand=lambda: 0.5, worker_name="test")
-    sender.close()
 
 
 def seed(store: Store, partner: PartnerServer, pipeline: Pipeline, clock: Clock) -> Scenario:

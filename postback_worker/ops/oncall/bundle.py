@@ -16,14 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select
-
 from postback_worker.domain.diagnosis import diagnose
+from postback_worker.domain.failures import FACTS, FailureClass
 from postback_worker.domain.masking import mask_url
+from postback_worker.domain.postback import PostbackState
 from postback_worker.errors import UnknownPartner
 from postback_worker.settings import Settings
 from postback_worker.store import repo
-from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 SAMPLES_PER_CLASS = 10
@@ -46,36 +45,16 @@ def collect(store: Store, settings: Settings, partner_id: str, since: datetime,
     partner = store.get_partner(partner_id)
     if partner is None:
         raise UnknownPartner(partner_id)
-    pb, cv, at = t.postbacks.c, t.conversions.c, t.attempts.c
-    in_range = and_(pb.partner_id == partner_id, pb.created_at >= since, pb.created_at <= until)
-    with store.engine.connect() as conn:
-        postbacks = [dict(r) for r in conn.execute(
-            select(pb.id, pb.conversion_id, pb.state, pb.attempts, pb.last_status, pb.last_class,
-                   pb.reason, pb.created_at, pb.delivered_at, cv.transaction_id, cv.offer_id)
-            .select_from(t.postbacks.join(t.conversions, cv.id == pb.conversion_id))
-            .where(in_range).order_by(pb.created_at)).mappings()]
-        expired = [dict(r) for r in conn.execute(
-            select(cv.id, cv.transaction_id, cv.offer_id, cv.state, cv.reason, cv.received_at)
-            .where(cv.aff_id == partner_id, cv.received_at >= since, cv.received_at <= until,
-                   cv.state.in_(["expired_click"])).order_by(cv.received_at)).mappings()]
-        attempts = [dict(r) for r in conn.execute(
-            select(at.postback_id, at.attempt_no, at.started_at, at.duration_ms, at.url,
-                   at.status_code, at.failure_class, at.error, at.response_excerpt)
-            .select_from(t.attempts.join(t.postbacks, pb.id == at.postback_id))
-            .where(in_range, at.failure_class != "delivered")
-            .order_by(at.started_at.desc())).mappings()]
-        history = [dict(r) for r in conn.execute(
-            select(t.config_history).where(
-                or_(and_(t.config_history.c.kind == "partner",
-                         t.config_history.c.object_id == partner_id)))
-            .order_by(t.config_history.c.changed_at)).mappings()]
+    evidence = store.partner_evidence(partner_id, since, until)
+    postbacks, expired = evidence["postbacks"], evidence["expired"]
+    attempts, history = evidence["attempts"], evidence["history"]
     offer_ids = sorted({p["offer_id"] for p in postbacks if p["offer_id"]}
                        | {c["offer_id"] for c in expired if c["offer_id"]})
     offers = [o for o in store.list_offers() if o["id"] in offer_ids]
 
-    undelivered = [p for p in postbacks if p["state"] != repo.DELIVERED]
+    undelivered = [p for p in postbacks if p["state"] != PostbackState.DELIVERED]
     failed = Counter((p["last_class"], p["last_status"]) for p in undelivered
-                     if p["last_class"] and p["last_class"] != "delivered")
+                     if p["last_class"] and p["last_class"] != FailureClass.DELIVERED)
     diagnosis = diagnose(failed, len(expired))
     counts = {
         "postbacks": len(postbacks),
@@ -160,6 +139,7 @@ def _summary(partner: dict[str, Any], since: datetime, until: datetime, now: dat
         diagnosis,
         "",
         f"Postbacks in range: {counts['postbacks']} ({by_state}).",
+        *_class_advice(counts["undelivered_by_class"]),
         f"Conversions lost to an expired click: {counts['expired_click_conversions']}.",
         "Egress IPs the partner must allowlist: " + (", ".join(egress) or "not configured") + ".",
         "",
@@ -173,6 +153,15 @@ def _summary(partner: dict[str, Any], since: datetime, until: datetime, now: dat
         "  egress_ips.txt       our outbound IP addresses",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _class_advice(by_class: dict[str, int]) -> list[str]:
+    """One line per failure class of the undelivered postbacks: how many, and what to do."""
+    lines = []
+    for name, n in sorted(by_class.items(), key=lambda kv: (-kv[1], kv[0])):
+        if name in FACTS and name != FailureClass.DELIVERED:
+            lines.append(f"  {name} ({n}): {FACTS[FailureClass(name)].advice}")
+    return ["Undelivered postbacks by failure class:", *lines] if lines else []
 
 
 def targz(base: str, files: dict[str, str]) -> bytes:

@@ -5,14 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
-
 from postback_worker.domain import guards as g
 from postback_worker.errors import UnknownPartner
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
-from postback_worker.store import repo
-from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 
@@ -23,23 +19,7 @@ def _ts(value: float) -> datetime | None:
 def health(store: Store, settings: Settings, redis_client: Any | None,
            now: datetime) -> list[dict[str, Any]]:
     """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
-    pb, at, dl = t.postbacks.c, t.attempts.c, t.dead_letters.c
-    hour_ago = now - timedelta(hours=1)
-    with store.engine.connect() as conn:
-        waiting: dict[str, int] = dict(conn.execute(  # type: ignore[arg-type]
-            select(pb.partner_id, func.count()).where(pb.state.in_(
-                [repo.RETRY_SCHEDULED, repo.QUEUED, repo.PENDING, repo.IN_FLIGHT]))
-            .group_by(pb.partner_id)).all())
-        dead: dict[str, int] = dict(conn.execute(  # type: ignore[arg-type]
-            select(dl.partner_id, func.count()).select_from(
-                t.dead_letters.join(t.postbacks, pb.id == dl.postback_id))
-            .where(pb.state == repo.DEAD_LETTERED).group_by(dl.partner_id)).all())
-        recent = {r[0]: (int(r[1]), int(r[2] or 0)) for r in conn.execute(
-            select(pb.partner_id, func.count(),
-                   func.sum(case((at.failure_class == "delivered", 1), else_=0)))
-            .select_from(t.attempts.join(t.postbacks, pb.id == at.postback_id))
-            .where(at.started_at >= hour_ago, at.is_test.is_(False))
-            .group_by(pb.partner_id)).all()}
+    waiting, dead, recent = store.partner_counts(now - timedelta(hours=1))
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
     rows = []
     for p in store.list_partners():
@@ -69,11 +49,8 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
 
 
 def _set(store: Store, partner_id: str, **values: Any) -> None:
-    with store.engine.begin() as conn:
-        res = conn.execute(update(t.partners).where(t.partners.c.id == partner_id)
-                           .values(**values))
-        if res.rowcount == 0:
-            raise UnknownPartner(partner_id)
+    if not store.set_partner_fields(partner_id, **values):
+        raise UnknownPartner(partner_id)
 
 
 def pause(store: Store, partner_id: str, reason: str | None, now: datetime) -> None:

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
-
 from postback_worker.domain.attribution import (
     ClickFacts,
     ConversionFacts,
@@ -22,9 +20,9 @@ from postback_worker.domain.attribution import (
     attribute,
 )
 from postback_worker.errors import UnknownOffer
-from postback_worker.ops.oncall.replay import TASK_REATTRIBUTE_RUN, Enqueue, marker, record_run
-from postback_worker.store import schema as t
+from postback_worker.ops.oncall.replay import TASK_REATTRIBUTE_RUN, Enqueue, record_run
 from postback_worker.store.repo import Store
+from postback_worker.store.runs import marker
 
 CHUNK = 200
 
@@ -44,21 +42,9 @@ def plan(store: Store, offer_id: str, since: datetime | None,
     offer = store.get_offer(offer_id)
     if offer is None:
         raise UnknownOffer(offer_id)
-    cv = t.conversions.c
-    cond = [cv.offer_id == offer_id]
-    if since is not None:
-        cond.append(cv.received_at >= since)
-    if until is not None:
-        cond.append(cv.received_at <= until)
     out = ReattributionPlan(offer_id, int(offer["lifespan_days"]))
     facts = OfferFacts(offer_id, out.lifespan_days)
-    with store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(
-            select(t.conversions).where(cv.state == ConversionState.EXPIRED_CLICK.value, *cond)
-            .order_by(cv.received_at, cv.id)).mappings()]
-        out.unknown_click = int(conn.execute(select(func.count()).where(
-            cv.state == ConversionState.UNKNOWN_CLICK.value, *cond)).scalar() or 0)
-        clicks = store.clicks_by_transaction(conn, [r["transaction_id"] for r in rows])
+    rows, out.unknown_click, clicks = store.expired_conversions(offer_id, since, until)
     for r in rows:
         click = clicks.get(r["transaction_id"])
         decision = attribute(
@@ -91,20 +77,9 @@ def start(store: Store, offer_id: str, *, since: datetime | None, until: datetim
                         selected=len(p.eligible), now=now, prefix="ra")
     if dry_run or not p.eligible:
         return run_id, p, 0
-    cv = t.conversions.c
-    ids = [e["conversion_id"] for e in p.eligible]
-    taken: list[str] = []
-    with store.engine.begin() as conn:
-        for i in range(0, len(ids), CHUNK):
-            taken.extend(r[0] for r in conn.execute(
-                update(t.conversions)
-                .where(cv.id.in_(ids[i:i + CHUNK]),
-                       cv.state == ConversionState.EXPIRED_CLICK.value)
-                .values(state=ConversionState.RECEIVED.value, reattributed_at=now,
-                        processed_at=None,
-                        reason=f"re-attribution run {run_id}: lifespan now "
-                               f"{p.lifespan_days} days")
-                .returning(cv.id)))
+    taken = store.reopen_expired(
+        [e["conversion_id"] for e in p.eligible],
+        f"re-attribution run {run_id}: lifespan now {p.lifespan_days} days", now)
     tag = (marker("reattribute", run_id) + who)[:200]
     if enqueue is not None:
         for i in range(0, len(taken), CHUNK):

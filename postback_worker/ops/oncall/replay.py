@@ -16,25 +16,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
-
+from postback_worker.domain.deadletters import Filter
 from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
-from postback_worker.ops.oncall.deadletters import DEAD_JOIN, Filter
-from postback_worker.pipeline.processing import render_postback_url
+from postback_worker.domain.postback import PostbackState
+from postback_worker.pipeline.intake import render_postback_url
 from postback_worker.settings import Settings
-from postback_worker.store import repo
-from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
+from postback_worker.store.runs import marker
 
 # enqueue(task name, args): publishes a task on the `replay` queue.
 Enqueue = Callable[[str, list[Any]], None]
-
-
-def marker(kind: str, run_id: str) -> str:
-    """Prefix of `postbacks.triggered_by` for one run, e.g. 'replay rr_x by alice'."""
-    return f"{kind} {run_id} by "
 
 
 @dataclass
@@ -75,20 +68,7 @@ class Plan:
 
 def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) -> Plan:
     """Select dead letters and render their URLs with the partners' current templates."""
-    dl, pb = t.dead_letters.c, t.postbacks.c
-    stmt = (select(dl.postback_id, dl.partner_id, dl.failure_class, pb.url, pb.conversion_id)
-            .select_from(DEAD_JOIN).where(filt.clause()).order_by(dl.created_at, dl.postback_id))
-    if limit:
-        stmt = stmt.limit(limit)
-    with store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(stmt).mappings()]
-        conv_ids = list({r["conversion_id"] for r in rows})
-        convs: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(conv_ids), 500):
-            for c in conn.execute(select(t.conversions).where(
-                    t.conversions.c.id.in_(conv_ids[i:i + 500]))).mappings():
-                convs[c["id"]] = dict(c)
-        clicks = store.clicks_by_transaction(conn, [c["transaction_id"] for c in convs.values()])
+    rows, convs, clicks = store.replay_selection(filt, limit)
     partners = {p["id"]: p for p in store.list_partners()}
     out = Plan(filt)
     for r in rows:
@@ -127,11 +107,8 @@ class Run:
 def record_run(store: Store, *, kind: str, who: str, filters: dict[str, Any], dry_run: bool,
                selected: int, now: datetime, prefix: str = "rr") -> str:
     run_id = new_id(prefix)
-    with store.engine.begin() as conn:
-        conn.execute(insert(t.replay_runs).values(
-            id=run_id, kind=kind, triggered_by=who[:200],
-            filters=json.dumps(filters, default=str, sort_keys=True), dry_run=dry_run,
-            selected=selected, created_at=now))
+    store.record_run(run_id=run_id, kind=kind, who=who, filters=filters, dry_run=dry_run,
+                     selected=selected, now=now)
     return run_id
 
 
@@ -157,28 +134,13 @@ def start(store: Store, settings: Settings, filt: Filter, *, who: str, rate: flo
 def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: str, run_id: str,
                rate: float, now: datetime) -> int:
     """Atomically move still-dead postbacks to `queued`; returns how many moved."""
-    pb, dl = t.postbacks.c, t.dead_letters.c
-    moved = 0
-    with store.engine.begin() as conn:
-        ids = [c.postback_id for c in ready]
-        dead: set[str] = set()
-        for i in range(0, len(ids), 500):
-            dead.update(r[0] for r in conn.execute(
-                select(pb.id).where(pb.id.in_(ids[i:i + 500]), pb.state == repo.DEAD_LETTERED)
-                .with_for_update()))
-        for n, c in enumerate(c for c in ready if c.postback_id in dead):
-            # The run driver takes them in this order; the sweeper is a safety net only if the
-            # driver falls `requeue_after` seconds behind its schedule.
-            slot = now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
-            conn.execute(update(t.postbacks).where(pb.id == c.postback_id,
-                                                   pb.state == repo.DEAD_LETTERED).values(
-                state=repo.QUEUED, url=c.new_url, next_attempt_at=slot, first_attempt_at=None,
-                lease_until=None, lease_token=None, triggered_by=tag, updated_at=now,
-                reason=f"replay run {run_id} queued"))
-            conn.execute(update(t.dead_letters).where(dl.postback_id == c.postback_id).values(
-                replayed_at=now, replay_count=dl.replay_count + 1))
-            moved += 1
-    return moved
+    # The run driver takes them in this order; the sweeper is a safety net only if the
+    # driver falls `requeue_after` seconds behind its schedule.
+    def due_at(n: int) -> datetime:
+        return now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
+
+    return store.requeue_dead([(c.postback_id, c.new_url) for c in ready], due_at=due_at,
+                              tag=tag, reason=f"replay run {run_id} queued", now=now)
 
 
 TASK_REPLAY_RUN = "postback_worker.replay_run"
@@ -187,38 +149,26 @@ TASK_REATTRIBUTE_RUN = "postback_worker.reattribute_run"
 
 def next_chunk(store: Store, kind: str, run_id: str, size: int) -> list[str]:
     """The run's postbacks still waiting in `queued`, in schedule order."""
-    pb = t.postbacks.c
-    with store.engine.connect() as conn:
-        return [r[0] for r in conn.execute(
-            select(pb.id).where(pb.state == repo.QUEUED,
-                                pb.triggered_by.like(marker(kind, run_id) + "%"))
-            .order_by(pb.next_attempt_at, pb.id).limit(size))]
+    return store.run_next_chunk(kind, run_id, size)
 
 
 def tally(store: Store, kind: str, run_id: str) -> dict[str, int]:
     """delivered / failed (dead-lettered again) / pending, over the run's postbacks."""
-    pb = t.postbacks.c
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(pb.state, func.count()).where(
-            pb.triggered_by.like(marker(kind, run_id) + "%")).group_by(pb.state)).all()
-    counts = {state: int(n) for state, n in rows}
-    delivered = counts.pop(repo.DELIVERED, 0)
-    failed = counts.pop(repo.DEAD_LETTERED, 0) + counts.pop(repo.SKIPPED, 0)
+    counts = store.run_states(kind, run_id)
+    delivered = counts.pop(PostbackState.DELIVERED, 0)
+    failed = counts.pop(PostbackState.DEAD_LETTERED, 0) + counts.pop(PostbackState.SKIPPED, 0)
     return {"delivered": delivered, "failed": failed, "pending": sum(counts.values())}
 
 
 def save_tally(store: Store, kind: str, run_id: str, now: datetime) -> dict[str, int]:
     """Store the current tally on the run; finished once nothing is pending."""
     counts = tally(store, kind, run_id)
-    with store.engine.begin() as conn:
-        conn.execute(update(t.replay_runs).where(t.replay_runs.c.id == run_id).values(
-            delivered=counts["delivered"], failed=counts["failed"], pending=counts["pending"],
-            finished_at=now if counts["pending"] == 0 else None))
+    store.save_run_tally(run_id, counts, now)
     return counts
 
 
 def get_run(store: Store, run_id: str) -> dict[str, Any] | None:
-    row = store.get_row(t.replay_runs, run_id)
+    row = store.get_run(run_id)
     if row is None:
         return None
     row["filters"] = json.loads(row["filters"])

@@ -14,12 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
-
 from postback_worker.domain.campaigns import DEFAULT_LIFESPAN_DAYS
 from postback_worker.settings import Settings
-from postback_worker.store import schema as t
-from postback_worker.store.repo import DELIVERED, Store
+from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +58,8 @@ class Purger:
         self.clock = clock
 
     def longest_lifespan(self) -> int:
-        with self.store.engine.connect() as conn:
-            longest = conn.execute(select(func.max(t.offers.c.lifespan_days))).scalar()
-        return int(longest) if longest is not None else max(DEFAULT_LIFESPAN_DAYS.values())
+        longest = self.store.longest_lifespan()
+        return longest if longest is not None else max(DEFAULT_LIFESPAN_DAYS.values())
 
     def run(self) -> PurgeResult:
         now = self.clock()
@@ -72,11 +68,12 @@ class Purger:
         if warning:
             log.warning("retention: %s", warning)
         result = PurgeResult(now=now, click_days=days, warning=warning)
-        jobs: list[tuple[str, Callable[[Connection, datetime, int], int], datetime]] = [
-            ("clicks", self._clicks, now - timedelta(days=days)),
-            ("delivered_postbacks", self._delivered,
+        jobs: list[tuple[str, Callable[[datetime, int], int], datetime]] = [
+            ("clicks", self.store.purge_clicks, now - timedelta(days=days)),
+            ("delivered_postbacks", self.store.purge_delivered,
              now - timedelta(days=s.retention.delivered_days)),
-            ("attempts", self._attempts, now - timedelta(days=s.retention.attempt_days)),
+            ("attempts", self.store.purge_attempts,
+             now - timedelta(days=s.retention.attempt_days)),
         ]
         for name, job, cutoff in jobs:
             total, more = self._batches(job, cutoff)
@@ -87,47 +84,14 @@ class Purger:
                      " (more left for the next run)" if result.more else "")
         return result
 
-    def _batches(self, job: Callable[[Connection, datetime, int], int],
+    def _batches(self, job: Callable[[datetime, int], int],
                  cutoff: datetime) -> tuple[int, bool]:
+        """Run one job in short batches; (rows deleted, whether some are left)."""
         size = max(1, self.settings.retention.batch)
         total = 0
         for _ in range(max(1, self.settings.retention.max_batches)):
-            with self.store.engine.begin() as conn:
-                if self.store.dialect == "postgresql":
-                    conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
-                n = job(conn, cutoff, size)
+            n = job(cutoff, size)
             total += n
             if n < size:
                 return total, False
         return total, True
-
-    def _pick(self, column: Any, where: Any, size: int) -> Any:
-        stmt = select(column).where(where).limit(size)
-        if self.store.dialect == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
-        return stmt
-
-    def _clicks(self, conn: Connection, cutoff: datetime, size: int) -> int:
-        c = t.clicks.c
-        ids = [r[0] for r in conn.execute(self._pick(c.transaction_id, c.clicked_at < cutoff,
-                                                     size))]
-        if ids:
-            conn.execute(delete(t.clicks).where(c.transaction_id.in_(ids)))
-        return len(ids)
-
-    def _attempts(self, conn: Connection, cutoff: datetime, size: int) -> int:
-        a = t.attempts.c
-        ids = [r[0] for r in conn.execute(self._pick(a.id, a.started_at < cutoff, size))]
-        if ids:
-            conn.execute(delete(t.attempts).where(a.id.in_(ids)))
-        return len(ids)
-
-    def _delivered(self, conn: Connection, cutoff: datetime, size: int) -> int:
-        pb = t.postbacks.c
-        old = (pb.state == DELIVERED) & (pb.delivered_at < cutoff)
-        ids = [r[0] for r in conn.execute(self._pick(pb.id, old, size))]
-        if ids:
-            conn.execute(delete(t.attempts).where(t.attempts.c.postback_id.in_(ids)))
-            conn.execute(delete(t.dead_letters).where(t.dead_letters.c.postback_id.in_(ids)))
-            conn.execute(delete(t.postbacks).where(pb.id.in_(ids), old))
-        return len(ids)

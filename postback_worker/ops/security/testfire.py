@@ -10,41 +10,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
-
 from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
-from postback_worker.domain.diagnosis import TITLES, cause_of
+from postback_worker.domain.diagnosis import TITLES
+from postback_worker.domain.failures import FACTS, Cause, cause_of
 from postback_worker.domain.macros import TemplateError, macro_values, render
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.retry import FailureClass, classify, describe
-from postback_worker.store import schema
 
 TEST_STATE = "test"
 EXCERPT_CHARS = 300
-
-# What to do about each failure class (DESIGN.md's six causes, for one attempt).
-ADVICE: dict[str, str] = {
-    "delivered": "The partner accepted the postback. Nothing to do.",
-    "partner_5xx": "The partner's server failed (5xx). Real postbacks are retried with backoff; "
-                   "if it persists, ask the partner about an outage or maintenance.",
-    "timeout": "The partner did not answer in time. Real postbacks are retried; if it persists, "
-               "ask the partner about slowness or raise the partner's timeout.",
-    "throttled": "The partner is rate limiting us (429). Real postbacks wait for Retry-After; "
-                 "ask the partner for a higher limit or set the partner's rate_limit.",
-    "dns": "The partner's host name does not resolve. Check the spelling of the host in the "
-           "template, or ask the partner whether their DNS changed.",
-    "network": "The connection failed (refused, reset or TLS). Check the host and port, and "
-               "ask the partner whether their server or certificate changed.",
-    "auth": "The partner refused our credentials (401). Ask the partner for a current token "
-            "and update the template; postbacks with 401 are not retried.",
-    "blocked": "The partner's firewall refused us (403). Ask the partner to allowlist our "
-               "egress IP addresses (POSTBACK_EGRESS_IPS).",
-    "config": "The request or template is wrong for this partner (other 4xx, a redirect, a "
-              "failed success check, a refused address or a template that cannot render). "
-              "Compare the template with the partner's documentation and fix it.",
-}
-
 
 @dataclass
 class FireReport:
@@ -99,8 +74,8 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     except TemplateError as exc:
         return FireReport(partner["id"], method, mask_url(partner["postback_url"]), values,
                           failure_class="config", outcome="template cannot render",
-                          cause=TITLES[cause_of("config", None) or "incorrect_postback_url"],
-                          advice=ADVICE["config"],
+                          cause=TITLES[cause_of("config", None) or Cause.URL_CONFIG],
+                          advice=FACTS[FailureClass.CONFIG].advice,
                           problems=[p.describe() for p in exc.problems])
     result = FireReport(partner["id"], method, mask_url(url), values,
                         signed=bool(partner.get("hmac_secret")))
@@ -121,7 +96,7 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     result.failure_class = failure.value
     result.outcome = describe(outcome, failure)
     result.cause = TITLES[cause] if cause else None
-    result.advice = ADVICE[failure.value]
+    result.advice = FACTS[failure].advice
     _record(store, partner, postback_id, url, now, outcome, failure, result.outcome,
             (clock or (lambda: now))())
     return result
@@ -132,20 +107,20 @@ def _record(store: Any, partner: Mapping[str, Any], postback_id: str, url: str,
             finished: datetime) -> None:
     conversion_id = "cv_test_" + postback_id.removeprefix("pb_test_")
     delivered = failure is FailureClass.DELIVERED
-    with store.engine.begin() as conn:
-        conn.execute(insert(schema.conversions).values(
+    store.record_test_fire(
+        conversion=dict(
             id=conversion_id, transaction_id="test-fire", offer_id=None, aff_id=partner["id"],
             goal_id="", status="approved", occurred_at=started, received_at=started,
-            state=TEST_STATE, reason="test fire (partners test --fire)", processed_at=finished))
-        conn.execute(insert(schema.postbacks).values(
+            state=TEST_STATE, reason="test fire (partners test --fire)", processed_at=finished),
+        postback=dict(
             id=postback_id, conversion_id=conversion_id, partner_id=partner["id"],
             url=mask_url(url), method=partner["method"], state=TEST_STATE,
             reason=None if delivered else text, attempts=1, first_attempt_at=started,
             last_attempt_at=started, last_status=outcome.status_code,
             last_class=failure.value, received_at=started, created_at=started,
             updated_at=finished, delivered_at=finished if delivered else None,
-            triggered_by="test-fire"))
-        conn.execute(insert(schema.attempts).values(
+            triggered_by="test-fire"),
+        attempt=dict(
             postback_id=postback_id, attempt_no=1, started_at=started,
             duration_ms=round(outcome.duration_ms, 3), url=mask_url(url),
             status_code=outcome.status_code, failure_class=failure.value,

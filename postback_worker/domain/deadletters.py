@@ -1,0 +1,89 @@
+"""Which dead letters an operator means: a filter parsed from CLI options or API fields."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from postback_worker.domain.events import FieldError, ValidationError
+from postback_worker.domain.failures import FAILED_CLASSES
+
+FAILURE_CLASSES: tuple[str, ...] = tuple(str(c) for c in FAILED_CLASSES)
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(value: str, now: datetime) -> datetime:
+    """ISO 8601 date/time (UTC unless it says otherwise) or an age such as 30m, 6h, 7d."""
+    text = value.strip()
+    rel = _RELATIVE.fullmatch(text)
+    if rel:
+        return now - timedelta(seconds=float(rel.group(1)) * _UNITS[rel.group(2)])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError("must be an ISO 8601 time (2026-11-26T12:00:00Z) or an age such as "
+                         "30m, 6h, 7d") from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which dead letters: every field is optional and they combine with AND."""
+
+    partner_id: str | None = None
+    offer_id: str | None = None
+    failure_class: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    last_status: int | None = None
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any], now: datetime) -> Filter:
+        """From CLI options or API fields; raises ValidationError naming each bad field."""
+        errors: list[FieldError] = []
+        known = {"partner_id", "offer_id", "failure_class", "since", "until", "last_status"}
+        kw: dict[str, Any] = {}
+        for name in ("partner_id", "offer_id"):
+            value = data.get(name)
+            if value not in (None, ""):
+                kw[name] = str(value)
+        fc = data.get("failure_class")
+        if fc not in (None, ""):
+            if fc not in FAILURE_CLASSES:
+                errors.append(FieldError("failure_class",
+                                         "must be one of " + ", ".join(FAILURE_CLASSES)))
+            kw["failure_class"] = fc
+        for name in ("since", "until"):
+            value = data.get(name)
+            if value in (None, ""):
+                continue
+            try:
+                kw[name] = value if isinstance(value, datetime) else parse_time(str(value), now)
+            except ValueError as exc:
+                errors.append(FieldError(name, str(exc)))
+        status = data.get("last_status")
+        if status not in (None, ""):
+            try:
+                kw["last_status"] = int(status)
+                if not 100 <= kw["last_status"] <= 599:
+                    raise ValueError
+            except (TypeError, ValueError):
+                errors.append(FieldError("last_status", "must be an HTTP status code (100-599)"))
+        if kw.get("since") and kw.get("until") and kw["since"] > kw["until"]:
+            errors.append(FieldError("until", "must be after since"))
+        errors.extend(FieldError(k, "unknown field") for k in data if k not in known)
+        if errors:
+            raise ValidationError(errors)
+        return cls(**kw)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        parts = [f"{k}={v.isoformat() if isinstance(v, datetime) else v}"
+                 for k, v in self.as_dict().items()]
+        return ", ".join(parts) or "all dead letters"

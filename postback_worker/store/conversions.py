@@ -1,0 +1,140 @@
+"""Clicks, conversions and their dedupe keys: intake's reads and writes, and re-attribution."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, update
+
+from postback_worker.domain.attribution import ConversionState
+from postback_worker.store import schema as t
+from postback_worker.store.sql import StoreBase, chunks
+
+RECEIVED = ConversionState.RECEIVED.value
+EXPIRED_CLICK = ConversionState.EXPIRED_CLICK.value
+
+
+def clicks_by_transaction(conn: Connection,
+                          transaction_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The stored clicks of these transaction ids, by transaction id."""
+    found: dict[str, dict[str, Any]] = {}
+    for part in chunks(list(set(transaction_ids))):
+        for row in conn.execute(
+            select(t.clicks).where(t.clicks.c.transaction_id.in_(part))
+        ).mappings():
+            found[row["transaction_id"]] = dict(row)
+    return found
+
+
+def conversions_by_id(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for part in chunks(list(set(ids))):
+        for row in conn.execute(select(t.conversions).where(t.conversions.c.id.in_(part))
+                                ).mappings():
+            out[row["id"]] = dict(row)
+    return out
+
+
+class ConversionRecords(StoreBase):
+    """Clicks and conversions (methods that take `conn` run inside the caller's transaction)."""
+
+    def insert_clicks(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            self.insert_ignore(conn, t.clicks, rows, ["transaction_id"])
+
+    def clicks_by_transaction(self, conn: Connection,
+                              transaction_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return clicks_by_transaction(conn, transaction_ids)
+
+    def insert_conversions(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.insert_ignore(conn, t.conversions, rows, ["id"])
+
+    def unprocessed_conversions(self, conn: Connection, ids: Sequence[str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for part in chunks(list(ids)):
+            stmt = select(t.conversions).where(
+                t.conversions.c.id.in_(part), t.conversions.c.state == RECEIVED
+            )
+            if self.dialect == "postgresql":
+                # Two workers holding the same message take turns on these rows.
+                stmt = stmt.with_for_update()
+            out.extend(dict(r) for r in conn.execute(stmt).mappings())
+        order = {cid: i for i, cid in enumerate(ids)}
+        out.sort(key=lambda r: order[r["id"]])
+        return out
+
+    def claim_keys(self, conn: Connection, keys: Mapping[str, str]) -> dict[str, str]:
+        """Insert dedupe keys (key -> conversion id); return the owner of each key."""
+        rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
+        self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
+        owners: dict[str, str] = {}
+        for part in chunks(list(keys)):
+            for key, owner in conn.execute(
+                select(t.conversion_keys.c.key, t.conversion_keys.c.conversion_id).where(
+                    t.conversion_keys.c.key.in_(part)
+                )
+            ):
+                owners[key] = owner
+        return owners
+
+    def set_conversion_states(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+        """rows: {id, state, reason, offer_id, aff_id, processed_at}."""
+        self.bulk_update(conn, t.conversions, rows, match={"id": "id"}, assign={
+            c: c for c in ("state", "reason", "offer_id", "aff_id", "processed_at")})
+
+    def get_conversion(self, conversion_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            return conversions_by_id(conn, [conversion_id]).get(conversion_id)
+
+    def get_conversions(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return conversions_by_id(conn, ids)
+
+    def conversion_offers(self, ids: Sequence[str]) -> dict[str, str | None]:
+        """Offer id of each conversion, in one query per chunk."""
+        c = t.conversions.c
+        out: dict[str, str | None] = {}
+        with self.engine.connect() as conn:
+            for part in chunks(list(ids)):
+                out.update({r.id: r.offer_id for r in conn.execute(
+                    select(c.id, c.offer_id).where(c.id.in_(part)))})
+        return out
+
+    # -- re-attribution -------------------------------------------------------------------
+
+    def expired_conversions(self, offer_id: str, since: datetime | None,
+                            until: datetime | None) -> tuple[list[dict[str, Any]], int,
+                                                             dict[str, dict[str, Any]]]:
+        """(the offer's expired_click conversions in the range, how many of its conversions
+        had an unknown click, the clicks of the expired ones by transaction id)."""
+        cv = t.conversions.c
+        cond = [cv.offer_id == offer_id]
+        if since is not None:
+            cond.append(cv.received_at >= since)
+        if until is not None:
+            cond.append(cv.received_at <= until)
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(
+                select(t.conversions).where(cv.state == EXPIRED_CLICK, *cond)
+                .order_by(cv.received_at, cv.id)).mappings()]
+            unknown = int(conn.execute(select(func.count()).where(
+                cv.state == ConversionState.UNKNOWN_CLICK.value, *cond)).scalar() or 0)
+            clicks = clicks_by_transaction(conn, [r["transaction_id"] for r in rows])
+        return rows, unknown, clicks
+
+    def reopen_expired(self, ids: Sequence[str], reason: str, now: datetime) -> list[str]:
+        """Hand expired_click conversions back to `received` (only those still expired: a
+        conversion is taken by one run only); returns the ids taken."""
+        cv = t.conversions.c
+        taken: list[str] = []
+        with self.engine.begin() as conn:
+            for part in chunks(list(ids), 200):
+                taken.extend(r[0] for r in conn.execute(
+                    update(t.conversions)
+                    .where(cv.id.in_(part), cv.state == EXPIRED_CLICK)
+                    .values(state=RECEIVED, reattributed_at=now, processed_at=None,
+                            reason=reason)
+                    .returning(cv.id)))
+        return taken

@@ -1,0 +1,135 @@
+"""What every store module shares: the engine, batched inserts and updates, chunked IN lists."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+
+
+def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class StoreBase:
+    """One engine and the batched statements every aggregate's module builds on."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    def _insert(self, table: Table) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        if self.dialect == "sqlite":
+            return sqlite.insert(table)
+        return insert(table)
+
+    def update_by_id(self, table: Table, row_id: str, values: Mapping[str, Any]) -> bool:
+        """Set some columns of one row (by id); False when there is no such row."""
+        with self.engine.begin() as conn:
+            res = conn.execute(update(table).where(table.c.id == row_id).values(**values))
+            return bool(res.rowcount)
+
+    def pick(self, column: Any, where: Any, size: int) -> Any:
+        """SELECT column WHERE ... LIMIT size, skipping rows others hold (PostgreSQL)."""
+        stmt = select(column).where(where).limit(size)
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        return stmt
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction for the methods that take `conn` (committed on leaving)."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def short_transaction(self) -> Iterator[Connection]:
+        """A transaction that gives up on a lock after 5 s (purges never stall the workers)."""
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+            yield conn
+
+    def insert_ignore(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
+                      keys: Sequence[str]) -> None:
+        """INSERT ... ON CONFLICT (keys) DO NOTHING: one multi-row statement per chunk on
+        PostgreSQL, an executemany elsewhere."""
+        if not rows:
+            return
+        if self.dialect != "postgresql":
+            stmt = self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
+            conn.execute(stmt, list(rows))
+            return
+        cols = list(rows[0])
+        sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
+               f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
+        _execute_values(conn, sql, [tuple(r[c] for c in cols) for r in rows])
+
+    def bulk_update(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
+                    match: Mapping[str, str], assign: Mapping[str, Any]) -> int:
+        """Update many rows, each with its own values; return how many rows matched.
+
+        `match` maps row keys to the columns they must equal; `assign` maps columns to a row
+        key (str) or a fixed SQL expression. PostgreSQL: one UPDATE ... FROM (VALUES ...) per
+        chunk; elsewhere an executemany.
+        """
+        if not rows:
+            return 0
+        keys = list(match) + sorted({v for v in assign.values() if isinstance(v, str)})
+        types = {k: table.c[c].type for k, c in match.items()}
+        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
+        if self.dialect != "postgresql":
+            stmt = (
+                update(table)
+                .where(*[table.c[c] == bindparam("b_" + k) for k, c in match.items()])
+                .values({c: bindparam("b_" + v) if isinstance(v, str) else v
+                         for c, v in assign.items()})
+            )
+            res = conn.execute(stmt, [{"b_" + k: r[k] for k in keys} for r in rows])
+            return int(res.rowcount)
+        # One statement per page: UPDATE ... FROM (VALUES ...) with each value cast to its
+        # column's type, built by psycopg2 (compiling 500-row statements in SQLAlchemy costs
+        # more than running them).
+        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
+        template = "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
+        sets = []
+        for col, x in assign.items():
+            if isinstance(x, str):
+                sets.append(f"{col} = v.{x}")
+            else:
+                expr = x if hasattr(x, "compile") else literal(x)
+                sets.append(f"{col} = " + str(expr.compile(
+                    dialect=conn.dialect, compile_kwargs={"literal_binds": True})))
+        where = " AND ".join(f"{table.name}.{c} = v.{k}" for k, c in match.items())
+        first = next(iter(match.values()))
+        sql = (f"UPDATE {table.name} SET {', '.join(sets)} FROM (VALUES %s) AS v"
+               f"({', '.join(keys)}) WHERE {where} RETURNING {table.name}.{first}")
+        returned = _execute_values(conn, sql, [tuple(r[k] for k in keys) for r in rows],
+                                   template=template, fetch=True)
+        return len(returned)
+
+
+def _cast_type(sql_type: str) -> str:
+    # VARCHAR(n) casts truncate silently; TEXT lets the column itself refuse a long value.
+    return "TEXT" if sql_type.startswith("VARCHAR") else sql_type
+
+
+def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
+                    template: str | None = None, fetch: bool = False) -> list[Any]:
+    """psycopg2's execute_values on the connection's current transaction."""
+    from psycopg2.extras import execute_values
+
+    cursor = conn.connection.cursor()
+    try:
+        return execute_values(cursor, sql, rows, template=template, page_size=1000,
+                              fetch=fetch) or []
+    finally:
+        cursor.close()
