@@ -92,9 +92,9 @@ class IngestSettings:
     # ... or until this many events are waiting (then they go at once).
     batch_events: int = field(default=16, metadata=env("POSTBACK_INGEST_BATCH_EVENTS"))
     # A woken worker takes up to this many accepted events per transaction ...
-    claim_batch: int = field(default=500, metadata=env("POSTBACK_INGEST_CLAIM_BATCH"))
+    claim_batch: int = field(default=100, metadata=env("POSTBACK_INGEST_CLAIM_BATCH"))
     # ... and keeps taking batches while they come back full, at most this many times.
-    claim_rounds: int = field(default=20, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
+    claim_rounds: int = field(default=50, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
 
 
 @dataclass(frozen=True)
