@@ -3,7 +3,11 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
-        [--producer-batch K[,K...]] [--producer-threads T] [--no-ceiling] [--json out.json]
+        [--producer-batch K[,K...]] [--producer-threads T] [--no-ceiling]
+        [--partner-method get|post-json|both] [--json out.json]
+
+--partner-method both measures ours twice in the same run, with a GET partner and with a
+partner that takes a JSON body by POST, and prints the post-json / get throughput ratio.
 
 See bench/README.md for what each figure means and how it is measured.
 """
@@ -56,6 +60,10 @@ OFFER_ID = "o1"
 PARTNER_ID = "p1"
 PAYOUT = "1.00"
 PATH_QS = "/pb?tid={transaction_id}&payout={payout}&pb={postback_id}"
+# The same macros as a JSON body (--partner-method post-json).
+JSON_BODY = ('{"tid": "{transaction_id}", "payout": "{payout}", "pb": "{postback_id}", '
+             '"currency": "{currency}", "sub": "{aff_sub}"}')
+GET, POST_JSON = "get", "post-json"
 BATCH = 500  # default conversions per Producer.send_conversions call (--producer-batch)
 QUEUES = "conversions,retries,replay,maintenance"
 POLL_INTERVAL = 0.1
@@ -325,11 +333,19 @@ def bench_database(server_url: str) -> Iterator[tuple[str, str]]:
         admin.dispose()
 
 
+def configure_partner(store: Store, partner_base: str, method: str) -> None:
+    """The partner as a GET postback URL, or a POST with a JSON body from the same macros."""
+    data: dict[str, Any] = {"id": PARTNER_ID, "postback_url": partner_base + PATH_QS}
+    if method == POST_JSON:
+        data.update(postback_url=partner_base + "/pb", method="POST", body_format="json",
+                    body_template=JSON_BODY)
+    store.upsert_partner(parse_partner(data, datetime.now(UTC)))
+
+
 def seed(store: Store, partner_base: str, n_clicks: int) -> None:
     now = datetime.now(UTC)
     store.upsert_offer(parse_offer({"id": OFFER_ID, "campaign_type": "ecommerce"}, now))
-    store.upsert_partner(parse_partner(
-        {"id": PARTNER_ID, "postback_url": partner_base + PATH_QS}, now))
+    configure_partner(store, partner_base, GET)
     clicked = now - timedelta(days=1)
     for start in range(0, n_clicks, 5000):
         store.insert_clicks([
@@ -587,9 +603,11 @@ class System:
     enqueue: Callable[[int], None]
     expected_conversion_state: str = "attributed"
     runs: list[dict[str, Any]] = field(default_factory=list)
+    partner_method: str = GET
 
 
-def ours_system(cfg: Config, svc: Services, batch: int = BATCH) -> System:
+def ours_system(cfg: Config, svc: Services, batch: int = BATCH,
+                method: str = GET) -> System:
     settings = Settings.build(database_url=svc.db_url, redis_url=svc.redis_url,
                         allow_networks=LOOPBACK)
     env = {**os.environ, **settings.to_env()}
@@ -619,8 +637,9 @@ def ours_system(cfg: Config, svc: Services, batch: int = BATCH) -> System:
         finally:
             producer.close()
 
-    label = "ours" if len(cfg.producer_batches) == 1 else f"ours K={batch}"
-    return System(label, cfg.n, args, env, enqueue)
+    label = ("ours" + ("" if len(cfg.producer_batches) == 1 else f" K={batch}")
+             + ("" if method == GET else f"-{method}"))
+    return System(label, cfg.n, args, env, enqueue, partner_method=method)
 
 
 def naive_system(cfg: Config, svc: Services) -> System:
@@ -836,6 +855,15 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
     if summary:
         lines.append("")
         lines.extend(summary)
+    get, post = (med.get("ours", {}).get("postbacks_per_s"),
+                 med.get(f"ours-{POST_JSON}", {}).get("postbacks_per_s"))
+    if post is not None:
+        lines.append("")
+        lines.append(f"ours with a POST JSON-body partner: {post:.0f} postbacks/s (median)")
+    if get and post is not None:
+        ratios["post_json_over_get"] = round(post / get, 3)
+        lines.append(f"ratio post-json/get postbacks/s: {post / get:.2f} "
+                     f"(GET {get:.0f}/s in the same run; goal >= 0.80)")
     print("\n".join(lines), flush=True)
     return {"meta": meta,
             **{s.label: {"runs": s.runs, "median": med[s.label]} for s in systems},
@@ -877,6 +905,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "one call after the other)")
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the ceiling (the transport alone, no database or queue)")
+    ap.add_argument("--partner-method", choices=(GET, POST_JSON, "both"), default=GET,
+                    help="how ours fires the partner: GET (default), POST with a JSON body, or "
+                         "both in this run (prints the post-json / get ratio)")
     ap.add_argument("--json", type=Path, help="write every figure to this file")
     ap.add_argument("--pg-url", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -942,15 +973,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"seeding 1 offer, 1 partner, {n_clicks} clicks")
         seed(svc.store, partner.base_url, n_clicks)
         stack.callback(reset_state, svc)  # leave no queued messages behind in the Redis db
+        methods = [GET, POST_JSON] if args.partner_method == "both" else [args.partner_method]
         systems = []
         if "ours" in wanted:
-            systems += [ours_system(cfg, svc, k) for k in cfg.producer_batches]
+            systems += [ours_system(cfg, svc, k, m) for m in methods
+                        for k in cfg.producer_batches]
         if "naive" in wanted:
             systems.append(naive_system(cfg, svc))
         if args.only == "ceiling" or ("ours" in wanted and not args.no_ceiling):
             systems.append(ceiling_system(cfg))
-        for system in systems:
-            for run_no in range(1, cfg.runs + 1):
+        # Runs alternate between the systems (ours GET, ours post-json, naive, GET, ...), so
+        # a machine that gets busier or quieter during the benchmark affects each alike.
+        for run_no in range(1, cfg.runs + 1):
+            for system in systems:
+                configure_partner(svc.store, partner.base_url, system.partner_method)
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
                 if system.label == "ceiling":
                     system.runs.append(run_ceiling(cfg, partner, run_no))

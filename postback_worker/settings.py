@@ -116,6 +116,9 @@ class DeliverySettings:
     allow_networks: tuple[str, ...] = ()
     # Our outbound addresses, which partners must allowlist (shown in alerts and bundles).
     egress_ips: tuple[str, ...] = ()
+    # Forward proxy for every postback (http://[user:password@]host:port, HTTP CONNECT to the
+    # checked partner address); empty: direct. A partner's egress_proxy overrides it.
+    egress_proxy: str = ""
     # Lifetime of cached offers/partners in a worker process.
     config_cache_seconds: float = 5.0
 
@@ -190,6 +193,8 @@ class MetricsSettings:
     token: str = ""
     # Seconds of attempts/deliveries the /metrics histograms cover (a sliding window).
     window_seconds: int = 3600
+    # Seconds between compactions of the rollup deltas (beat; PostgreSQL only).
+    compact_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,8 @@ class AlertSettings:
     dead_letter_growth: int = 10
     # Seconds a due retry may wait unclaimed before the "retry backlog" alert fires.
     retry_overdue_seconds: int = 600
+    # A partner's oldest undelivered postback older than this raises backlog_age:<partner>.
+    backlog_age_seconds: int = 1800
     # Lost conversions (expired / unknown click) share per offer, and the minimum volume.
     lost_rate: float = 0.05
     lost_min_volume: int = 20

@@ -152,6 +152,7 @@ def test_partner_pause_resume_limits_and_health(cli: CliRunner, seeded: dict[str
     assert rows["p-wall"]["dead_letters"] == 3 and rows["p-wall"]["circuit"] == "closed"
     r = cli.invoke(main, ["partners", "health"])
     assert r.output.splitlines()[0].split()[:3] == ["PARTNER_ID", "CIRCUIT", "PAUSED"]
+    assert "BACKLOG_AGE" in r.output.splitlines()[0].split()
     r = cli.invoke(main, ["partners", "resume", "p-ok"])
     assert r.output.strip() == "partner p-ok resumed; 0 waiting postback(s) released"
     assert store.get_partner("p-ok")["paused"] is False  # type: ignore[index]

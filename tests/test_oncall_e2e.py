@@ -119,6 +119,9 @@ def test_breaker_opens_keeps_attempts_and_closes(
     wait_until(lambda: circuit_states(redis_client, ["p1"])["p1"] != "closed", 60,
                message="the circuit to open")
     wait_until(lambda: partner.count() >= 12, 60, message="two probes")
+    # the partner counts a request before the worker records its answer: wait for the record
+    wait_until(lambda: sum(int(p["attempts"]) for p in postbacks(store, ids)) >= 12, 30,
+               message="the probes' answers to be recorded")
     pbs = postbacks(store, ids)
     assert not [p for p in pbs if p["state"] == "dead_lettered"]  # 4-attempt schedule unspent
     probes = sum(int(p["attempts"]) for p in pbs) - 10  # type: ignore[call-overload]

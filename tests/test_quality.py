@@ -35,6 +35,19 @@ def test_domain_imports_no_infrastructure() -> None:
                 assert words[1].split(".")[0] not in banned, f"{path.name}: {line}"
 
 
+def test_visibility_leaves_sql_to_the_store() -> None:
+    """Figures' SQL lives in store/ (figures.py, rollups.py, alerts.py), not in ops/ or api/."""
+    paths = [*(ROOT / "postback_worker" / "ops" / "visibility").glob("*.py"),
+             ROOT / "postback_worker" / "api" / "visibility.py"]
+    for path in paths:
+        text = path.read_text()
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] != "sqlalchemy", f"{path.name}: {line}"
+        assert ".engine" not in text, path.name
+
+
 def test_every_setting_is_in_the_example_env() -> None:
     from postback_worker.settings import Settings
 

@@ -18,7 +18,7 @@ from conftest import ROOT
 from support.helpers import NOW, add_click, add_offer, add_partner, conversion, messages
 
 from postback_worker.delivery import signing
-from postback_worker.delivery.sender import Sender
+from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.ops.config import change_signing, redact_partner
 from postback_worker.ops.security.testfire import run_test_fire
 from postback_worker.pipeline.catalog import Partner
@@ -91,8 +91,8 @@ def test_signature_is_hmac_sha256_of_id_timestamp_payload() -> None:
 )
 def test_both_signatures_during_the_grace_period(offset_hours: int, count: int) -> None:
     keys = signing.SigningKeys("new", previous="old", previous_until=NOW + GRACE)
-    headers = signing.sign_headers(keys, "pb_1", "https://p.example/pb?x=1", "GET",
-                                   NOW + timedelta(hours=offset_hours))
+    headers = signing.request_headers(keys, "pb_1", "/pb?x=1",
+                                      NOW + timedelta(hours=offset_hours))
     values = headers["X-Postback-Signature"].split(",")
     assert len(values) == count and all(v.startswith("v1=") for v in values)
     assert headers["X-Postback-Timestamp"] == str(int((NOW + timedelta(hours=offset_hours))
@@ -113,7 +113,7 @@ def test_both_signatures_during_the_grace_period(offset_hours: int, count: int) 
 def test_example_verifier(secrets: list[str], header: str | None, now_offset: int,
                           ok: bool) -> None:
     keys = signing.SigningKeys("new", previous="old", previous_until=NOW + GRACE)
-    h = signing.sign_headers(keys, "pb_1", "https://p.example/pb?x=1&y=%26", "GET", NOW)
+    h = signing.request_headers(keys, "pb_1", "/pb?x=1&y=%26", NOW)
     value = header or h["X-Postback-Signature"]
     assert EXAMPLE.verify(secrets, "pb_1", h["X-Postback-Timestamp"], value, "/pb?x=1&y=%26",
                           now=NOW.timestamp() + now_offset) is ok
@@ -121,15 +121,34 @@ def test_example_verifier(secrets: list[str], header: str | None, now_offset: in
                           NOW + timedelta(seconds=now_offset)) is ok
 
 
-def test_post_signs_the_body() -> None:
+@pytest.mark.parametrize(
+    ("url", "method", "body", "payload"),
+    [
+        ("http://127.0.0.1:{port}/pb?a=1&b=%26", "GET", None, "/pb?a=1&b=%26"),
+        ("http://127.0.0.1:{port}/pb?a=1&b=2", "POST", None, "a=1&b=2"),  # query as form
+        ("http://127.0.0.1:{port}/pb?k=1", "POST", '{"tid": "x"}', '{"tid": "x"}'),
+    ],
+)
+def test_the_sender_signs_what_it_sends(partner: Any, url: str, method: str, body: str | None,
+                                        payload: str) -> None:
+    """The sender signs the request itself: the target as sent, or the body as sent."""
     keys = signing.SigningKeys("k")
-    h = signing.sign_headers(keys, "pb_1", "https://p.example/pb?a=1&b=2", "POST", NOW)
-    assert h["X-Postback-Signature"] == "v1=" + signing.signature(
-        "k", "pb_1", int(NOW.timestamp()), "a=1&b=2")
+    with Sender(allow_networks=("127.0.0.0/8",)) as sender:
+        outcome = sender.send(PostbackRequest(
+            "pb_1", url.format(port=partner.port), method, body=body, signing=keys,
+            signed_at=NOW, headers={"X-Postback-Signature": "forged", "X-Api-Key": "k1"}))
+    assert outcome.status_code == 200
+    got = partner.requests[-1]
+    assert (got.body.decode() if got.body else got.target) == payload
+    assert got.header("X-Postback-Signature") == "v1=" + signing.signature(
+        "k", "pb_1", int(NOW.timestamp()), payload)
+    assert got.header("X-Api-Key") == "k1"
 
 
-def test_unsigned_partner_gets_no_headers() -> None:
-    assert signing.headers_for(object(), "pb", "https://p.example/", NOW) == {}
+def test_unsigned_request_gets_no_signature_headers(partner: Any) -> None:
+    with Sender(allow_networks=("127.0.0.0/8",)) as sender:
+        sender.send(PostbackRequest("pb", f"http://127.0.0.1:{partner.port}/pb"))
+    assert partner.requests[-1].header("X-Postback-Timestamp") is None
     assert repr(signing.SigningKeys("topsecret")).count("topsecret") == 0
 
 
@@ -180,7 +199,8 @@ def test_custom_header_and_disable(store: Store) -> None:
     secret, _ = change_signing(store, "p1", "enable", NOW, GRACE, header="X-Sig")
     row = store.get_partner("p1") or {}
     partner = Partner.from_row(row)
-    headers = signing.headers_for(partner, "pb_1", "https://p.example/pb?tid=1", NOW)
+    assert partner.signing is not None
+    headers = signing.request_headers(partner.signing, "pb_1", "/pb?tid=1", NOW)
     assert set(headers) == {"X-Postback-Timestamp", "X-Sig"}
     assert secret not in repr(partner)
     shown = redact_partner(row)

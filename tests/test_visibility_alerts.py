@@ -188,3 +188,24 @@ def test_beat_task_evaluates_alerts_in_real_processes(
     (text,) = posted_texts(webhook)
     assert text.startswith("FIRING (critical): Partner p-blocked: 100.0% of 3 postback "
                            "attempts failed") and "203.0.113.7, 203.0.113.8" in text
+
+
+def test_backlog_age_alert_fires_for_the_waiting_partner_and_resolves_when_delivered(
+    alert_settings: Settings, store: Store, partner: PartnerServer, webhook: PartnerServer,
+    scenario: Scenario, clock: Clock, pipeline: Pipeline, redis_client: redis.Redis,
+) -> None:
+    th = alert_settings.with_overrides(alert_backlog_age_seconds=120)
+    assert not [e for e in evaluate(th, store, redis_client, now=clock())
+                if e.kind == "backlog_age"]  # p-down's late postback is new
+    clock.advance(121)
+    events = [e for e in evaluate(th, store, redis_client, now=clock()) if e.kind == "backlog_age"]
+    assert [(e.action, e.key, e.partner_id) for e in events] == [
+        ("fire", "backlog_age:p-down", "p-down")]
+    assert "the oldest of its 1 undelivered postbacks was created 2 min ago" in events[0].text
+    assert events[0].text in posted_texts(webhook)
+    partner.route("/down", 200)
+    clock.advance(60)
+    pipeline.deliver(pipeline.sweep())
+    events = [e for e in evaluate(th, store, redis_client, now=clock()) if e.kind == "backlog_age"]
+    assert [(e.action, e.key) for e in events] == [("resolve", "backlog_age:p-down")]
+    assert events[0].text.endswith("no longer observed (no traffic in the window).")

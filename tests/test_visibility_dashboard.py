@@ -4,8 +4,6 @@ a screenshot saved under the test's temporary directory; sign-in links and drill
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -14,6 +12,7 @@ import pytest
 import redis
 import requests
 from conftest import ADMIN
+from support.browser import chromium, find_chromium
 from support.helpers import NOW
 from support.partner import PartnerServer
 from support.visibility_seed import Clock, Scenario, Served, seed
@@ -25,14 +24,6 @@ from postback_worker.store.repo import Store
 
 RANGE = {"since": (NOW - timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
          "until": (NOW + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
 
 
 @pytest.fixture()
@@ -49,15 +40,6 @@ def sign_in_link(api: str, next_path: str) -> str:
     r = requests.post(f"{api}/v1/dashboard/link", params={"next": next_path}, headers=ADMIN)
     assert r.status_code == 200, r.text
     return str(r.json()["url"])
-
-
-def chromium(binary: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [binary, "--headless", "--no-sandbox", "--disable-gpu",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-         "--window-size=1400,1000", *args],
-        capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_dashboard_in_headless_chromium(settings: Settings, store: Store, scenario: Scenario,
@@ -149,3 +131,32 @@ def test_dashboard_link_cli(settings: Settings) -> None:
     env = {**settings.to_env(), "POSTBACK_ADMIN_TOKEN": "", "POSTBACK_DASHBOARD_SECRET": ""}
     out = CliRunner().invoke(main, ["dashboard", "link"], env=env)
     assert out.exit_code == 2 and "set POSTBACK_DASHBOARD_SECRET" in out.stderr
+
+
+def test_backlog_age_per_partner_on_the_dashboard_and_in_partners_health(
+    settings: Settings, store: Store, scenario: Scenario, clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    from sqlalchemy import select
+
+    from postback_worker.ops.oncall.partner_health import health
+    from postback_worker.ops.visibility import dashboard as dash
+    from postback_worker.ops.visibility.reports import Scope
+    from postback_worker.ops.visibility.timerange import TimeRange
+    from postback_worker.store import schema
+
+    with store.engine.connect() as conn:
+        created = conn.execute(select(schema.postbacks.c.created_at).where(
+            schema.postbacks.c.state == "retry_scheduled")).scalar_one()
+    clock.advance(3 * 3600 + 125)  # p-down's late postback still waits for its retry
+    age = (clock() - created).total_seconds()
+    data = dash.gather(store, redis_client, Scope(TimeRange(NOW - timedelta(hours=1), clock())),
+                       clock())
+    assert data["backlog_age"] == {"p-down": {"postbacks": 1, "age_seconds": age}}
+    html = dash.render_html(data)
+    table = html.split('<table id="backlog-age">', 1)[1].split("</table>", 1)[0]
+    assert re.findall(r'<tr data-partner="([^"]+)"><td>[^<]+</td><td class="n">(\d+)</td>'
+                      r'<td class="n">([^<]+)</td>', table) == [("p-down", "1", "3 h 2 min")]
+    rows = {r["partner_id"]: r for r in health(store, settings, redis_client, clock())}
+    assert rows["p-down"]["backlog_age_seconds"] == age
+    assert rows["p-ok"]["backlog_age_seconds"] is None

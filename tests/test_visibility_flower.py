@@ -13,7 +13,8 @@ import pytest
 import requests
 from click.testing import CliRunner
 from conftest import Proc, wait_until
-from support.helpers import add_offer
+from support.helpers import add_click, add_offer, add_partner
+from support.partner import PartnerServer
 
 from postback_worker.cli import main
 from postback_worker.dev.services import free_port
@@ -31,10 +32,8 @@ def get_json(url: str, auth: tuple[str, str] | None = AUTH) -> object:
     return r.json()
 
 
-def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: Path,
-                                    celery_procs: Callable[..., Proc]) -> None:
-    add_offer(store, "o1")
-    celery_procs("worker", name="flowerw")
+def start_flower(settings: Settings, tmp_path: Path) -> tuple[Proc, str]:
+    """`postback-worker flower` with basic auth, answering; the process and its base URL."""
     port = free_port()
     env = {**os.environ, **settings.to_env(),
            "POSTBACK_FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
@@ -42,14 +41,27 @@ def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: 
                              "--address=127.0.0.1", f"--port={port}"],
                   env, tmp_path / "flower.log").start()
     base = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
 
+    def up() -> bool:
+        try:
+            return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    try:
         wait_until(up, 60, message="Flower to answer")
+    except AssertionError:
+        flower.stop()
+        raise
+    return flower, base
+
+
+def test_flower_api_with_basic_auth(settings: Settings, store: Store, tmp_path: Path,
+                                    celery_procs: Callable[..., Proc]) -> None:
+    add_offer(store, "o1")
+    celery_procs("worker", name="flowerw")
+    flower, base = start_flower(settings, tmp_path)
+    try:
         # Authentication is on: the API and the UI refuse anonymous and wrong credentials.
         assert requests.get(f"{base}/api/workers", timeout=10).status_code == 401
         assert requests.get(f"{base}/api/workers", auth=("ops", "nope"),
@@ -101,3 +113,45 @@ def test_flower_cli_refuses_to_run_open(settings: Settings, args: list[str],
     base = {k: v for k, v in settings.to_env().items() if not k.startswith("POSTBACK_FLOWER")}
     out = CliRunner().invoke(main, args, env={**base, "FLOWER_BASIC_AUTH": "", **env})
     assert out.exit_code == 2 and message in out.stderr
+
+
+def test_periodic_maintenance_stays_out_of_flowers_task_list(
+    settings: Settings, store: Store, tmp_path: Path, partner: PartnerServer,
+    celery_procs: Callable[..., Proc],
+) -> None:
+    """Beat sweeps every 0.2 s here; Flower lists the real work (intake, the retry's delivery)
+    and none of the sweeps, and the retry still goes out through the sweep."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    add_click(store, "tx-1", aff_id="p1")
+    partner.route("/pb", 503)
+    celery_procs("worker", name="quietw")
+    beat = celery_procs("beat")
+    flower, base = start_flower(settings, tmp_path)
+    try:
+        wait_until(lambda: get_json(f"{base}/api/workers?refresh=1"), 60, interval=0.5,
+                   message="Flower to see the worker")
+        (cid,) = Producer(settings).send_conversions([{"transaction_id": "tx-1"}])
+        wait_until(lambda: partner.count() >= 1, 60, message="the first attempt (503)")
+        partner.route("/pb", 200)
+
+        def delivered() -> bool:
+            return [p["state"] for p in store.postbacks_for(cid)] == ["delivered"]
+
+        wait_until(delivered, 60, message="the retry, queued by the sweep, to be delivered")
+
+        def names() -> object:
+            tasks = get_json(f"{base}/api/tasks")
+            assert isinstance(tasks, dict)
+            seen = {t["name"] for t in tasks.values()}
+            return seen if "postback_worker.deliver_postbacks" in seen else None
+
+        seen = wait_until(names, 30, interval=0.5, message="the retry's task in Flower")
+        sweeps = beat.output().count("(postback_worker.sweep)")
+        assert sweeps >= 10, beat.output()[-2000:]
+        assert {"postback_worker.process_conversions", "postback_worker.deliver_postbacks"} <= seen
+        quiet = {"postback_worker.sweep", "postback_worker.requeue_stuck_conversions",
+                 "postback_worker.compact_rollups"}
+        assert seen & quiet == set(), seen
+    finally:
+        flower.stop()

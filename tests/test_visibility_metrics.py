@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,16 @@ def test_metrics_match_partner_and_database(
     later = scrape(settings, store, redis_client, clock)
     assert value(later, "postback_retry_overdue_seconds") == pytest.approx(
         (clock() - due).total_seconds())
+    # Backlog age per partner: only p-down has a postback not yet delivered nor given up.
+    with store.engine.connect() as conn:
+        created = conn.execute(select(schema.postbacks.c.created_at).where(
+            schema.postbacks.c.state == "retry_scheduled")).scalar_one()
+    assert value(s, "postback_backlog", partner="p-down") == 1
+    assert value(s, "postback_backlog_age_seconds", partner="p-down") == pytest.approx(
+        (clock() - timedelta(seconds=900) - created).total_seconds())
+    assert value(later, "postback_backlog_age_seconds", partner="p-down") == pytest.approx(
+        (clock() - created).total_seconds())
+    assert ("postback_backlog_age_seconds", (("partner", "p-ok"),)) not in s
     assert value(s, "postback_circuit_state", partner="p-down", state="open") == 1
     assert value(s, "postback_circuit_state", partner="p-down", state="closed") == 0
     assert value(s, "postback_circuit_state", partner="p-blocked", state="half_open") == 1

@@ -296,3 +296,25 @@ def test_flower_refuses_to_run_open(settings: Settings, address: str, dev: bool,
 )
 def test_duration_text(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("age", "expected", "severity"),
+    [
+        (1800.0, True, "warning"),     # the bound fires
+        (3600.0, True, "critical"),    # twice the bound is critical
+        (1200.0, None, "warning"),     # between half the bound and the bound: nothing changes
+        (899.0, False, "warning"),     # under half the bound: clears
+    ],
+)
+def test_backlog_age_band(age: float, expected: bool | None, severity: str) -> None:
+    snap = ar.Snapshot(NOW, backlog_age={"aff-42": (7, age)})
+    (c,) = [c for c in ar.conditions(snap, TH) if c.kind == ar.BACKLOG_AGE]
+    assert (c.active, c.severity, c.key, c.partner_id) == (expected, severity,
+                                                           "backlog_age:aff-42", "aff-42")
+    assert c.details == {"postbacks": 7, "age_seconds": age}
+    assert "partners health" in c.message
+
+
+def test_no_backlog_no_backlog_alert() -> None:
+    assert [c for c in ar.conditions(ar.Snapshot(NOW), TH) if c.kind == ar.BACKLOG_AGE] == []

@@ -12,6 +12,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -202,7 +203,8 @@ class Api:
         """
         params = dict(request.query_params)
         token = params.pop("security_token", None)
-        if token is None or bearer(request):
+        advertiser = token is not None and not bearer(request)
+        if token is None or not advertiser:
             self.require(request, "ingest")
         else:
             if params.get("offer_id"):
@@ -216,6 +218,9 @@ class Api:
             events = self.producer.validate([params], allow_unknown=True)
         except ValidationError as exc:
             return error_response(422, "invalid conversion", exc.errors)
+        if advertiser and request.client is not None:
+            # Checked against the offer's advertiser networks (allowed_ips) by attribution.
+            events = [replace(e, source_ip=request.client.host) for e in events]
         try:
             await self.batcher.submit(events)
         except Unavailable as exc:

@@ -97,7 +97,9 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
             "security": admin, "requestBody": {"required": True, **_json({
                 "type": "object", "required": ["url"], "additionalProperties": False,
                 "properties": {"url": {"type": "string", "minLength": 1, "maxLength": 4000},
-                               "dns": {"type": "boolean"}}})},
+                               "dns": {"type": "boolean"},
+                               "body_format": {"type": "string", "enum": ["form", "json"]},
+                               "body_template": {"type": "string", "maxLength": 4000}}})},
             "responses": _responses("200", "400", *_AUTH, "413", "422")}},
         "/v1/partners/{partner_id}/validate": {"get": {
             "security": admin, "parameters": [_path("partner_id"),
@@ -115,8 +117,15 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
                 "type": "object", "required": ["action"], "additionalProperties": False,
                 "properties": {
                     "action": {"type": "string", "enum": ["enable", "rotate", "disable"]},
-                    "header": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,100}$"}}})},
+                    "header": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,100}$"},
+                    "scheme": {"type": "string", "enum": ["hmac", "standard"]}}})},
             "responses": _responses("200", "400", *_AUTH, "404", "413", "422")}},
+        "/v1/partners/{partner_id}/page-link": {"post": {
+            "security": admin, "parameters": [
+                _path("partner_id"),
+                _query("days", {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                                "maximum": 90})],
+            "responses": _responses("200", *_AUTH, "404", "422")}},
         "/v1/offers/{offer_id}/security-token": {"post": {
             "security": admin, "parameters": [_path("offer_id")],
             "responses": _responses("200", *_AUTH, "404")}},

@@ -41,9 +41,7 @@ def db_upgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
-    from postback_worker.store.db import current_revision
-
-    revision = current_revision(open_store(load_settings()).engine)
+    revision = open_store(load_settings()).schema_revision()
     click.echo(revision or "none (run: postback-worker db upgrade)")
 
 
@@ -70,15 +68,26 @@ def offers() -> None:
 @click.option("--landing-url", help="Where /click redirects; may contain {transaction_id}.")
 @click.option("--allow-multiple", is_flag=True,
               help="Count every conversion of a click+goal, not only the first.")
+@click.option("--allowed-ips", help="Advertiser networks allowed to call GET /postback with the "
+                                    "offer's token (comma-separated CIDRs); default: any.")
+@click.option("--min-click-seconds", type=int,
+              help="A conversion sooner after its click is recorded as too_soon.")
+@click.option("--max-click-seconds", type=int,
+              help="A conversion later after its click is recorded as too_late.")
+@click.option("--daily-cap", type=int, help="Attributed conversions per UTC day (then capped).")
+@click.option("--daily-payout-cap", type=float, help="Payout per UTC day (then capped).")
+@click.option("--affiliate-daily-cap", type=int, help="Conversions per affiliate per UTC day.")
+@click.option("--affiliate-daily-payout-cap", type=float,
+              help="Payout per affiliate per UTC day.")
 def offers_add(offer_id: str, name: str | None, campaign_type: str, lifespan_days: int | None,
-               landing_url: str | None, allow_multiple: bool) -> None:
+               landing_url: str | None, allow_multiple: bool, **rules: Any) -> None:
     """Create or update an offer."""
     from postback_worker.ops.config import parse_offer
 
     data: dict[str, Any] = {"id": offer_id, "campaign_type": campaign_type,
                             "allow_multiple": allow_multiple}
     for key, value in (("name", name), ("lifespan_days", lifespan_days),
-                       ("landing_url", landing_url)):
+                       ("landing_url", landing_url), *rules.items()):
         if value is not None:
             data[key] = value
     row = parse_offer(data, datetime.now(UTC))
@@ -125,11 +134,26 @@ def partners() -> None:
 @click.option("--base-delay", type=float, help="Override the first retry delay (seconds).")
 @click.option("--max-delay", type=float, help="Override the retry delay cap (seconds).")
 @click.option("--horizon", type=float, help="Override how long retries may go on (seconds).")
+@click.option("--body-format", type=click.Choice(["form", "json"]),
+              help="POST body built from --body (default: the URL's query string as a form).")
+@click.option("--body", "body_template",
+              help="Body template with {macros}, e.g. "
+                   "'{\"click\": \"{transaction_id}\", \"amount\": \"{payout}\"}'; "
+                   "@FILE reads it from a file.")
+@click.option("--header", "headers", multiple=True,
+              help="Custom header 'Name: value' (repeatable); stored as a secret, never shown. "
+                   "Without --header the partner's headers are kept.")
+@click.option("--no-headers", is_flag=True, help="Remove the partner's custom headers.")
+@click.option("--egress-proxy",
+              help="Forward proxy for this partner (http://host:port), or 'direct'; default: "
+                   "POSTBACK_EGRESS_PROXY.")
 def partners_add(partner_id: str, name: str | None, postback_url: str, method: str,
                  timeout: float, success_check: str | None, fire_on: str, disabled: bool,
                  scope: str, offer_ids: str | None, max_attempts: int | None,
                  base_delay: float | None, max_delay: float | None,
-                 horizon: float | None) -> None:
+                 horizon: float | None, body_format: str | None, body_template: str | None,
+                 headers: tuple[str, ...], no_headers: bool,
+                 egress_proxy: str | None) -> None:
     """Create or update a partner; an invalid template is refused with every problem."""
     from postback_worker.ops.config import parse_partner
 
@@ -140,13 +164,30 @@ def partners_add(partner_id: str, name: str | None, postback_url: str, method: s
     for key, value in (("name", name), ("success_check", success_check),
                        ("offer_ids", offer_ids), ("max_attempts", max_attempts),
                        ("base_delay", base_delay), ("max_delay", max_delay),
-                       ("horizon", horizon)):
+                       ("horizon", horizon), ("body_format", body_format),
+                       ("egress_proxy", egress_proxy)):
         if value is not None:
             data[key] = value
+    if body_template is not None:
+        data["body_template"] = _read_at_file(body_template)
+    if headers or no_headers:
+        data["headers"] = [] if no_headers else list(headers)
     row = parse_partner(data, datetime.now(UTC))
     open_store(load_settings()).upsert_partner(row)
     state = "enabled" if row["enabled"] else "disabled"
     click.echo(f"partner {row['id']} ({state}): {row['method']} {_safe_url(row['postback_url'])}")
+
+
+def _read_at_file(value: str) -> str:
+    """The value, or the contents of FILE for '@FILE'."""
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        click.echo(f"error: --body: cannot read {value[1:]}: {exc.strerror}", err=True)
+        sys.exit(2)
 
 
 @partners.command("list")

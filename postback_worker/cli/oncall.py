@@ -136,6 +136,12 @@ def dlq_show(postback_id: str, fmt: str) -> None:
                f"{p['attempts']} attempt(s)")
     click.echo(f"  conversion {p['conversion_id']}")
     click.echo(f"  {p['method']} {p['url']}")
+    for name, value in p["headers"].items():
+        click.echo(f"  {name}: {value}")
+    if p["signature_scheme"]:
+        click.echo(f"  signed ({p['signature_scheme']})")
+    if p["body"]:
+        click.echo(f"  body ({p['body_format']}): {p['body']}")
     if p["reason"]:
         click.echo(f"  reason: {p['reason']}")
     if p["triggered_by"]:
@@ -316,6 +322,7 @@ def reattribute_cmd(offer_id: str, since: str | None, until: str | None, dry_run
 def partners_health(fmt: str) -> None:
     """Circuit state, pause, limits, waiting postbacks and last hour's success per partner."""
     from postback_worker.ops.oncall.partner_health import health
+    from postback_worker.ops.visibility.dashboard import duration
 
     settings = load_settings()
     rows = health(open_store(settings), settings, _redis(settings), utcnow())
@@ -326,9 +333,11 @@ def partners_health(fmt: str) -> None:
         r["paused"] = "paused" if r["paused"] else "-"
         rate = r["success_rate_last_hour"]
         r["success_1h"] = "-" if rate is None else f"{rate * 100:.0f}%"
+        age = r["backlog_age_seconds"]
+        r["backlog_age"] = "-" if age is None else duration(age)
     print_table(rows, ["partner_id", "circuit", "paused", "rate_limit", "max_concurrency",
-                       "in_flight", "waiting", "dead_letters", "attempts_last_hour",
-                       "success_1h"])
+                       "in_flight", "waiting", "backlog_age", "dead_letters",
+                       "attempts_last_hour", "success_1h"])
     for r in rows:
         if r["circuit"] not in ("closed", "unknown") and r["circuit_reason"]:
             click.echo(f"{r['partner_id']}: circuit {r['circuit']}: {r['circuit_reason']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ from postback_worker.domain.masking import mask_url
 from postback_worker.errors import InvalidInput, NotFound, UnknownOffer, UnknownPartner
 
 
-def _partner_row(partner_id: str) -> dict[str, object]:
+def _partner_row(partner_id: str) -> dict[str, Any]:
     row = open_store(load_settings()).get_partner(partner_id)
     if row is None:
         raise UnknownPartner(partner_id)
@@ -35,19 +36,31 @@ def _partner_row(partner_id: str) -> dict[str, object]:
 @click.argument("partner_id", required=False)
 @click.option("--url", help="Validate this template instead of a saved partner's.")
 @click.option("--no-dns", is_flag=True, help="Do not check that the host resolves.")
+@click.option("--body", "body_template", help="Also check this body template (with --url).")
+@click.option("--body-format", type=click.Choice(["form", "json"]), default="json",
+              show_default=True, help="The format of --body.")
 @FORMAT
-def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt: str) -> None:
-    """Check a postback template; exit code 1 when it has errors (warnings do not count)."""
-    from postback_worker.ops.config import template_report
+def partners_validate(partner_id: str | None, url: str | None, no_dns: bool,
+                      body_template: str | None, body_format: str, fmt: str) -> None:
+    """Check a postback template (and body template); exit code 1 when it has errors
+    (warnings do not count)."""
+    from postback_worker.ops.config import body_report, template_report
 
     if bool(partner_id) == bool(url):
         raise InvalidInput("give a partner ID or --url URL (one of them)")
-    template = url if url is not None else str(_partner_row(str(partner_id))["postback_url"])
+    if url is not None:
+        template, fmt_body = url, (body_format if body_template is not None else None)
+    else:
+        row = _partner_row(str(partner_id))
+        template, fmt_body = str(row["postback_url"]), row.get("body_format")
+        body_template = row.get("body_template")
     problems = template_report(template, dns=not no_dns)
-    errors = sum(p.severity == "error" for p in problems)
+    body_problems = body_report(fmt_body, body_template)
+    errors = sum(p.severity == "error" for p in [*problems, *body_problems])
     if fmt == "json":
         print_json({"partner_id": partner_id, "url": mask_url(template), "valid": errors == 0,
-                    "problems": [p.to_dict() for p in problems]})
+                    "problems": [p.to_dict() for p in problems],
+                    "body_problems": [p.to_dict() for p in body_problems]})
     else:
         shown = mask_url(template)
         click.echo(shown)
@@ -55,8 +68,10 @@ def partners_validate(partner_id: str | None, url: str | None, no_dns: bool, fmt
             if shown == template and "\n" not in template[:p.position]:
                 click.echo(" " * p.position + "^")
             click.echo(f"{p.severity}: {p.describe()}")
-        click.echo(f"{errors} error(s), {len(problems) - errors} warning(s)"
-                   if problems else "template OK")
+        for p in body_problems:
+            click.echo(f"body {p.severity}: {p.describe()}")
+        total = len(problems) + len(body_problems)
+        click.echo(f"{errors} error(s), {total - errors} warning(s)" if total else "template OK")
     if errors:
         sys.exit(1)
 
@@ -77,17 +92,19 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
     settings = load_settings()
     store = open_store(settings)
     row = _partner_row(partner_id)
-    with Sender(concurrency=1, excerpt_bytes=settings.delivery.response_excerpt_bytes,
-                user_agent=settings.delivery.user_agent,
-                allow_networks=settings.delivery.allow_networks) as sender:
+    with Sender.from_settings(settings.delivery, concurrency=1) as sender:
         report = run_test_fire(store, row, utcnow(), sender=sender, fire=fire,
                                transaction_id=transaction_id, payout=payout, clock=utcnow)
     if fmt == "json":
         print_json(report.to_dict())
     else:
         click.echo(f"{report.method} {report.url}")
+        for name, value in report.headers.items():
+            click.echo(f"{name}: {value}")
         if report.signed:
-            click.echo("signed: yes (X-Postback-Timestamp and signature headers)")
+            click.echo(f"signed: yes ({report.signature_scheme})")
+        if report.body is not None:
+            click.echo(f"body: {report.body}")
         for problem in report.problems:
             click.echo(f"error: {problem}")
         if report.fired:
@@ -112,8 +129,12 @@ def partners_test(partner_id: str, transaction_id: str | None, payout: str | Non
               help="New secret; the old one also signs during the grace period.")
 @click.option("--disable", "action", flag_value="disable", help="Stop signing.")
 @click.option("--header", help="Signature header name (default X-Postback-Signature).")
-def partners_signing(partner_id: str, action: str | None, header: str | None) -> None:
-    """Enable, rotate or disable HMAC-SHA256 signing; a new secret is printed once."""
+@click.option("--scheme", type=click.Choice(["hmac", "standard"]),
+              help="hmac: X-Postback-Signature (default); standard: Standard Webhooks "
+                   "(webhook-id, webhook-timestamp, webhook-signature).")
+def partners_signing(partner_id: str, action: str | None, header: str | None,
+                     scheme: str | None) -> None:
+    """Enable, rotate or disable request signing; a new secret is printed once."""
     from postback_worker.ops.config import change_signing
 
     if action is None:
@@ -121,7 +142,7 @@ def partners_signing(partner_id: str, action: str | None, header: str | None) ->
     settings = load_settings()
     secret, summary = change_signing(open_store(settings), partner_id, str(action), utcnow(),
                                      timedelta(hours=settings.security.signing_grace_hours),
-                                     header)
+                                     header, scheme)
     click.echo(summary)
     if secret:
         click.echo(f"secret (shown once, give it to the partner): {secret}")

@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
+from postback_worker.cli.core import partners
 from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
-from postback_worker.errors import InvalidInput
+from postback_worker.errors import InvalidInput, UnknownPartner
 
 RANGE_HELP = ("ISO date or time (2026-11-25, 2026-11-25T10:00, UTC unless an offset is given) "
               "or a duration ago (30m, 24h, 7d).")
@@ -89,10 +90,10 @@ def _print_report(data: dict[str, Any]) -> None:
              "p95_ms": millis(p["response_ms"]["p95"])} for p in data["partners"]]
     print_table(rows, ["partner_id", "postbacks", "delivered", "failed", "pending",
                        "failure_rate", "success_rate", "attempts", "failed_attempts", "p95_ms"])
-    click.echo("\nLost conversions by offer:")
+    click.echo("\nLost and refused conversions by offer:")
     lost = [{**r, "lost_rate": percent(r["lost_rate"])} for r in data["lost_conversions"]]
     print_table(lost, ["offer_id", "conversions", "expired_click", "unknown_click", "lost",
-                       "lost_rate"])
+                       "lost_rate", "too_soon", "too_late", "capped", "ip_not_allowed"])
 
 
 @report.command("failed")
@@ -184,6 +185,22 @@ def dashboard_link(base_url: str, since: str | None, until: str | None,
         _scope(since, until, partner, None)  # refuse a bad range here, not in the browser
     path = "/dashboard" + (f"?{urlencode(params)}" if params else "")
     click.echo(make_link(load_settings(), base_url, datetime.now(UTC), path))
+
+
+@partners.command("page-link")
+@click.argument("partner_id")
+@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
+              help="Where the API is reachable from the partner's browser.")
+@click.option("--days", type=click.FloatRange(min=0.01, max=90), default=7.0, show_default=True,
+              help="How long the link works.")
+def partners_page_link(partner_id: str, base_url: str, days: float) -> None:
+    """Print a link to the partner's own page (its postbacks only), to give to the partner."""
+    from postback_worker.ops.visibility.partner_page import page_link
+
+    settings = load_settings()
+    if open_store(settings).get_partner(partner_id) is None:
+        raise UnknownPartner(partner_id)
+    click.echo(page_link(settings, base_url, partner_id, datetime.now(UTC), days))
 
 
 @main.command("flower", context_settings={"ignore_unknown_options": True})

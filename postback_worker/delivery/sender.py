@@ -3,6 +3,8 @@
 `Sender.send` never raises: every failure becomes an `Outcome` with an `ErrorKind`.
 Connections go to the IP address the guard checked (never re-resolved), with the original
 Host header, SNI and certificate hostname, so DNS rebinding cannot slip past the guard.
+The sender signs each request itself (request target or body, exactly as sent) when the
+request carries signing keys.
 """
 
 from __future__ import annotations
@@ -17,29 +19,55 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
 
 from urllib3 import exceptions as u3exc
 from urllib3.util import Url, make_headers, parse_url
 
 from postback_worker.delivery.guard import Resolver, parse_networks, resolve_and_check
+from postback_worker.delivery.proxy import Proxy, ProxyError, ProxyFailed, choose, parse_proxy
+from postback_worker.delivery.signing import SigningKeys, request_headers
 from postback_worker.delivery.transport import Transport
 from postback_worker.domain.retry import ErrorKind, Outcome
 from postback_worker.errors import InvalidInput
+from postback_worker.settings import DeliverySettings
 
 DNS_CACHE_SECONDS = 30.0
 _MESSAGE_LIMIT = 300
 _QUERY_RE = re.compile(r"(?P<base>(?:[a-zA-Z][a-zA-Z0-9+.-]*://|/)[^\s?'\"]*)\?[^\s'\"]*")
 
 
-@dataclass(frozen=True)
+FORM = "application/x-www-form-urlencoded"
+# Headers the sender sets itself; a partner's custom headers cannot replace them.
+RESERVED_HEADERS = frozenset({"host", "content-length", "x-postback-id", "transfer-encoding",
+                              "connection"})
+
+
+@dataclass(frozen=True, repr=False)
 class PostbackRequest:
-    """One HTTP request to a partner. For POST the query string is sent as a form body."""
+    """One HTTP request to a partner.
+
+    `body`: the rendered request body (POST); for a POST without one, the URL's query string
+    is sent as a form body. `signing`: the partner's keys; the sender then signs what it sends
+    (at `signed_at`, else its clock's now). repr shows neither headers nor body: they may hold
+    secrets.
+    """
 
     postback_id: str
     url: str
     method: str = "GET"
     timeout: float = 10.0
     headers: Mapping[str, str] = field(default_factory=dict)
+    body: str | None = None
+    content_type: str | None = None
+    signing: SigningKeys | None = None
+    signed_at: datetime | None = None
+    # The partner's own egress proxy ("direct": none); None: the sender's default.
+    proxy: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PostbackRequest({self.postback_id!r}, method={self.method!r})"
 
 
 class InvalidURL(InvalidInput):
@@ -72,19 +100,18 @@ def _parse_target(req: PostbackRequest) -> _Target:
     authority = u.host if u.port is None else f"{u.host}:{u.port}"
     method = req.method.upper()
     if method == "POST":
+        if req.body is not None:
+            return _Target(scheme, host, port, authority, u.request_uri,
+                           req.body.encode("utf-8", errors="replace"), u.auth)
         body = (u.query or "").encode()
         return _Target(scheme, host, port, authority, u.path or "/", body, u.auth)
     return _Target(scheme, host, port, authority, u.request_uri, None, u.auth)
 
 
-def wire_payload(req: PostbackRequest) -> str:
-    """What a signature covers: the request target as sent (GET) or the body (POST).
-
-    Raises InvalidURL for a URL that cannot be sent.
-    """
-    target = _parse_target(req)
+def signed_payload(target: _Target) -> str:
+    """What a signature covers: the body as sent, or without a body the request target."""
     if target.body is not None:
-        return target.body.decode()
+        return target.body.decode("utf-8", errors="replace")
     return target.request_uri
 
 
@@ -127,6 +154,8 @@ def classify_exception(exc: BaseException) -> ErrorKind:
     def has(*types: type[BaseException]) -> bool:
         return any(isinstance(e, types) for e in chain)
 
+    if has(ProxyFailed):
+        return ErrorKind.PROXY
     if has(InvalidURL, u3exc.LocationValueError):
         return ErrorKind.INVALID_URL
     if has(socket.gaierror, u3exc.NameResolutionError):
@@ -157,6 +186,14 @@ def _describe(exc: BaseException, req: PostbackRequest) -> str:
     return _scrub(f"{type(exc).__name__}: {exc}", req)
 
 
+@lru_cache(maxsize=256)
+def _proxy_for(partner_proxy: str | None, default: str) -> Proxy | None:
+    try:
+        return choose(partner_proxy, default)
+    except ProxyError as exc:
+        raise ProxyFailed(f"unusable egress proxy address: {exc}") from None
+
+
 class Sender:
     """Sends postbacks over pooled keep-alive connections; see module docstring."""
 
@@ -168,6 +205,8 @@ class Sender:
         user_agent: str = "postback-worker/0.1",
         allow_networks: Sequence[str] = (),
         resolver: Callable[[str, int], list[str]] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        egress_proxy: str = "",
     ) -> None:
         self.concurrency = max(1, concurrency)
         self.excerpt_bytes = max(0, excerpt_bytes)
@@ -175,8 +214,21 @@ class Sender:
         self.allow_networks = tuple(allow_networks)
         parse_networks(self.allow_networks)  # fail fast on a bad CIDR
         self.resolver: Resolver | None = resolver
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.egress_proxy = egress_proxy
+        if egress_proxy:
+            parse_proxy(egress_proxy)  # fail fast on a bad proxy address
         self.transport = Transport(self.concurrency)
         self._dns: dict[tuple[str, int], tuple[float, list[str], str | None]] = {}
+
+    @classmethod
+    def from_settings(cls, delivery: DeliverySettings, concurrency: int | None = None,
+                      ) -> Sender:
+        """A sender configured by the delivery settings (`concurrency` overrides theirs)."""
+        return cls(concurrency=concurrency or delivery.concurrency,
+                   excerpt_bytes=delivery.response_excerpt_bytes,
+                   user_agent=delivery.user_agent, allow_networks=delivery.allow_networks,
+                   egress_proxy=delivery.egress_proxy)
 
     def close(self) -> None:
         """Close pooled connections and stop the event loop (rebuilt on next use)."""
@@ -237,9 +289,11 @@ class Sender:
         ip = addresses[0]
         tls_name = target.host if target.scheme == "https" else None
         payload = self._payload(req, target)
+        proxy = _proxy_for(req.proxy, self.egress_proxy)
         response = await self.transport.exchange(
-            (target.scheme, ip, target.port, tls_name or ""), payload, self.excerpt_bytes,
-            lambda: self.transport.open(ip, target.port, tls_name))
+            (target.scheme, ip, target.port, tls_name or "", proxy.pool_key if proxy else ""),
+            payload, self.excerpt_bytes,
+            lambda: self.transport.open(ip, target.port, tls_name, proxy, req.timeout / 2))
         return Outcome(
             status_code=response.status,
             error_message=_describe(response.error, req) if response.error else "",
@@ -281,15 +335,21 @@ class Sender:
         headers: dict[str, str] = {"User-Agent": self.user_agent}
         if target.auth:
             headers.update(make_headers(basic_auth=target.auth))
+        signed: dict[str, str] = {}
+        if req.signing is not None:
+            signed = request_headers(req.signing, req.postback_id, signed_payload(target),
+                                     req.signed_at or self.clock())
+        reserved = RESERVED_HEADERS | {k.lower() for k in signed}
         for name, value in req.headers.items():
             lname = name.lower()
-            if lname in ("host", "x-postback-id", "content-length"):
+            if lname in reserved:
                 continue
             if lname == "user-agent":
                 headers.pop("User-Agent", None)
             headers[name] = value
         headers["Host"] = target.host_header
         headers["X-Postback-Id"] = req.postback_id
+        headers.update(signed)
         if target.body is not None and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            headers["Content-Type"] = req.content_type or FORM
         return headers

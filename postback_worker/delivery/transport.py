@@ -22,6 +22,7 @@ from typing import Any
 
 import httptools
 
+from postback_worker.delivery.proxy import Proxy, tunnel
 from postback_worker.errors import PostbackWorkerError
 
 DRAIN_LIMIT = 64 * 1024
@@ -167,7 +168,8 @@ class _Conn(asyncio.Protocol):
             self.closed = True
 
 
-PoolKey = tuple[str, str, int, str]
+# (scheme, checked IP, port, TLS name, proxy host:port or "")
+PoolKey = tuple[str, str, int, str, str]
 
 
 class Transport:
@@ -260,16 +262,34 @@ class Transport:
             conn._close()
         return None
 
-    async def open(self, ip: str, port: int, tls_name: str | None) -> _Conn:
+    async def open(self, ip: str, port: int, tls_name: str | None, proxy: Proxy | None = None,
+                   proxy_timeout: float = 5.0) -> _Conn:
+        """A new connection to ip:port, directly or through a CONNECT tunnel of `proxy`."""
         loop = asyncio.get_running_loop()
         context = None
         if tls_name is not None:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             context = self._ssl
-        _, conn = await loop.create_connection(
-            _Conn, host=ip, port=port, ssl=context,
-            server_hostname=tls_name if context is not None else None)
+        if proxy is None:
+            _, conn = await loop.create_connection(
+                _Conn, host=ip, port=port, ssl=context,
+                server_hostname=tls_name if context is not None else None)
+            return conn
+        raw: asyncio.BaseTransport = await tunnel(proxy, ip, port, proxy_timeout)
+        conn = _Conn()
+        if context is not None:
+            try:
+                tls = await loop.start_tls(raw, conn, context,  # type: ignore[arg-type]
+                                           server_hostname=tls_name)
+            except BaseException:
+                raw.close()
+                raise
+            assert tls is not None
+            raw = tls
+        else:
+            raw.set_protocol(conn)
+        conn.connection_made(raw)
         return conn
 
 

@@ -304,6 +304,8 @@ class ConversionEvent:
     device_id: str | None
     occurred_at: datetime
     received_at: datetime
+    # The address that reported it by GET /postback with the offer's token (else None).
+    source_ip: str | None = None
 
     def to_message(self) -> dict[str, str | None]:
         """JSON-safe dict; datetimes as ISO 8601 with ``Z``."""
@@ -335,6 +337,7 @@ class ConversionEvent:
             device_id=opt("device_id"),
             occurred_at=_utc(datetime.fromisoformat(str(d["occurred_at"]))),
             received_at=_utc(datetime.fromisoformat(str(d["received_at"]))),
+            source_ip=opt("source_ip"),
         )
 
 

@@ -18,7 +18,9 @@ class FailureClass(StrEnum):
     NETWORK = "network"
     AUTH = "auth"
     BLOCKED = "blocked"
+    GONE = "gone"
     CONFIG = "config"
+    PROXY = "proxy"
 
 
 class Cause(StrEnum):
@@ -86,6 +88,17 @@ FACTS: dict[FailureClass, ClassFacts] = {
         "The partner's firewall refused us (403). Ask the partner to allowlist our egress IP "
         "addresses (POSTBACK_EGRESS_IPS).",
         Cause.FIREWALL),
+    F.GONE: ClassFacts(
+        False, "gone (HTTP 410) is not retried; the partner is paused until its endpoint is "
+               "fixed and it is resumed",
+        "The partner's endpoint is gone (410). Real postbacks pause the partner: ask the "
+        "partner for the new endpoint, fix the template, resume the partner and replay.",
+        Cause.PROVIDER),
+    F.PROXY: ClassFacts(
+        True, None,
+        "Our egress proxy failed (unreachable or it refused the tunnel). Not the partner's "
+        "fault: check POSTBACK_EGRESS_PROXY or the partner's egress_proxy.",
+        Cause.NETWORK),
     F.CONFIG: ClassFacts(
         False, "config (bad URL, redirect or 4xx) is not retried; fix the postback URL",
         "The request or template is wrong for this partner (other 4xx, a redirect, a failed "
@@ -95,6 +108,9 @@ FACTS: dict[FailureClass, ClassFacts] = {
 }
 
 RETRYABLE: frozenset[FailureClass] = frozenset(c for c, f in FACTS.items() if f.retried)
+# Failures that say nothing about the partner: never counted against its circuit breaker or
+# failure rate (our egress proxy failed).
+NOT_THE_PARTNERS: frozenset[FailureClass] = frozenset({F.PROXY})
 # Every class an attempt can fail with (what dead-letter filters accept).
 FAILED_CLASSES: tuple[FailureClass, ...] = tuple(c for c in FailureClass if c is not F.DELIVERED)
 # Statuses of class "config" that mean an endpoint moved or vanished (a provider change).

@@ -1,24 +1,32 @@
-"""Postback URL templates: validate, list macros, render with URL-encoded values."""
+"""Postback templates (URL, form body, JSON body): validate, list macros, render.
+
+Values are escaped for where they land: percent-encoded in URLs and form bodies, JSON-escaped
+inside JSON strings, so a value can never add a parameter or a field.
+"""
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from urllib.parse import quote
 
 from postback_worker.domain.validator import (
+    BODY_FORMATS,
     KNOWN_MACROS,
+    MACRO_NAME,
     TemplateProblem,
     blocks_rendering,
     macro_names,
     validate,
+    validate_body,
 )
 from postback_worker.errors import InvalidInput
 
-__all__ = ["KNOWN_MACROS", "TemplateError", "TemplateProblem", "macro_names", "macro_values",
-           "render", "validate_template"]
+__all__ = ["BODY_FORMATS", "KNOWN_MACROS", "TemplateError", "TemplateProblem", "macro_names",
+           "macro_values", "render", "render_body", "validate_body", "validate_template"]
 
 _MACRO = re.compile(r"\{([^{}]*)\}")
 
@@ -44,18 +52,47 @@ def _compile(template: str) -> tuple[str, ...]:
     return tuple(_MACRO.split(template))
 
 
+def _url_escape(value: str) -> str:
+    return quote(value, safe="", errors="replace")
+
+
+def _json_escape(value: str) -> str:
+    # Lone surrogates (not encodable as UTF-8) become U+FFFD first.
+    clean = value.encode("utf-8", errors="replace").decode("utf-8")
+    return json.dumps(clean, ensure_ascii=False)[1:-1]
+
+
+def _fill(parts: tuple[str, ...], values: Mapping[str, str | None],
+          escape: Callable[[str], str]) -> str:
+    out = list(parts)
+    get = values.get
+    for i in range(1, len(parts), 2):
+        value = get(parts[i])
+        out[i] = escape(value) if value else ""
+    return "".join(out)
+
+
 def render(template: str, values: Mapping[str, str | None]) -> str:
     """Render ``template``; every value is percent-encoded so it cannot alter the URL.
 
     Characters that cannot be encoded as UTF-8 (lone surrogates) become '?'.
     """
-    parts = _compile(template)
-    out = list(parts)
-    get = values.get
-    for i in range(1, len(parts), 2):
-        value = get(parts[i])
-        out[i] = quote(value, safe="", errors="replace") if value else ""
-    return "".join(out)
+    return _fill(_compile(template), values, _url_escape)
+
+
+@lru_cache(maxsize=1024)
+def _compile_body(template: str, fmt: str) -> tuple[str, ...]:
+    errors = [p for p in validate_body(template, fmt) if blocks_rendering(p)]
+    if errors:
+        raise TemplateError(errors)
+    return tuple((_MACRO if fmt == "form" else MACRO_NAME).split(template))
+
+
+def render_body(template: str, fmt: str, values: Mapping[str, str | None]) -> str:
+    """Render a body template: "form" values percent-encoded, "json" values JSON-escaped
+    inside their strings (raises TemplateError)."""
+    escape = _url_escape if fmt == "form" else _json_escape
+    return _fill(_compile_body(template, fmt), values, escape)
 
 
 def _s(value: object) -> str:

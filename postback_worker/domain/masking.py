@@ -1,8 +1,11 @@
-"""Hide secrets in URLs before they are logged, stored in attempts or exported."""
+"""Hide secrets in URLs, request bodies and headers before they are logged, stored in
+attempts, shown or exported."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from urllib.parse import SplitResult, urlsplit
 
 SECRET_PARAM = re.compile(
@@ -34,3 +37,48 @@ def _mask_pair(pair: str) -> str:
     if sep and value and SECRET_PARAM.search(name):
         return f"{name}={MASK}"
     return pair
+
+
+def mask_form(body: str) -> str:
+    """A form body with the values of secret-looking fields masked."""
+    return "&".join(_mask_pair(p) for p in body.split("&")) if body else body
+
+
+def _mask_json(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: MASK if SECRET_PARAM.search(str(k)) and v not in ("", None) else _mask_json(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_json(v) for v in value]
+    return value
+
+
+def mask_body(body: str | None, fmt: str | None) -> str | None:
+    """A request body safe to show: secret-looking fields masked (form or JSON)."""
+    if not body:
+        return body
+    if fmt == "json":
+        try:
+            return json.dumps(_mask_json(json.loads(body)), ensure_ascii=False)
+        except ValueError:
+            return MASK
+    return mask_form(body)
+
+
+def mask_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Custom request headers as shown anywhere: names kept, every value masked."""
+    return {name: MASK for name in (headers or {})}
+
+
+def load_headers(raw: str | Mapping[str, object] | None) -> dict[str, str]:
+    """Custom headers as stored (a JSON object, or already loaded); {} when unset or
+    unreadable."""
+    if not raw:
+        return {}
+    value: object = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}

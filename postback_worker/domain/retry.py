@@ -31,6 +31,7 @@ class ErrorKind(StrEnum):
     TLS = "tls"
     BLOCKED_ADDRESS = "blocked_address"
     INVALID_URL = "invalid_url"
+    PROXY = "proxy"
     OTHER = "other"
 
 
@@ -55,6 +56,7 @@ _ERROR_CLASS = {
     ErrorKind.OTHER: FailureClass.NETWORK,
     ErrorKind.BLOCKED_ADDRESS: FailureClass.CONFIG,
     ErrorKind.INVALID_URL: FailureClass.CONFIG,
+    ErrorKind.PROXY: FailureClass.PROXY,
 }
 
 _STATUS_CLASS = {
@@ -62,6 +64,7 @@ _STATUS_CLASS = {
     429: FailureClass.THROTTLED,
     401: FailureClass.AUTH,
     403: FailureClass.BLOCKED,
+    410: FailureClass.GONE,
 }
 
 _ERROR_TEXT = {
@@ -72,6 +75,7 @@ _ERROR_TEXT = {
     ErrorKind.TLS: "TLS failure",
     ErrorKind.BLOCKED_ADDRESS: "destination address is blocked by the egress guard",
     ErrorKind.INVALID_URL: "invalid URL",
+    ErrorKind.PROXY: "the egress proxy failed",
     ErrorKind.OTHER: "request failed",
 }
 

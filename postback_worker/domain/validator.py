@@ -9,6 +9,7 @@ parameters, a missing {transaction_id} and plain http. DNS is checked outside th
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,7 +52,7 @@ HTML_GLYPHS: dict[str, str] = {
 
 # Problems that make a template impossible to render (the rest only block saving).
 RENDER_BLOCKING = frozenset({"empty", "scheme", "host", "whitespace", "lookalike",
-                             "braces", "unknown_macro"})
+                             "braces", "unknown_macro", "json", "json_macro", "format"})
 # Characters that must be percent-encoded outside macros.
 _UNSAFE = {'"': "%22", "<": "%3C", ">": "%3E", "\\": "%5C", "^": "%5E", "`": "%60",
            "|": "%7C", "[": "%5B", "]": "%5D"}
@@ -110,8 +111,13 @@ def macro_names(template: str) -> list[str]:
 
 
 class _Report:
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, where: str = "the URL", query_start: int | None = None,
+                 ) -> None:
         self.template = template
+        self.where = where
+        # Where the query string (name=value&...) starts: after '?' in a URL, 0 in a form.
+        q = template.find("?")
+        self.query_start = query_start if query_start is not None else (q + 1 if q >= 0 else -1)
         self.problems: list[TemplateProblem] = []
         self.masked = [False] * len(template)
 
@@ -205,7 +211,7 @@ def _lookalikes(r: _Report) -> None:
 
 def _placeholders(r: _Report) -> None:
     """Query values such as REPLACE or OPTIONAL that a tracker's example asks you to replace."""
-    for name, value, pos in _query_pairs(r.template, r.masked):
+    for name, value, pos in _query_pairs(r):
         if not value or "{" in value or not r.free(pos, pos + len(value)):
             continue
         word = value
@@ -266,13 +272,14 @@ def _characters(r: _Report) -> None:
         if c.isspace():
             if not in_ws:
                 what = _WS_NAMES.get(c, f"U+{ord(c):04X}")
-                r.add(i, f"whitespace ({what}) inside the URL; remove it or encode it as %20",
+                r.add(i, f"whitespace ({what}) inside {r.where}; remove it or encode it as %20",
                       "whitespace", "%20")
             in_ws = True
             continue
         in_ws = False
         if ord(c) < 32 or ord(c) == 127:
-            r.add(i, f"control character U+{ord(c):04X} inside the URL; remove it", "encoding")
+            r.add(i, f"control character U+{ord(c):04X} inside {r.where}; remove it",
+                  "encoding")
         elif c in HTML_GLYPHS:
             entity = HTML_GLYPHS[c]
             r.add(i, f"'{c}' is what a web page shows for {entity}: the URL was copied from a "
@@ -313,16 +320,16 @@ def _fragment(r: _Report) -> None:
             return
 
 
-def _query_pairs(template: str, masked: list[bool] | None = None) -> list[tuple[str, str, int]]:
+def _query_pairs(r: _Report) -> list[tuple[str, str, int]]:
     """(name, raw value, position of value) for each query parameter, in order."""
-    q = template.find("?")
-    if q < 0:
+    template, masked, start = r.template, r.masked, r.query_start
+    if start < 0:
         return []
-    end = next((i for i in range(q, len(template))
-                if template[i] == "#" and not (masked and masked[i])), -1)
-    query = template[q + 1:end if end >= 0 else len(template)]
+    end = next((i for i in range(start, len(template))
+                if template[i] == "#" and not masked[i]), -1) if r.where == "the URL" else -1
+    query = template[start:end if end >= 0 else len(template)]
     pairs: list[tuple[str, str, int]] = []
-    pos = q + 1
+    pos = start
     for part in query.split("&"):
         name, sep, value = part.partition("=")
         pairs.append((name, value, pos + len(name) + len(sep)))
@@ -332,7 +339,7 @@ def _query_pairs(template: str, masked: list[bool] | None = None) -> list[tuple[
 
 def _duplicates(r: _Report) -> None:
     seen: dict[str, int] = {}
-    for name, _value, pos in _query_pairs(r.template, r.masked):
+    for name, _value, pos in _query_pairs(r):
         if not name:
             continue
         start = pos - len(name) - (1 if "=" in r.template[pos - 1:pos] else 0)
@@ -368,3 +375,76 @@ def validate(template: str) -> tuple[TemplateProblem, ...]:
 def blocks_rendering(problem: TemplateProblem) -> bool:
     """True for an error that makes the template impossible to render."""
     return problem.severity == "error" and problem.code in RENDER_BLOCKING
+
+
+# -- request bodies ---------------------------------------------------------------------------
+
+BODY_FORMATS = ("form", "json")
+# A macro as the renderer finds it; JSON's own braces are never followed by a letter.
+MACRO_NAME = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _empty_body(fmt: str) -> TemplateProblem:
+    example = ("tid={transaction_id}&payout={payout}" if fmt == "form"
+               else '{"tid": "{transaction_id}", "payout": "{payout}"}')
+    return TemplateProblem(0, "body template is empty", code="empty", fix=example)
+
+
+def _check_form(template: str) -> list[TemplateProblem]:
+    r = _Report(template, "the form body", query_start=0)
+    _lookalikes(r)
+    _entities(r)
+    _placeholders(r)
+    _braces(r)
+    _characters(r)
+    _duplicates(r)
+    return r.problems
+
+
+def _check_json(template: str) -> list[TemplateProblem]:
+    r = _Report(template, "the JSON body")
+    strings = [(m.start(), m.end()) for m in _JSON_STRING.finditer(template)]
+
+    def is_key(end: int) -> bool:
+        return template[end:].lstrip().startswith(":")
+
+    inside = [True] * len(template)
+    for start, end in strings:
+        if not is_key(end):
+            for i in range(start + 1, end - 1):
+                inside[i] = False
+    for m in MACRO_NAME.finditer(template):
+        if not inside[m.start()]:
+            continue
+        key = any(s < m.start() < e and is_key(e) for s, e in strings)
+        where = "a JSON key" if key else "outside a JSON string"
+        fix = "" if key else f'"{m.group(0)}"'
+        r.add(m.start(), f"{m.group(0)} is {where}; macros may only appear inside string "
+                         "values (values are always sent as JSON strings)", "json_macro", fix)
+        r.mask(*m.span())
+    # Same length, so positions hold: "x..." inside strings, a number (1 and spaces) outside.
+    filled = MACRO_NAME.sub(lambda m: ("x" if not inside[m.start()] else "1").ljust(
+        len(m.group(0)), "x" if not inside[m.start()] else " "), template)
+    try:
+        json.loads(filled)
+    except json.JSONDecodeError as exc:
+        r.add(exc.pos, f"not valid JSON: {exc.msg}", "json")
+    # Macro checks run on string values only.
+    r.masked = [flag or m for flag, m in zip(inside, r.masked, strict=True)]
+    _lookalikes(r)
+    _braces(r)
+    return r.problems
+
+
+@lru_cache(maxsize=1024)
+def validate_body(template: str, fmt: str) -> tuple[TemplateProblem, ...]:
+    """Every problem in a request body template of format `fmt` ("form" or "json")."""
+    if fmt not in BODY_FORMATS:
+        return (TemplateProblem(0, f"unknown body format {fmt!r}; use form or json",
+                                code="format", fix="json"),)
+    if not template.strip():
+        return (_empty_body(fmt),)
+    problems = _check_form(template) if fmt == "form" else _check_json(template)
+    problems.sort(key=lambda p: (p.severity != "error", p.position))
+    return tuple(problems)

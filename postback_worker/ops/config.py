@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import json
 import re
 import secrets
 import socket
@@ -12,13 +14,22 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from postback_worker.delivery.proxy import DIRECT, ProxyError, parse_proxy
+from postback_worker.delivery.signing import (
+    DEFAULT_SIGNATURE_HEADER,
+    HMAC,
+    SCHEMES,
+    new_secret,
+    rotation,
+)
 from postback_worker.domain.campaigns import (
     DEFAULT_LIFESPAN_DAYS,
     CampaignType,
     parse_campaign_type,
 )
 from postback_worker.domain.events import FieldError, ValidationError
-from postback_worker.domain.macros import validate_template
+from postback_worker.domain.macros import BODY_FORMATS, validate_body, validate_template
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.domain.validator import TemplateProblem, host_of
 from postback_worker.errors import UnknownPartner
 from postback_worker.store.repo import Store
@@ -27,6 +38,7 @@ from postback_worker.store.repo import Store
 HostResolver = Callable[[str], object]
 
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 
 _ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
@@ -44,6 +56,13 @@ OFFER_SCHEMA: dict[str, Any] = {
                           "description": "default: the campaign type's"},
         "landing_url": {"type": "string", "maxLength": 2000},
         "allow_multiple": {"type": "boolean"},
+        "allowed_ips": {**_LIST, "description": "advertiser networks for GET /postback"},
+        "min_click_seconds": {"type": "integer", "minimum": 0, "maximum": 366 * 86400},
+        "max_click_seconds": {"type": "integer", "minimum": 0, "maximum": 366 * 86400},
+        "daily_cap": {"type": "integer", "minimum": 1, "maximum": 10**9},
+        "daily_payout_cap": {"type": "number", "minimum": 0.01, "maximum": 10**12},
+        "affiliate_daily_cap": {"type": "integer", "minimum": 1, "maximum": 10**9},
+        "affiliate_daily_payout_cap": {"type": "number", "minimum": 0.01, "maximum": 10**12},
     },
 }
 PARTNER_SCHEMA: dict[str, Any] = {
@@ -62,10 +81,25 @@ PARTNER_SCHEMA: dict[str, Any] = {
         "base_delay": {"type": "number", "minimum": 0, "maximum": 86400},
         "max_delay": {"type": "number", "minimum": 0, "maximum": 7 * 86400},
         "horizon": {"type": "number", "minimum": 0, "maximum": 30 * 86400},
+        "body_format": {"type": "string", "enum": ["form", "json"]},
+        "body_template": {"type": "string", "minLength": 1, "maxLength": 20000},
+        "headers": {"anyOf": [
+            {"type": "object", "maxProperties": 20,
+             "additionalProperties": {"type": "string", "maxLength": 4000}},
+            {"type": "array", "items": {"type": "string"}}],
+            "description": "custom headers (secrets): {name: value} or 'Name: value' items"},
+        "egress_proxy": {"type": "string", "maxLength": 500},
     },
 }
 OFFER_FIELDS = set(OFFER_SCHEMA["properties"])
 PARTNER_FIELDS = set(PARTNER_SCHEMA["properties"])
+# Custom headers may not replace what the sender or signing sets.
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "x-postback-id",
+    "x-postback-timestamp", "x-postback-signature", "webhook-id", "webhook-timestamp",
+    "webhook-signature", "proxy-authorization",
+})
+MAX_HEADERS = 20
 
 
 class _Errors:
@@ -153,14 +187,38 @@ def parse_offer(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         for p in problems:
             e.add("landing_url", f"position {p.position}: {p.message}")
     allow_multiple = e.flag("allow_multiple", False)
+    rules = _inbound_rules(e)
     e.check()
     assert ct is not None
     return {
+        **rules,
         "id": offer_id, "name": name, "campaign_type": ct.value,
         "lifespan_days": lifespan if lifespan is not None else DEFAULT_LIFESPAN_DAYS[ct],
         "landing_url": landing, "allow_multiple": allow_multiple,
         "created_at": now, "updated_at": now,
     }
+
+
+def _inbound_rules(e: _Errors) -> dict[str, Any]:
+    """An offer's inbound rules: advertiser networks, click-to-conversion time, daily caps."""
+    nets = [n.strip() for n in (_csv(e.data.get("allowed_ips")) or "").split(",") if n.strip()]
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            e.add("allowed_ips", f"{net!r} is not an IP address or network (CIDR)")
+    rules: dict[str, Any] = {"allowed_ips": ",".join(nets) or None}
+    year = 366 * 86400
+    for name in ("min_click_seconds", "max_click_seconds"):
+        rules[name] = e.number(name, integer=True, low=0, high=year)
+    low, high = rules["min_click_seconds"], rules["max_click_seconds"]
+    if low is not None and high is not None and low >= high:
+        e.add("max_click_seconds", "must be more than min_click_seconds")
+    for name in ("daily_cap", "affiliate_daily_cap"):
+        rules[name] = e.number(name, integer=True, low=1, high=10**9)
+    for name in ("daily_payout_cap", "affiliate_daily_payout_cap"):
+        rules[name] = e.number(name, low=0.01, high=10**12)
+    return rules
 
 
 def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -194,14 +252,85 @@ def parse_partner(data: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "horizon": e.number("horizon", low=0, high=30 * 86400),
     }
     enabled = e.flag("enabled", True)
+    body_format, body_template = _body(e, method)
+    headers = _headers(e, data.get("headers"))
+    proxy = _proxy(e, data.get("egress_proxy"))
     e.check()
+    # Custom headers are secrets given once: saving a partner without "headers" keeps them.
+    kept = {"custom_headers": json.dumps(headers, sort_keys=True) if headers else None
+            } if "headers" in data else {}
     return {
         "id": partner_id, "name": name, "postback_url": url, "method": method,
+        "body_format": body_format, "body_template": body_template, **kept,
+        "egress_proxy": proxy,
         "timeout": timeout if timeout is not None else 10.0,
         "success_check": success_check or None, "fire_statuses": ",".join(statuses),
         "enabled": enabled, "scope": scope, "offer_ids": _csv(data.get("offer_ids")) or None,
         **overrides, "created_at": now, "updated_at": now,
     }
+
+
+def _body(e: _Errors, method: str) -> tuple[str | None, str | None]:
+    """(body_format, body_template): both or neither, and only for POST."""
+    fmt = e.text("body_format")
+    template = e.text("body_template", limit=20000)
+    if fmt is None and template is None:
+        return None, None
+    if fmt not in BODY_FORMATS:
+        e.add("body_format", "must be form or json (with body_template)")
+        return None, None
+    if method != "POST":
+        e.add("body_format", "a request body needs method POST")
+    if not template:
+        e.add("body_template", f"required with body_format {fmt}")
+        return fmt, None
+    for p in validate_body(template, fmt):
+        if p.severity == "error":
+            e.add("body_template", p.describe())
+    return fmt, template
+
+
+def _headers(e: _Errors, raw: Any) -> dict[str, str]:
+    """Custom headers from {name: value} or ["Name: value", ...]."""
+    if raw in (None, "", {}, []):
+        return {}
+    items: list[tuple[Any, Any]] = []
+    if isinstance(raw, Mapping):
+        items = list(raw.items())
+    elif isinstance(raw, list | tuple) and all(isinstance(x, str) for x in raw):
+        items = [tuple(x.split(":", 1)) if ":" in x else (x, None) for x in raw]
+    else:
+        e.add("headers", 'must be an object {"Name": "value"} or a list of "Name: value"')
+        return {}
+    out: dict[str, str] = {}
+    for name, value in items:
+        name = str(name).strip()
+        if not _HEADER.fullmatch(name) or name.lower() in RESERVED_HEADERS:
+            e.add("headers", f"{name!r} is not a header name we may set (letters, digits "
+                             "and '-', not one the request already uses)")
+        elif not isinstance(value, str) or not value.strip() or len(value) > 4000 or any(
+                ch in value for ch in "\r\n\0"):
+            e.add("headers", f"{name}: the value must be 1 to 4000 characters on one line")
+        else:
+            out[name] = value.strip()
+    if len(out) > MAX_HEADERS:
+        e.add("headers", f"at most {MAX_HEADERS} headers")
+    return out
+
+
+def _proxy(e: _Errors, raw: Any) -> str | None:
+    """A partner's egress proxy: http://[user:password@]host:port, or "direct"."""
+    if raw in (None, ""):
+        return None
+    text = str(raw).strip()
+    if text == DIRECT:
+        return DIRECT
+    try:
+        parse_proxy(text)
+    except ProxyError as exc:
+        e.add("egress_proxy", str(exc))
+        return None
+    return text
 
 
 # -- template reports (the validator plus a DNS check) ----------------------------------------
@@ -227,21 +356,31 @@ def template_report(url: str, *, dns: bool = False,
     return problems
 
 
+def body_report(body_format: str | None, body_template: str | None) -> list[TemplateProblem]:
+    """Every problem of a body template ([] without one)."""
+    if not body_format and not body_template:
+        return []
+    return list(validate_body(body_template or "", body_format or ""))
+
+
 # -- secrets are never shown -----------------------------------------------------------------
 
-SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous")
+SECRET_PARTNER_FIELDS = ("hmac_secret", "hmac_secret_previous", "custom_headers")
 
 
 def redact_partner(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A partner row safe to show or export: signing secrets replaced by what they imply."""
+    """A partner row safe to show or export: secrets replaced by what they imply (signing on,
+    header names with masked values, proxy credentials masked)."""
     out = {k: v for k, v in row.items() if k not in SECRET_PARTNER_FIELDS}
     out["signing"] = bool(row.get("hmac_secret"))
     out["signing_rotation_until"] = (row.get("hmac_previous_until")
                                      if row.get("hmac_secret_previous") else None)
-    from postback_worker.domain.masking import mask_url
-
-    if isinstance(out.get("postback_url"), str):
-        out["postback_url"] = mask_url(out["postback_url"])
+    out["headers"] = mask_headers(load_headers(row.get("custom_headers")))
+    for key in ("postback_url", "egress_proxy"):
+        if isinstance(out.get(key), str):
+            out[key] = mask_url(out[key])
+    if isinstance(out.get("body_template"), str):
+        out["body_template"] = mask_body(out["body_template"], out.get("body_format"))
     return out
 
 
@@ -290,17 +429,19 @@ def offer_token_problem(stored_hash: str | None, token: str) -> str | None:
 # -- partner signing keys --------------------------------------------------------------------
 
 SIGNING_ACTIONS = ("enable", "rotate", "disable")
-_HEADER = re.compile(r"[A-Za-z0-9-]{1,100}")
 
 
 def change_signing(store: Store, partner_id: str, action: str, now: datetime,
-                   grace: timedelta, header: str | None = None) -> tuple[str | None, str]:
+                   grace: timedelta, header: str | None = None,
+                   scheme: str | None = None) -> tuple[str | None, str]:
     """Enable, rotate or disable a partner's signing. Returns (new secret or None, summary).
+
+    `scheme`: "hmac" (X-Postback-Signature) or "standard" (Standard Webhooks); None keeps the
+    partner's (hmac at first). Changing the scheme starts over with a new secret: a secret of
+    one scheme cannot sign for the other, so there is no grace period.
 
     Raises ValidationError for a bad action or header, UnknownPartner for an unknown partner.
     """
-    from postback_worker.delivery.signing import DEFAULT_SIGNATURE_HEADER, rotation
-
     errors = []
     if action not in SIGNING_ACTIONS:
         errors.append(FieldError("action", f"must be one of {', '.join(SIGNING_ACTIONS)}"))
@@ -309,29 +450,44 @@ def change_signing(store: Store, partner_id: str, action: str, now: datetime,
                                 "x-postback-timestamp", "authorization"}):
         errors.append(FieldError("header", "must be a header name of letters, digits and '-' "
                                            "that the request does not already use"))
+    if scheme is not None and scheme not in SCHEMES:
+        errors.append(FieldError("scheme", f"must be one of {', '.join(SCHEMES)}"))
     if errors:
         raise ValidationError(errors)
     row = store.get_partner(partner_id)
     if row is None:
         raise UnknownPartner(partner_id)
+    current = row.get("signature_scheme") or HMAC
+    switching = scheme is not None and scheme != current and bool(row.get("hmac_secret"))
+    scheme = scheme or current
+    if switching and action == "enable":
+        action = "rotate"
     secret: str | None = None
     if action == "disable":
         changes: dict[str, Any] = {"hmac_secret": None, "hmac_secret_previous": None,
                                    "hmac_previous_until": None}
         summary = f"partner {partner_id}: signing disabled"
+    elif switching:
+        secret = new_secret(scheme)
+        changes = {"hmac_secret": secret, "hmac_secret_previous": None,
+                   "hmac_previous_until": None}
+        summary = (f"partner {partner_id}: signing switched from {current} to {scheme} with a "
+                   "new secret; the old secret no longer signs")
     elif action == "enable" and row.get("hmac_secret"):
         changes = {}
         summary = (f"partner {partner_id}: signing is already enabled "
                    "(use rotate for a new secret)")
     else:
-        changes = rotation(row if action == "rotate" else {}, now, grace)
+        changes = rotation(row if action == "rotate" else {}, now, grace, scheme=scheme)
         secret = changes["hmac_secret"]
-        summary = (f"partner {partner_id}: signing enabled" if action == "enable" or
+        summary = (f"partner {partner_id}: signing enabled ({scheme})" if action == "enable" or
                    not row.get("hmac_secret") else
                    f"partner {partner_id}: secret rotated; the old one also signs until "
                    f"{(now + grace).strftime('%Y-%m-%d %H:%M:%S')} UTC")
     if header is not None or (secret and not row.get("signature_header")):
         changes["signature_header"] = header or DEFAULT_SIGNATURE_HEADER
+    if changes and secret:
+        changes["signature_scheme"] = scheme
     if changes:
         changes["updated_at"] = now
         store.set_partner_fields(partner_id, **changes)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
-from postback_worker.domain.failures import RETRYABLE, FailureClass
+from postback_worker.domain.failures import NOT_THE_PARTNERS, RETRYABLE, FailureClass
 from postback_worker.pipeline.catalog import Partner
 from postback_worker.pipeline.guardrails import Guardrails, Limits
 from postback_worker.settings import Settings
@@ -134,6 +134,9 @@ class Guarded(PausesOnly):
 
     def observe(self, partner: Partner, postback_id: str, failure: FailureClass,
                 retry_after: float | None, probe: bool, now: datetime) -> None:
+        if failure in NOT_THE_PARTNERS:  # our egress proxy failed: says nothing of the partner
+            self._free_slot(partner, postback_id)
+            return
         stats = self._stats.setdefault(partner.id, _Stats())
         stats.total += 1
         if failure in RETRYABLE:
@@ -144,6 +147,9 @@ class Guarded(PausesOnly):
             cap = partner.policy(self.settings.retry).max_retry_after
             until = now.timestamp() + min(retry_after, cap)
             stats.hold_until = max(stats.hold_until or 0.0, until)
+        self._free_slot(partner, postback_id)
+
+    def _free_slot(self, partner: Partner, postback_id: str) -> None:
         if partner.id in self._slotted:
             try:
                 self.guard.release_slots(partner.id, [postback_id])

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from postback_worker.delivery.signing import SigningKeys
+from postback_worker.domain.attribution import Caps
+from postback_worker.domain.masking import load_headers
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.store.repo import Store
+
+CONTENT_TYPES = {"json": "application/json", "form": "application/x-www-form-urlencoded"}
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,15 @@ class Partner:
     scope: str
     offer_ids: tuple[str, ...]
     policy_overrides: Mapping[str, float | int | None]
-    # HMAC signing keys (delivery/signing.py), None when the partner does not sign.
+    # Signing keys and scheme (delivery/signing.py), None when the partner does not sign.
     signing: SigningKeys | None = None
+    # POST body: "form" or "json" rendered from body_template (None: the query string).
+    body_format: str | None = None
+    body_template: str | None = None
+    # Custom request headers (secrets; repr never shows them).
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Own egress proxy ("direct": none); None: the deployment's.
+    egress_proxy: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Partner:
@@ -45,7 +56,15 @@ class Partner:
                 k: row[k] for k in ("max_attempts", "base_delay", "max_delay", "horizon")
             },
             signing=SigningKeys.from_row(row),
+            body_format=row.get("body_format") or None,
+            body_template=row.get("body_template") or None,
+            headers=load_headers(row.get("custom_headers")),
+            egress_proxy=row.get("egress_proxy") or None,
         )
+
+    @property
+    def content_type(self) -> str | None:
+        return CONTENT_TYPES.get(self.body_format or "")
 
     def policy(self, default: RetryPolicy) -> RetryPolicy:
         return default.with_overrides(**self.policy_overrides)
@@ -65,10 +84,21 @@ class Offer:
     id: str
     lifespan_days: int
     allow_multiple: bool
+    # Inbound rules (ops/config.py parse_offer): None / empty when not set.
+    min_seconds: int | None = None
+    max_seconds: int | None = None
+    allowed_networks: tuple[str, ...] = ()
+    caps: Caps = field(default_factory=Caps)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Offer:
-        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]))
+        return cls(row["id"], int(row["lifespan_days"]), bool(row["allow_multiple"]),
+                   min_seconds=row.get("min_click_seconds"),
+                   max_seconds=row.get("max_click_seconds"),
+                   allowed_networks=_split(row.get("allowed_ips")),
+                   caps=Caps(row.get("daily_cap"), row.get("daily_payout_cap"),
+                             row.get("affiliate_daily_cap"),
+                             row.get("affiliate_daily_payout_cap")))
 
 
 class Catalog:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
+from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import PostbackState, Settlement, settle
 from postback_worker.domain.retry import Outcome
@@ -58,6 +58,8 @@ class _Unsaved:
     dead: list[dict[str, Any]] = field(default_factory=list)
     dead_conversions: dict[str, str] = field(default_factory=dict)  # postback -> conversion
     released: list[dict[str, Any]] = field(default_factory=list)
+    # Partners that answered 410 Gone -> why they are paused.
+    gone: dict[str, str] = field(default_factory=dict)
     first_at: float | None = None  # monotonic time of the oldest unsaved answer
     observed: int = 0  # answers not yet reported to admission
 
@@ -112,7 +114,8 @@ class Dispatch:
         now = self.clock()
         requests = [
             PostbackRequest(postback_id=c.id, url=c.url, method=c.method, timeout=p.timeout,
-                            headers=signing.headers_for(p, c.id, c.url, now, c.method))
+                            headers=p.headers, body=c.body, content_type=p.content_type,
+                            signing=p.signing, signed_at=now, proxy=p.egress_proxy)
             for c, p in sendable
         ]
         delivery = self.settings.delivery
@@ -170,6 +173,10 @@ class Dispatch:
         self.admission.observe(partner, c.id, settled.failure, settled.retry_after, probe, now)
         unsaved.attempts.append(_attempt_row(c, attempt_no, started, outcome, settled,
                                              self.worker_name))
+        if settled.failure == FailureClass.GONE:
+            unsaved.gone.setdefault(partner.id, (
+                f"HTTP 410 Gone for postback {c.id} at {now:%Y-%m-%d %H:%M:%S} UTC: the partner "
+                "removed its endpoint; fix the postback URL, then resume"))
         if settled.dead_letter:
             unsaved.dead.append(dead_letter_row(
                 c.id, c.partner_id, offer_id=None, failure_class=settled.failure,
@@ -185,6 +192,10 @@ class Dispatch:
     def _flush(self, unsaved: _Unsaved, last: bool = False) -> list[str]:
         """Save what is unsaved; returns the ids of the postbacks whose answers were saved."""
         ids = [u["id"] for u in unsaved.updates]
+        for partner_id, why in unsaved.gone.items():
+            if self.store.pause_gone(partner_id, why, self.clock()):
+                log.warning("partner %s paused: %s", partner_id, why)
+        unsaved.gone = {}
         if unsaved.released:
             self.store.release(unsaved.released)
             unsaved.released = []

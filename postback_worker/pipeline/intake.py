@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from postback_worker.domain.attribution import (
@@ -17,16 +17,18 @@ from postback_worker.domain.attribution import (
     ConversionFacts,
     ConversionState,
     OfferFacts,
+    Usage,
     attribute,
     dedupe_key,
     fires_on,
+    over_cap,
 )
 from postback_worker.domain.events import ConversionEvent
 from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.ids import new_id
-from postback_worker.domain.macros import TemplateError, macro_values, render
+from postback_worker.domain.macros import TemplateError, macro_values, render, render_body
 from postback_worker.domain.postback import PostbackState
-from postback_worker.pipeline.catalog import Catalog, Partner
+from postback_worker.pipeline.catalog import Catalog, Offer, Partner
 from postback_worker.store.journal import Journal, conversion_row
 from postback_worker.store.postbacks import dead_letter_row
 from postback_worker.store.repo import Store
@@ -93,6 +95,7 @@ class Intake:
         clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
         decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
         self._mark_duplicates(conn, decided)
+        self._apply_caps(conn, decided, now)
         postbacks, dead = self._build_postbacks(decided, clicks, now)
         for row in postbacks:
             row["triggered_by"] = triggered_by
@@ -109,11 +112,14 @@ class Intake:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
         offer = self.catalog.offer(offer_id)
         decision = attribute(
-            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"]),
+            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
+                            conv.get("source_ip")),
             None if click is None else ClickFacts(
                 click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
             ),
-            None if offer is None else OfferFacts(offer.id, offer.lifespan_days),
+            None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
+                                                  offer.min_seconds, offer.max_seconds,
+                                                  offer.allowed_networks),
         )
         return _Decided(
             conv=conv,
@@ -146,6 +152,35 @@ class Intake:
                 d.reason = (
                     f"duplicate of conversion {owner} (same offer, transaction_id and goal_id)"
                 )
+
+    def _apply_caps(self, conn: Any, decided: list[_Decided], now: datetime) -> None:
+        """Daily caps (UTC day) per offer and per affiliate: over a cap is `capped`."""
+        capped: dict[str, Offer] = {}
+        for d in decided:
+            offer = self.catalog.offer(d.offer_id) if d.state == ConversionState.ATTRIBUTED \
+                else None
+            if offer is not None and offer.caps.any:
+                capped[offer.id] = offer
+        if not capped:
+            return
+        day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        offer_used, aff_used = self.store.cap_usage(conn, sorted(capped), day)
+        for d in decided:
+            offer = capped.get(d.offer_id or "") if d.state == ConversionState.ATTRIBUTED \
+                else None
+            if offer is None or d.aff_id is None:
+                continue
+            payout = _money(d.conv["payout"])
+            used = offer_used.setdefault(offer.id, Usage())
+            aff = aff_used.setdefault((offer.id, d.aff_id), Usage())
+            why = over_cap(offer.caps, used, aff, payout, d.aff_id)
+            if why is not None:
+                d.state = ConversionState.CAPPED.value
+                d.reason = f"{why} (UTC day {day:%Y-%m-%d}); fires nothing"
+                continue
+            for u in (used, aff):
+                u.count += 1
+                u.payout += payout
 
     def _build_postbacks(self, decided: list[_Decided], clicks: Mapping[str, dict[str, Any]],
                          now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -183,8 +218,9 @@ class Intake:
         pid = new_id("pb")
         row: dict[str, Any] = {
             "id": pid, "conversion_id": d.conv["id"], "partner_id": partner.id, "url": "",
-            "method": partner.method, "attempts": 0, "received_at": d.conv["received_at"],
-            "created_at": now, "updated_at": now, "next_attempt_at": now,
+            "body": None, "method": partner.method, "attempts": 0,
+            "received_at": d.conv["received_at"], "created_at": now, "updated_at": now,
+            "next_attempt_at": now,
             "state": S.PENDING, "reason": None,
         }
         if not partner.enabled:
@@ -199,8 +235,9 @@ class Intake:
             )
             return row
         try:
-            row["url"] = render_postback_url(partner.postback_url, {**d.conv,
-                                             "offer_id": d.offer_id}, click, pid, now)
+            row["url"], row["body"] = render_postback(
+                partner.postback_url, {**d.conv, "offer_id": d.offer_id}, click, pid, now,
+                partner.body_format, partner.body_template)
         except TemplateError as exc:
             row.update(url=partner.postback_url, state=S.DEAD_LETTERED, next_attempt_at=None,
                        reason=f"config: template cannot render: {exc}",
@@ -208,12 +245,24 @@ class Intake:
         return row
 
 
-def render_postback_url(template: str, conversion: Mapping[str, Any],
-                        click: Mapping[str, Any], postback_id: str, now: datetime) -> str:
-    """A postback URL from a template, a stored conversion and its click (raises TemplateError)."""
+def render_postback(template: str, conversion: Mapping[str, Any], click: Mapping[str, Any],
+                    postback_id: str, now: datetime, body_format: str | None = None,
+                    body_template: str | None = None) -> tuple[str, str | None]:
+    """A postback's URL and body (None without a body template) from the partner's templates,
+    a stored conversion and its click, with the same macro values (raises TemplateError)."""
     values = macro_values(conversion=conversion, click=click, postback_id=postback_id, now=now,
                           random_value=secrets.token_hex(8))
-    return render(template, values)
+    url = render(template, values)
+    if body_format and body_template:
+        return url, render_body(body_template, body_format, values)
+    return url, None
+
+
+def _money(value: Any) -> float:
+    try:
+        return float(value) if value not in (None, "") else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _states(decided: Sequence[_Decided]) -> dict[str, int]:
@@ -230,6 +279,6 @@ def conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
         goal_id=row["goal_id"] or "", payout=row["payout"], sale_amount=row["sale_amount"],
         currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
         device_id=row["device_id"], occurred_at=row["occurred_at"],
-        received_at=row["received_at"],
+        received_at=row["received_at"], source_ip=row.get("source_ip"),
     )
     return dict(event.to_message())

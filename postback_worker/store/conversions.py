@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, Float, cast, func, select, update
 
-from postback_worker.domain.attribution import ConversionState
+from postback_worker.domain.attribution import ConversionState, Usage
 from postback_worker.store import schema as t
 from postback_worker.store.sql import StoreBase, chunks
 
@@ -83,6 +83,30 @@ class ConversionRecords(StoreBase):
         """rows: {id, state, reason, offer_id, aff_id, processed_at}."""
         self.bulk_update(conn, t.conversions, rows, match={"id": "id"}, assign={
             c: c for c in ("state", "reason", "offer_id", "aff_id", "processed_at")})
+
+    def cap_usage(self, conn: Connection, offer_ids: Sequence[str], since: datetime,
+                  ) -> tuple[dict[str, Usage], dict[tuple[str, str], Usage]]:
+        """Attributed conversions and payout since `since`, per offer and per (offer,
+        affiliate). On PostgreSQL the offers' rows are locked until the transaction ends, so
+        two workers count caps one after the other."""
+        o, c = t.offers.c, t.conversions.c
+        if self.dialect == "postgresql":
+            conn.execute(select(o.id).where(o.id.in_(list(offer_ids))).order_by(o.id)
+                         .with_for_update())
+        per_offer: dict[str, Usage] = {}
+        per_aff: dict[tuple[str, str], Usage] = {}
+        for offer_id, aff_id, n, payout in conn.execute(
+            select(c.offer_id, c.aff_id, func.count(),
+                   func.coalesce(func.sum(cast(c.payout, Float)), 0.0))
+            .where(c.offer_id.in_(list(offer_ids)), c.state == ConversionState.ATTRIBUTED,
+                   c.processed_at >= since)
+            .group_by(c.offer_id, c.aff_id)
+        ):
+            total = per_offer.setdefault(offer_id, Usage())
+            total.count += int(n)
+            total.payout += float(payout)
+            per_aff[(offer_id, aff_id)] = Usage(int(n), float(payout))
+        return per_offer, per_aff
 
     def get_conversion(self, conversion_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

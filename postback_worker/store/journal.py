@@ -35,7 +35,7 @@ def conversion_row(e: ConversionEvent) -> dict[str, Any]:
         "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
         "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
         "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
-        "state": RECEIVED, "reason": None, "processed_at": None,
+        "source_ip": e.source_ip, "state": RECEIVED, "reason": None, "processed_at": None,
     }
 
 

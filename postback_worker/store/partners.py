@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, select, update
 
 from postback_worker.domain.attribution import ConversionState
 from postback_worker.domain.failures import FailureClass
@@ -15,6 +15,16 @@ from postback_worker.store.sql import StoreBase
 
 
 class PartnerRecords(StoreBase):
+    def pause_gone(self, partner_id: str, reason: str, now: datetime) -> bool:
+        """Pause a partner that answered 410 Gone (unless already paused); True if it was."""
+        p = t.partners.c
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                update(t.partners).where(p.id == partner_id, p.paused.is_(False))
+                .values(paused=True, paused_at=now, paused_reason=reason, paused_by="gone",
+                        updated_at=now))
+            return bool(res.rowcount)
+
     def set_partner_fields(self, partner_id: str, **values: Any) -> bool:
         """Update some columns of one partner; False when there is no such partner."""
         return self.update_by_id(t.partners, partner_id, values)

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, and_, case, delete, func, insert, literal, or
 from postback_worker.domain.deadletters import Filter
 from postback_worker.domain.postback import WAITING_PREFIX, PostbackState
 from postback_worker.store import schema as t
+from postback_worker.store.conversions import clicks_by_transaction, conversions_by_id
 from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
 from postback_worker.store.sql import StoreBase, chunks
 
@@ -32,6 +33,7 @@ class Claimed:
     partner_id: str
     url: str
     method: str
+    body: str | None
     attempts: int
     first_attempt_at: datetime | None
     received_at: datetime
@@ -105,6 +107,7 @@ class PostbackRecords(StoreBase):
                                 last_attempt_at=now, updated_at=now,
                                 first_attempt_at=func.coalesce(pb.first_attempt_at, now))
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
+                                   pb.body,
                                    pb.attempts, pb.first_attempt_at, pb.received_at)
                     )
                     claimed.extend(Claimed(**r, token=token)
@@ -204,6 +207,30 @@ class PostbackRecords(StoreBase):
                 )
         return ids
 
+    def set_rendered(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> int:
+        """New URL and body for postbacks still waiting (rows: id, url, body)."""
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            return self.bulk_update(
+                conn, t.postbacks, [{**r, "now": now} for r in rows], match={"id": "id"},
+                assign={"url": "url", "body": "body", "updated_at": "now"})
+
+    def waiting_selection(self, partner_id: str) -> tuple[
+            list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """A partner's waiting postbacks (as replay_selection rows) with their conversions
+        and clicks."""
+        pb = t.postbacks.c
+        with self.engine.connect() as conn:
+            rows = [dict(r) for r in conn.execute(
+                select(pb.id.label("postback_id"), pb.partner_id,
+                       pb.last_class.label("failure_class"), pb.url, pb.conversion_id)
+                .where(pb.partner_id == partner_id, pb.state == S.RETRY_SCHEDULED,
+                       pb.reason.like(WAITING_PREFIX + "%"))).mappings()]
+            convs = conversions_by_id(conn, [r["conversion_id"] for r in rows])
+            clicks = clicks_by_transaction(conn, [c["transaction_id"] for c in convs.values()])
+        return rows, convs, clicks
+
     def wake_waiting(self, partner_id: str, now: datetime) -> int:
         """Make a partner's waiting postbacks due now (resume, circuit closed)."""
         pb = t.postbacks.c
@@ -218,7 +245,7 @@ class PostbackRecords(StoreBase):
 
     def requeue_dead(self, entries: Sequence[tuple[str, str | None]], *,
                      due_at: Callable[[int], datetime], tag: str, reason: str,
-                     now: datetime) -> int:
+                     now: datetime, bodies: Mapping[str, str | None] | None = None) -> int:
         """Replay: move still-dead postbacks (id, new URL or None) to `queued` in one
         transaction, the n-th moved due at `due_at(n)`; two runs never both take one
         postback. Returns how many moved."""
@@ -240,6 +267,8 @@ class PostbackRecords(StoreBase):
                     "updated_at": now, "reason": reason}
                 if url is not None:
                     values["url"] = url
+                if bodies is not None and postback_id in bodies:
+                    values["body"] = bodies[postback_id]
                 conn.execute(update(t.postbacks).where(
                     pb.id == postback_id, pb.state == S.DEAD_LETTERED).values(**values))
                 conn.execute(update(t.dead_letters).where(dl.postback_id == postback_id).values(

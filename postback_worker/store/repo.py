@@ -17,9 +17,10 @@ from typing import Any
 
 from sqlalchemy import Table, delete, func, insert, select
 
-from postback_worker.domain.masking import mask_url
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.store import schema as t
 from postback_worker.store.conversions import ConversionRecords
+from postback_worker.store.db import current_revision
 from postback_worker.store.deadletters import DeadLetterReads
 from postback_worker.store.partners import PartnerRecords
 from postback_worker.store.postbacks import PostbackRecords
@@ -102,6 +103,10 @@ class Store(ConversionRecords, PostbackRecords, DeadLetterReads, PartnerRecords,
                 t.offers.c.id == offer_id[:64])).scalar()
         return offer_id, stored
 
+    def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at (None: not migrated)."""
+        return current_revision(self.engine)
+
     # -- retention ------------------------------------------------------------------------
 
     def longest_lifespan(self) -> int | None:
@@ -123,6 +128,8 @@ class Store(ConversionRecords, PostbackRecords, DeadLetterReads, PartnerRecords,
 
 # Never stored in history snapshots, exports or bundles.
 SECRET_COLUMNS = frozenset({"hmac_secret", "hmac_secret_previous", "security_token_hash"})
+# Shown as names with masked values.
+HEADER_COLUMNS = frozenset({"custom_headers"})
 
 
 def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,6 +138,10 @@ def redacted_config(row: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if key in SECRET_COLUMNS:
             out[key] = "(set, not shown)" if value else None
+        elif key in HEADER_COLUMNS:
+            out[key] = mask_headers(load_headers(value)) if value else None
+        elif key == "body_template" and value:
+            out[key] = mask_body(value, row.get("body_format"))
         elif isinstance(value, str) and key.endswith("url"):
             out[key] = mask_url(value)
         else:

@@ -71,6 +71,15 @@ offers = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     # SHA-256 of the advertiser's security token for GET /postback (the token is shown once).
     Column("security_token_hash", String(128)),
+    # Inbound rules: advertiser networks for GET /postback (comma-separated CIDRs), click-to-
+    # conversion time bounds (seconds), daily caps per offer and per affiliate (UTC days).
+    Column("allowed_ips", Text),
+    Column("min_click_seconds", Integer),
+    Column("max_click_seconds", Integer),
+    Column("daily_cap", Integer),
+    Column("daily_payout_cap", Float),
+    Column("affiliate_daily_cap", Integer),
+    Column("affiliate_daily_payout_cap", Float),
 )
 
 partners = Table(
@@ -108,6 +117,18 @@ partners = Table(
     # Secret rotation: the previous secret still signs (a second signature) until this time.
     Column("hmac_secret_previous", Text),
     Column("hmac_previous_until", UTCDateTime),
+    # "hmac" (X-Postback-Signature, the default) or "standard" (Standard Webhooks).
+    Column("signature_scheme", String(20)),
+    # POST bodies: "form" or "json" from body_template (None: the URL's query string as a form).
+    Column("body_format", String(10)),
+    Column("body_template", Text),
+    # Custom request headers, a JSON object; secrets: never shown, exported or logged.
+    Column("custom_headers", Text),
+    # Forward proxy for this partner's postbacks (overrides POSTBACK_EGRESS_PROXY; "direct":
+    # none). May carry credentials: masked when shown.
+    Column("egress_proxy", Text),
+    # Who paused the partner: "operator", or "gone" (the partner answered 410 Gone).
+    Column("paused_by", String(20)),
 )
 
 # Every saved version of an offer or partner (secrets redacted), for audits and bundles.
@@ -157,6 +178,8 @@ conversions = Table(
     Column("adv_sub", String(255)),
     Column("ip", String(45)),
     Column("device_id", String(255)),
+    # The address that reported it by GET /postback with the offer's token (else None).
+    Column("source_ip", String(45)),
     Column("occurred_at", UTCDateTime, nullable=False),
     Column("received_at", UTCDateTime, nullable=False, index=True),
     Column("state", String(20), nullable=False),
@@ -183,6 +206,8 @@ postbacks = Table(
     Column("partner_id", String(64), nullable=False),
     Column("url", Text, nullable=False),
     Column("method", String(8), nullable=False),
+    # The rendered request body (POST with a body template), else None.
+    Column("body", Text),
     # pending, queued, in_flight, retry_scheduled, delivered, dead_lettered, skipped
     Column("state", String(20), nullable=False),
     Column("reason", Text),
@@ -287,3 +312,67 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime),
     Column("revoked_at", UTCDateTime),
 )
+
+
+# -- rollups (store/rollups.py): counts kept exact by PostgreSQL triggers ---------------------
+# Each row is a delta (compacted = false, appended by a trigger) or the sum of folded deltas
+# (compacted = true, one per key). Readers sum both. Unused on SQLite (figures come from rows).
+
+def _rollup(name: str, time_column: str | None, *columns: Column[Any],
+            values: tuple[str, ...] = ("n",)) -> Table:
+    keys = ([time_column] if time_column else []) + [c.name for c in columns]
+    time_cols = [Column(time_column, UTCDateTime, nullable=False)] if time_column else []
+    table = Table(
+        name, metadata, *time_cols, *columns,
+        *[Column(v, BigInteger, nullable=False) for v in values],
+        Column("compacted", Boolean, nullable=False, default=False),
+    )
+    Index(f"uq_{name}_key", *[table.c[k] for k in keys], unique=True,
+          postgresql_where=table.c.compacted, sqlite_where=table.c.compacted)
+    if time_column:
+        Index(f"ix_{name}_{time_column}", table.c[time_column])
+    return table
+
+
+rollup_postbacks = _rollup(
+    "rollup_postbacks", "hour", Column("partner_id", String(64), nullable=False),
+    # postbacks (every one created), delivered, failed (dead-lettered), skipped
+    Column("bucket", String(20), nullable=False),
+    Column("last_class", String(20), nullable=False))
+rollup_attempts = _rollup(
+    "rollup_attempts", "hour", Column("partner_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),  # -1: no HTTP status
+    Column("failure_class", String(20), nullable=False))
+rollup_durations = _rollup(
+    "rollup_durations", "hour", Column("partner_id", String(64), nullable=False),
+    Column("bucket_ms", Float, nullable=False))
+rollup_attempt_minutes = _rollup(
+    "rollup_attempt_minutes", "minute", Column("partner_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("failure_class", String(20), nullable=False))
+# Per minute, per partner, per /metrics histogram bound (store/rollups.py DURATION_BOUNDS,
+# LATENCY_BOUNDS; infinity above the last): how many, and their total in microseconds.
+rollup_attempt_durations = _rollup(
+    "rollup_attempt_durations", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
+rollup_latencies = _rollup(
+    "rollup_latencies", "minute", Column("partner_id", String(64), nullable=False),
+    Column("bound", Float, nullable=False), values=("n", "total_us"))
+rollup_conversions = _rollup(
+    "rollup_conversions", "hour", Column("offer_id", String(64), nullable=False),
+    Column("state", String(32), nullable=False))
+rollup_dead_letters = _rollup(
+    "rollup_dead_letters", None, Column("partner_id", String(64), nullable=False),
+    Column("failure_class", String(20), nullable=False))
+
+# Raw-row figures that must not scan history (migration 0005).
+_BACKLOG = postbacks.c.state.in_(["pending", "queued", "in_flight", "retry_scheduled"])
+Index("ix_attempts_test_postback", attempts.c.postback_id,
+      postgresql_where=attempts.c.is_test, sqlite_where=attempts.c.is_test)
+Index("ix_postbacks_backlog", postbacks.c.partner_id, postbacks.c.created_at,
+      postgresql_where=_BACKLOG, sqlite_where=_BACKLOG)
+Index("ix_postbacks_created_at", postbacks.c.created_at)
+Index("ix_postbacks_failed_created", postbacks.c.created_at,
+      postgresql_where=postbacks.c.state == "dead_lettered",
+      sqlite_where=postbacks.c.state == "dead_lettered")
+Index("ix_dead_letters_created_at", dead_letters.c.created_at)

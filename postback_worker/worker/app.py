@@ -116,14 +116,18 @@ def build_pipeline(settings: Settings) -> Any:
     from postback_worker.store.repo import Store
 
     store = Store(make_engine(settings.database.url))
-    sender = Sender(
-        concurrency=settings.delivery.concurrency,
-        excerpt_bytes=settings.delivery.response_excerpt_bytes,
-        user_agent=settings.delivery.user_agent,
-        allow_networks=settings.delivery.allow_networks,
-    )
+    sender = Sender.from_settings(settings.delivery)
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
     return Pipeline(settings, store, sender, redis=settings.redis.client())
+
+
+@signals.beat_init.connect
+def quiet_beat(sender: Any = None, **_: Any) -> None:
+    """Beat publishes only periodic maintenance tasks: no task-sent events for them, so
+    Flower's task list keeps to real work (tasks a worker or the API publishes still send
+    theirs; maintenance tasks that run every few seconds send no worker events either)."""
+    if sender is not None:
+        sender.app.conf.task_send_sent_event = False
 
 
 def check_settings(settings: Settings) -> None:

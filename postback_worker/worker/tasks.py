@@ -83,7 +83,9 @@ def register(app: Celery) -> None:
                           triggered_by: str | None = None) -> dict[str, Any]:
         return services.pipeline.deliver(postback_ids, triggered_by).as_dict()
 
-    @app.task(name=TASK_SWEEP, bind=True, acks_late=False)
+    # The sweep runs every second or so: it sends no task events, so it does not drown real
+    # work in Flower's task list (its effect shows as deliver tasks and in the metrics).
+    @app.task(name=TASK_SWEEP, bind=True, acks_late=False, send_events=False)
     def sweep(self: Task) -> dict[str, int]:
         # Keep taking batches while they come back full, so a large backlog falling due at
         # once drains at worker speed rather than one batch per beat tick.
@@ -100,7 +102,7 @@ def register(app: Celery) -> None:
                 break
         return {"postbacks_queued": queued}
 
-    @app.task(name=TASK_REQUEUE_STUCK, bind=True, acks_late=False)
+    @app.task(name=TASK_REQUEUE_STUCK, bind=True, acks_late=False, send_events=False)
     def requeue_stuck_conversions(self: Task) -> dict[str, int]:
         # The safety net of durable intake: accepted events whose wake-up was lost (Redis
         # flushed, crashed, failed over) are in the journal; wake enough workers to take them.

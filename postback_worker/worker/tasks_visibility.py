@@ -1,4 +1,4 @@
-"""Celery task and beat entry for alert evaluation (on the `maintenance` queue)."""
+"""Celery tasks and beat entries for alert evaluation and rollup compaction (`maintenance`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from postback_worker.worker.queues import MAINTENANCE
 log = logging.getLogger(__name__)
 
 TASK_EVALUATE_ALERTS = "postback_worker.evaluate_alerts"
+TASK_COMPACT_ROLLUPS = "postback_worker.compact_rollups"
 
 
 class _RedisPerProcess:
@@ -53,6 +54,19 @@ def register(app: Celery) -> None:
                 "resolved": sum(e.action == "resolve" for e in events)}
 
 
+    # Every few seconds: no task events, so Flower's task list keeps to real work.
+    @app.task(name=TASK_COMPACT_ROLLUPS, bind=True, acks_late=False, ignore_result=True,
+              send_events=False)
+    def compact_rollups(self: Task) -> dict[str, Any]:
+        from postback_worker.store.rollups import compact_all
+
+        try:
+            return {"folded": compact_all(services.pipeline.store.engine)}
+        except OperationalError as exc:
+            log.warning("rollup compaction skipped, database unavailable: %s", exc)
+            return {"skipped": str(exc)}
+
+
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Beat entries (name -> entry) for this module's periodic tasks."""
     return {
@@ -61,5 +75,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": settings.alerts.interval,
             # A late message is useless: the next run looks at fresher figures.
             "options": {"queue": MAINTENANCE, "expires": max(5.0, settings.alerts.interval)},
+        },
+        "compact-rollups": {
+            "task": TASK_COMPACT_ROLLUPS,
+            "schedule": settings.metrics.compact_interval,
+            "options": {"queue": MAINTENANCE,
+                        "expires": max(5.0, settings.metrics.compact_interval)},
         },
     }

@@ -59,3 +59,10 @@ def conversion(tx: str, *, now: datetime = NOW, **fields: Any) -> ConversionEven
 
 def messages(*events: ConversionEvent) -> list[dict[str, Any]]:
     return [dict(e.to_message()) for e in events]
+
+
+def run_due(pipeline: Any) -> None:
+    """What beat and a worker do: sweep the postbacks that are due and deliver them."""
+    ids = pipeline.sweep()
+    if ids:
+        pipeline.deliver(ids)

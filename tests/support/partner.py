@@ -38,6 +38,8 @@ class ReceivedRequest:
     body: bytes
     client_port: int
     at: float
+    # The request target exactly as received (path and query string).
+    target: str = ""
 
     def header(self, name: str) -> str | None:
         """Case-insensitive header lookup."""
@@ -90,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
             body=body,
             client_port=self.client_address[1],
             at=time.time(),
+            target=self.path,
         )
         resp = partner._record_and_choose(req)
         if resp.delay and partner._stop.wait(resp.delay):

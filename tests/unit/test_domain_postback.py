@@ -31,7 +31,9 @@ OUTCOMES = {
     F.NETWORK: (Outcome(error=ErrorKind.REFUSED), "retried"),
     F.AUTH: (Outcome(status_code=401), "final"),
     F.BLOCKED: (Outcome(status_code=403), "final"),
+    F.GONE: (Outcome(status_code=410), "final"),
     F.CONFIG: (Outcome(status_code=404), "final"),
+    F.PROXY: (Outcome(error=ErrorKind.PROXY), "retried"),
 }
 
 # (kind, situation) -> (state, dead letter, next attempt in seconds or None)

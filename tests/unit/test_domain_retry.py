@@ -34,7 +34,7 @@ F = FailureClass
         (403, F.BLOCKED),
         (404, F.CONFIG),
         (408, F.TIMEOUT),
-        (410, F.CONFIG),
+        (410, F.GONE),
         (422, F.CONFIG),
         (429, F.THROTTLED),
         (500, F.PARTNER_5XX),
@@ -59,6 +59,7 @@ def test_classify_status(status: int, expected: FailureClass) -> None:
         (ErrorKind.OTHER, F.NETWORK),
         (ErrorKind.BLOCKED_ADDRESS, F.CONFIG),
         (ErrorKind.INVALID_URL, F.CONFIG),
+        (ErrorKind.PROXY, F.PROXY),
     ],
 )
 def test_classify_error(error: ErrorKind, expected: FailureClass) -> None:
@@ -143,7 +144,8 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 
 
 def test_retryable_set() -> None:
-    assert frozenset({F.PARTNER_5XX, F.TIMEOUT, F.THROTTLED, F.DNS, F.NETWORK}) == RETRYABLE
+    assert frozenset({F.PARTNER_5XX, F.TIMEOUT, F.THROTTLED, F.DNS, F.NETWORK,
+                      F.PROXY}) == RETRYABLE
 
 
 @pytest.mark.parametrize(
@@ -247,7 +249,8 @@ def test_decide_retryable(
 
 @pytest.mark.parametrize(
     ("failure", "fragment"),
-    [(F.AUTH, "auth (HTTP 401)"), (F.BLOCKED, "blocked (HTTP 403)"), (F.CONFIG, "config")],
+    [(F.AUTH, "auth (HTTP 401)"), (F.BLOCKED, "blocked (HTTP 403)"), (F.CONFIG, "config"),
+     (F.GONE, "gone (HTTP 410)")],
 )
 @pytest.mark.parametrize("attempts", [1, 5])
 def test_decide_not_retried(failure: FailureClass, fragment: str, attempts: int) -> None:

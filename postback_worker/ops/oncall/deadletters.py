@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from postback_worker.domain.deadletters import FAILURE_CLASSES, Filter, parse_time
-from postback_worker.domain.masking import mask_url
+from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
 from postback_worker.store.repo import Store
 
 __all__ = ["COLUMNS", "FAILURE_CLASSES", "Filter", "list_dead_letters", "parse_time", "purge",
@@ -54,12 +54,20 @@ def stats(store: Store, filt: Filter) -> dict[str, Any]:
 
 
 def show(store: Store, postback_id: str) -> dict[str, Any] | None:
-    """One postback with its dead letter (if any) and every attempt; URLs masked."""
+    """One postback with its dead letter (if any) and every attempt; URLs and bodies masked,
+    the partner's custom headers by name only."""
     pb, dead = store.postback_with_dead_letter(postback_id)
     if pb is None:
         return None
     postback = {k: v for k, v in pb.items() if k not in {"lease_token"}}
     postback["url"] = mask_url(pb["url"])
+    partner = store.get_partner(pb["partner_id"]) or {}
+    body_format = partner.get("body_format") or ("form" if pb["method"] == "POST" else None)
+    postback["body"] = mask_body(pb.get("body"), body_format)
+    postback["body_format"] = body_format if pb.get("body") else None
+    postback["headers"] = mask_headers(load_headers(partner.get("custom_headers")))
+    postback["signature_scheme"] = (partner.get("signature_scheme") or "hmac"
+                                    if partner.get("hmac_secret") else None)
     attempts = [{k: v for k, v in a.items() if k != "postback_id"}
                 for a in store.attempts_for([postback_id])]
     return {"postback": postback, "dead_letter": dead, "attempts": attempts}

@@ -7,8 +7,10 @@ from typing import Any
 
 from postback_worker.domain import guards as g
 from postback_worker.errors import UnknownPartner
+from postback_worker.ops.oncall.replay import rerender_waiting
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
+from postback_worker.store.figures import figures_for
 from postback_worker.store.repo import Store
 
 
@@ -21,6 +23,7 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
     """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
     waiting, dead, recent = store.partner_counts(now - timedelta(hours=1))
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
+    backlog = figures_for(store).backlog_by_partner()
     rows = []
     for p in store.list_partners():
         pid = p["id"]
@@ -28,10 +31,14 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
         row: dict[str, Any] = {
             "partner_id": pid, "enabled": bool(p["enabled"]), "paused": bool(p["paused"]),
             "paused_reason": p["paused_reason"], "paused_at": p["paused_at"],
+            "paused_by": p.get("paused_by"),
             "circuit": "unknown", "circuit_reason": None, "next_probe_at": None,
             "window_attempts": None, "window_failed": None,
             "rate_limit": p["rate_limit"], "max_concurrency": p["max_concurrency"],
             "in_flight": None, "waiting": int(waiting.get(pid, 0)),
+            # Seconds since its oldest undelivered postback was created (None: no backlog).
+            "backlog_age_seconds": (max(0.0, (now - backlog[pid][1]).total_seconds())
+                                    if pid in backlog else None),
             "dead_letters": int(dead.get(pid, 0)), "attempts_last_hour": attempts,
             "success_rate_last_hour": round(ok / attempts, 3) if attempts else None,
         }
@@ -55,16 +62,24 @@ def _set(store: Store, partner_id: str, **values: Any) -> None:
 
 def pause(store: Store, partner_id: str, reason: str | None, now: datetime) -> None:
     """Stop firing to the partner; its postbacks wait (no attempts spent) until resumed."""
-    _set(store, partner_id, paused=True, paused_at=now, paused_reason=reason, updated_at=now)
+    _set(store, partner_id, paused=True, paused_at=now, paused_reason=reason,
+         paused_by="operator", updated_at=now)
 
 
 def resume(store: Store, settings: Settings, redis_client: Any | None, partner_id: str,
            now: datetime) -> int:
     """Fire again: clear the pause, close an open circuit, make waiting postbacks due now.
 
+    After a 410 Gone pause the waiting postbacks are first rendered again with the partner's
+    current templates (the endpoint they were rendered for is gone).
+
     Returns how many waiting postbacks were released.
     """
-    _set(store, partner_id, paused=False, paused_at=None, paused_reason=None, updated_at=now)
+    row = store.get_partner(partner_id)
+    _set(store, partner_id, paused=False, paused_at=None, paused_reason=None, paused_by=None,
+         updated_at=now)
+    if row is not None and row.get("paused_by") == "gone":
+        rerender_waiting(store, partner_id, now)
     if redis_client is not None:
         Guardrails(redis_client, settings).close(partner_id, now.timestamp())
     return store.wake_waiting(partner_id, now)

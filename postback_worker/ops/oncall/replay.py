@@ -21,7 +21,7 @@ from postback_worker.domain.ids import new_id
 from postback_worker.domain.macros import TemplateError
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import PostbackState
-from postback_worker.pipeline.intake import render_postback_url
+from postback_worker.pipeline.intake import render_postback
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
 from postback_worker.store.runs import marker
@@ -38,6 +38,7 @@ class Candidate:
     old_url: str
     new_url: str | None
     problem: str | None = None
+    new_body: str | None = None
 
     @property
     def rerendered(self) -> bool:
@@ -69,8 +70,17 @@ class Plan:
 def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) -> Plan:
     """Select dead letters and render their URLs with the partners' current templates."""
     rows, convs, clicks = store.replay_selection(filt, limit)
-    partners = {p["id"]: p for p in store.list_partners()}
     out = Plan(filt)
+    out.candidates = _candidates(store, rows, convs, clicks, now)
+    return out
+
+
+def _candidates(store: Store, rows: list[dict[str, Any]], convs: dict[str, dict[str, Any]],
+                clicks: dict[str, dict[str, Any]], now: datetime) -> list[Candidate]:
+    """Render postbacks (rows: postback_id, partner_id, failure_class, url, conversion_id)
+    again from their stored conversion and click with the partners' current templates."""
+    partners = {p["id"]: p for p in store.list_partners()}
+    out: list[Candidate] = []
     for r in rows:
         cand = Candidate(r["postback_id"], r["partner_id"], r["failure_class"], r["url"], None)
         partner = partners.get(r["partner_id"])
@@ -84,12 +94,22 @@ def plan(store: Store, filt: Filter, now: datetime, limit: int | None = None) ->
             cand.problem = "conversion or click no longer stored (retention)"
         else:
             try:
-                cand.new_url = render_postback_url(partner["postback_url"], conv, click,
-                                                   r["postback_id"], now)
+                cand.new_url, cand.new_body = render_postback(
+                    partner["postback_url"], conv, click, r["postback_id"], now,
+                    partner.get("body_format"), partner.get("body_template"))
             except TemplateError as exc:
                 cand.problem = f"current template cannot render: {exc}"
-        out.candidates.append(cand)
+        out.append(cand)
     return out
+
+
+def rerender_waiting(store: Store, partner_id: str, now: datetime) -> int:
+    """Render a partner's waiting postbacks again with its current templates (after a 410
+    Gone pause, the endpoint they were rendered for no longer exists). Returns how many."""
+    rows, convs, clicks = store.waiting_selection(partner_id)
+    fresh = [c for c in _candidates(store, rows, convs, clicks, now) if c.new_url is not None]
+    return store.set_rendered([{"id": c.postback_id, "url": c.new_url, "body": c.new_body}
+                               for c in fresh], now)
 
 
 @dataclass
@@ -140,7 +160,8 @@ def _hand_back(store: Store, settings: Settings, ready: list[Candidate], tag: st
         return now + timedelta(seconds=n / rate + settings.sweep.requeue_after)
 
     return store.requeue_dead([(c.postback_id, c.new_url) for c in ready], due_at=due_at,
-                              tag=tag, reason=f"replay run {run_id} queued", now=now)
+                              tag=tag, reason=f"replay run {run_id} queued", now=now,
+                              bodies={c.postback_id: c.new_body for c in ready})
 
 
 TASK_REPLAY_RUN = "postback_worker.replay_run"

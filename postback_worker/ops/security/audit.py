@@ -19,7 +19,8 @@ from postback_worker.domain.campaigns import (
     lifespan_in_range,
     parse_campaign_type,
 )
-from postback_worker.domain.validator import validate
+from postback_worker.domain.masking import SECRET_PARAM
+from postback_worker.domain.validator import validate, validate_body
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 
@@ -96,6 +97,32 @@ def _offer_findings(offers: list[dict[str, Any]], expired: dict[str, tuple[int, 
                           "review it")
 
 
+def _request_findings(p: dict[str, Any]) -> Iterable[Finding]:
+    """Body template problems, and secrets that travel where they are easily logged."""
+    pid = p["id"]
+    fmt, body = p.get("body_format"), p.get("body_template")
+    if fmt and body:
+        for problem in validate_body(body, fmt):
+            yield Finding(problem.severity, "partner", pid, "body_template",
+                          f"body_template ({fmt}) {problem.describe()}")
+        if p.get("method") != "POST":
+            yield Finding("error", "partner", pid, "body_template",
+                          f"a {fmt} body is configured but the method is {p.get('method')}; "
+                          "bodies are only sent with POST")
+    secret_params = sorted({name for name in _query_names(p["postback_url"])
+                            if SECRET_PARAM.search(name)})
+    if secret_params:
+        yield Finding("warning", "partner", pid, "secret_in_url",
+                      f"the postback URL carries {', '.join(secret_params)}: URLs end up in "
+                      "partners' and proxies' access logs; if the partner accepts it, send it "
+                      "as a custom header instead (partners add --header 'Name: value')")
+
+
+def _query_names(url: str) -> list[str]:
+    query = url.split("?", 1)[1] if "?" in url else ""
+    return [part.split("=", 1)[0] for part in query.split("&") if part]
+
+
 def _partner_findings(partners: list[dict[str, Any]], stats: dict[str, dict[str, Any]],
                       now: datetime, s: Settings) -> Iterable[Finding]:
     for p in partners:
@@ -103,6 +130,7 @@ def _partner_findings(partners: list[dict[str, Any]], stats: dict[str, dict[str,
         for problem in validate(p["postback_url"]):
             yield Finding(problem.severity, "partner", pid, "template",
                           f"postback_url {problem.describe()}")
+        yield from _request_findings(p)
         st = stats.get(pid, {})
         if not p["enabled"]:
             if now - p["updated_at"] > timedelta(days=s.audit.paused_days):

@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.diagnosis import TITLES
 from postback_worker.domain.failures import FACTS, Cause, cause_of
-from postback_worker.domain.macros import TemplateError, macro_values, render
-from postback_worker.domain.masking import mask_url
+from postback_worker.domain.macros import TemplateError, macro_values, render, render_body
+from postback_worker.domain.masking import mask_body, mask_headers, mask_url
 from postback_worker.domain.retry import FailureClass, classify, describe
+from postback_worker.pipeline.catalog import Partner
 
 TEST_STATE = "test"
 EXCERPT_CHARS = 300
@@ -40,6 +40,10 @@ class FireReport:
     signed: bool = False
     postback_id: str | None = None
     problems: list[str] = field(default_factory=list)
+    # The request body (secret-looking fields masked) and custom header names (values masked).
+    body: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    signature_scheme: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,8 +73,11 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     values = sample_values(partner["id"], postback_id, now, transaction_id=transaction_id,
                            payout=payout)
     method = partner["method"]
+    p = Partner.from_row(partner)
     try:
         url = render(partner["postback_url"], values)
+        body = (render_body(p.body_template, p.body_format, values)
+                if p.body_format and p.body_template else None)
     except TemplateError as exc:
         return FireReport(partner["id"], method, mask_url(partner["postback_url"]), values,
                           failure_class="config", outcome="template cannot render",
@@ -78,14 +85,16 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
                           advice=FACTS[FailureClass.CONFIG].advice,
                           problems=[p.describe() for p in exc.problems])
     result = FireReport(partner["id"], method, mask_url(url), values,
-                        signed=bool(partner.get("hmac_secret")))
+                        signed=p.signing is not None, body=mask_body(body, p.body_format),
+                        headers=mask_headers(p.headers),
+                        signature_scheme=p.signing.scheme if p.signing else None)
     if not fire:
         return result
     assert sender is not None, "firing needs a Sender"
-    keys = signing.SigningKeys.from_row(partner)
-    headers = signing.sign_headers(keys, postback_id, url, method, now) if keys else {}
-    outcome = sender.send(PostbackRequest(postback_id=postback_id, url=url, method=method,
-                                          timeout=float(partner["timeout"]), headers=headers))
+    outcome = sender.send(PostbackRequest(
+        postback_id=postback_id, url=url, method=method, timeout=p.timeout, headers=p.headers,
+        body=body, content_type=p.content_type, signing=p.signing, signed_at=now,
+        proxy=p.egress_proxy))
     failure = classify(outcome, partner.get("success_check"))
     cause = cause_of(failure.value, outcome.status_code)
     result.fired = True
@@ -97,14 +106,14 @@ def run_test_fire(store: Any, partner: Mapping[str, Any], now: datetime, *,
     result.outcome = describe(outcome, failure)
     result.cause = TITLES[cause] if cause else None
     result.advice = FACTS[failure].advice
-    _record(store, partner, postback_id, url, now, outcome, failure, result.outcome,
-            (clock or (lambda: now))())
+    _record(store, partner, postback_id, url, result.body, now, outcome, failure,
+            result.outcome, (clock or (lambda: now))())
     return result
 
 
 def _record(store: Any, partner: Mapping[str, Any], postback_id: str, url: str,
-            started: datetime, outcome: Any, failure: FailureClass, text: str,
-            finished: datetime) -> None:
+            masked_body: str | None, started: datetime, outcome: Any, failure: FailureClass,
+            text: str, finished: datetime) -> None:
     conversion_id = "cv_test_" + postback_id.removeprefix("pb_test_")
     delivered = failure is FailureClass.DELIVERED
     store.record_test_fire(
@@ -114,7 +123,7 @@ def _record(store: Any, partner: Mapping[str, Any], postback_id: str, url: str,
             state=TEST_STATE, reason="test fire (partners test --fire)", processed_at=finished),
         postback=dict(
             id=postback_id, conversion_id=conversion_id, partner_id=partner["id"],
-            url=mask_url(url), method=partner["method"], state=TEST_STATE,
+            url=mask_url(url), method=partner["method"], body=masked_body, state=TEST_STATE,
             reason=None if delivered else text, attempts=1, first_attempt_at=started,
             last_attempt_at=started, last_status=outcome.status_code,
             last_class=failure.value, received_at=started, created_at=started,

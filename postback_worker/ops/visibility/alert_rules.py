@@ -20,6 +20,8 @@ DEAD_LETTERS = "dead_letters_growing"
 RETRY_BACKLOG = "retry_backlog_overdue"
 CIRCUIT_OPEN = "circuit_open"
 LOST_CONVERSIONS = "lost_conversions"
+PARTNER_GONE = "partner_gone"
+BACKLOG_AGE = "backlog_age"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class Snapshot:
     oldest_due: datetime | None = None
     circuits: Mapping[str, str] = field(default_factory=dict)
     lost: Sequence[OfferLost] = ()
+    # Partners paused because they answered 410 Gone -> why (their pause reason).
+    gone: Mapping[str, str] = field(default_factory=dict)
+    # Partner -> (postbacks not yet delivered nor given up, seconds since the oldest was created)
+    backlog_age: Mapping[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,10 @@ def next_step(top_class: str | None, top_status: str | None, egress_ips: Sequenc
     if top_class == "blocked" or top_status == "403":
         ips = ", ".join(egress_ips) if egress_ips else "(none configured: set POSTBACK_EGRESS_IPS)"
         return f"ask the partner to allowlist our egress IPs: {ips}"
-    if top_status in {"404", "400", "410"} or top_class == "config":
+    if top_class == "gone" or top_status == "410":
+        return ("the partner's endpoint is gone (410) and the partner is paused: get the new "
+                "URL, fix it (postback-worker partners add), then partners resume and dlq replay")
+    if top_status in {"404", "400"} or top_class == "config":
         return ("check the partner's postback URL template (postback-worker partners list; "
                 "fix it with postback-worker partners add)")
     if top_class == "timeout":
@@ -190,6 +199,23 @@ def _retry_backlog(s: Snapshot, th: Thresholds) -> Condition:
                      details={"backlog": s.retry_backlog, "overdue_seconds": overdue})
 
 
+def _backlog_age(partner_id: str, count: int, age: float, th: Thresholds) -> Condition:
+    bound = th.backlog_age_seconds
+    active = _band(age, bound, bound * th.clear_ratio)
+    message = (
+        f"Partner {partner_id}: the oldest of its {count} undelivered postbacks was created "
+        f"{_minutes(age)} ago (bound {_minutes(bound)}); they wait for a retry, a limit, the "
+        "circuit breaker or a pause. Next step: postback-worker partners health, then "
+        f"postback-worker report --partner {partner_id}."
+    )
+    return Condition(key=f"{BACKLOG_AGE}:{partner_id}", kind=BACKLOG_AGE, active=active,
+                     message=message, partner_id=partner_id,
+                     severity="critical" if age >= 2 * bound else "warning",
+                     summary=(f"partner {partner_id} backlog of {count}, oldest "
+                              f"{_minutes(age)} old"),
+                     details={"postbacks": count, "age_seconds": age})
+
+
 def _circuit(partner_id: str, state: str) -> Condition:
     # half_open keeps an open alert open (the probe has not succeeded yet); only closed clears.
     active: bool | None = True if state == "open" else (None if state == "half_open" else False)
@@ -202,6 +228,19 @@ def _circuit(partner_id: str, state: str) -> Condition:
                      message=message, partner_id=partner_id, severity="critical",
                      summary=f"circuit of partner {partner_id} is {state}",
                      details={"state": state})
+
+
+def _gone(partner_id: str, reason: str) -> Condition:
+    message = (
+        f"Partner {partner_id} answered 410 Gone and is paused: {reason}. Its postbacks wait "
+        "(no attempts spent). Next step: get the partner's new endpoint, fix it with "
+        f"postback-worker partners add, then postback-worker partners resume {partner_id} and "
+        f"postback-worker dlq replay --partner {partner_id}."
+    )
+    return Condition(key=f"{PARTNER_GONE}:{partner_id}", kind=PARTNER_GONE, active=True,
+                     message=message, partner_id=partner_id, severity="critical",
+                     summary=f"partner {partner_id} is paused after 410 Gone",
+                     details={"reason": reason})
 
 
 def _lost(o: OfferLost, th: Thresholds) -> Condition:
@@ -238,6 +277,8 @@ def conditions(s: Snapshot, th: Thresholds) -> list[Condition]:
     out.append(_retry_backlog(s, th))
     out.extend(_circuit(pid, state) for pid, state in sorted(s.circuits.items()))
     out.extend(_lost(o, th) for o in s.lost if o.conversions)
+    out.extend(_gone(pid, why) for pid, why in sorted(s.gone.items()))
+    out.extend(_backlog_age(pid, n, age, th) for pid, (n, age) in sorted(s.backlog_age.items()))
     return out
 
 

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
-from sqlalchemy import Connection, func, insert, select, text, update
 
+from postback_worker.domain.failures import NOT_THE_PARTNERS
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alert_rules import (
     Condition,
@@ -29,14 +29,13 @@ from postback_worker.ops.visibility.alert_rules import (
     conditions,
     transitions,
 )
-from postback_worker.ops.visibility.metrics import circuit_states
+from postback_worker.ops.visibility.metrics import backlog_age_seconds, circuit_states
 from postback_worker.settings import Settings
-from postback_worker.store import schema as t
+from postback_worker.store import alerts as alert_store
+from postback_worker.store.figures import RawFigures, figures_for
 from postback_worker.store.repo import Store
 
 log = logging.getLogger("postback_worker.alerts")
-ADVISORY_LOCK = 0x70627761  # "pbwa"
-AL = t.alerts.c
 
 
 @dataclass(frozen=True)
@@ -96,49 +95,47 @@ def thresholds(settings: Settings) -> Thresholds:
     return Thresholds(**asdict(settings.alerts), egress_ips=settings.delivery.egress_ips)
 
 
-def snapshot(conn: Connection, redis_client: Any, now: datetime,
+def snapshot(figures: RawFigures, redis_client: Any, now: datetime,
              window_seconds: int) -> Snapshot:
     """The figures the rules need, from PostgreSQL (and circuit states from Redis)."""
     since = now - timedelta(seconds=window_seconds)
     until = now + timedelta(microseconds=1)
-    ex = fg.Exclusions(conn)
     partners: dict[str, dict[str, Any]] = {}
-    for row in fg.attempt_window(conn, ex, since, until):
-        p = partners.setdefault(row["partner_id"], {"attempts": 0, "failed": 0, "codes": {},
-                                                    "classes": {}})
-        p["attempts"] += row["count"]
-        if row["failure_class"] != "delivered":
-            p["failed"] += row["count"]
-            code = "none" if row["status_code"] is None else str(row["status_code"])
-            p["codes"][code] = p["codes"].get(code, 0) + row["count"]
-            p["classes"][row["failure_class"]] = (
-                p["classes"].get(row["failure_class"], 0) + row["count"])
+    for (pid, status, cls), n in sorted(figures.attempt_window(since, until).items(),
+                                        key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        if cls in NOT_THE_PARTNERS:
+            continue  # our egress proxy failed: not the partner's failure rate
+        p = partners.setdefault(pid, {"attempts": 0, "failed": 0, "codes": {}, "classes": {}})
+        p["attempts"] += n
+        if cls != "delivered":
+            p["failed"] += n
+            code = "none" if status is None else str(status)
+            p["codes"][code] = p["codes"].get(code, 0) + n
+            p["classes"][cls] = p["classes"].get(cls, 0) + n
     by_partner: dict[str, int] = {}
     by_class: dict[str, int] = {}
-    for pid, cls, n in conn.execute(
-        select(fg.D.partner_id, fg.D.failure_class, func.count())
-        .select_from(t.dead_letters.join(t.postbacks, fg.P.id == fg.D.postback_id))
-        .where(fg.D.created_at >= since, fg.D.created_at < until,
-               fg.P.state == fg.FAILED_POSTBACK, ex.real_postback(fg.D.postback_id))
-        .group_by(fg.D.partner_id, fg.D.failure_class)
-    ):
-        by_partner[pid] = by_partner.get(pid, 0) + int(n)
-        by_class[cls] = by_class.get(cls, 0) + int(n)
-    backlog, oldest = conn.execute(
-        select(func.count(), func.min(fg.P.next_attempt_at))
-        .where(fg.P.state.in_(["retry_scheduled", "queued"]), ex.real_postback())
-    ).one()
-    partner_ids = [r[0] for r in conn.execute(select(t.partners.c.id).order_by(t.partners.c.id))]
+    for (pid, cls), n in sorted(figures.dead_letters_window(since, until).items()):
+        by_partner[pid] = by_partner.get(pid, 0) + n
+        by_class[cls] = by_class.get(cls, 0) + n
+    backlog, oldest = figures.retry_backlog()
+    rows = figures.store.list_partners()
+    partner_ids = [p["id"] for p in rows]
+    # Partners paused because they answered 410 Gone -> their pause reason.
+    gone = {p["id"]: p["paused_reason"] or "410 Gone" for p in rows
+            if p["paused"] and p.get("paused_by") == "gone"}
     circuits = circuit_states(redis_client, partner_ids) if redis_client is not None else {}
     lost = [OfferLost(r["offer_id"], r["conversions"], r["expired_click"], r["unknown_click"])
-            for r in fg.lost_window(conn, ex, since, until)]
+            for r in fg.lost_window(figures, since, until)]
+    ages = {pid: (n, backlog_age_seconds(created, now))
+            for pid, (n, created) in figures.backlog_by_partner().items()}
     return Snapshot(
         now=now,
         partners=[PartnerWindow(pid, p["attempts"], p["failed"], p["codes"], p["classes"])
                   for pid, p in sorted(partners.items())],
         new_dead_letters=sum(by_partner.values()),
         dead_letters_by_partner=by_partner, dead_letters_by_class=by_class,
-        retry_backlog=int(backlog), oldest_due=fg.utc(oldest), circuits=circuits, lost=lost,
+        retry_backlog=backlog, oldest_due=oldest, circuits=circuits, lost=lost,
+        backlog_age=ages, gone=gone,
     )
 
 
@@ -158,30 +155,26 @@ def evaluate(settings: Settings, store: Store, redis_client: Any, *,
              now: datetime, sinks: Sequence[Sink] | None = None) -> list[AlertEvent]:
     """One evaluation at `now`: record fired/resolved alerts and send them to the sinks."""
     events: list[AlertEvent] = []
-    with store.engine.begin() as conn:
-        if store.dialect == "postgresql" and not conn.execute(
-            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}
-        ).scalar():
+    with alert_store.evaluation(store) as tx:
+        if tx is None:
             log.info("alert evaluation skipped: another evaluation is running")
             return []
-        snap = snapshot(conn, redis_client, now, settings.alerts.window_seconds)
+        snap = snapshot(figures_for(store), redis_client, now, settings.alerts.window_seconds)
         observed = conditions(snap, thresholds(settings))
-        open_rows = {r["key"]: dict(r) for r in conn.execute(
-            select(t.alerts).where(AL.state == "open")).mappings()}
+        open_rows = tx.open_alerts()
         for tr in transitions(observed, set(open_rows)):
             if tr.action == "fire":
                 assert tr.condition is not None
-                events.append(_fire(conn, tr.condition, now))
+                events.append(_fire(tx, tr.condition, now))
             else:
-                events.append(_resolve(conn, open_rows.pop(tr.key), tr.condition, now))
+                events.append(_resolve(tx, open_rows.pop(tr.key), tr.condition, now))
         by_key = {c.key: c for c in observed}
         for key, row in open_rows.items():
             c = by_key.get(key)
             if c is None or any(e.key == key for e in events):
                 continue
             details = {**json.loads(row["details"] or "{}"), "latest": _jsonable(c.details)}
-            conn.execute(update(t.alerts).where(AL.id == row["id"]).values(
-                last_evaluated_at=now, details=json.dumps(details)))
+            tx.touch(row["id"], details, now)
     for event in events:
         for sink in sinks if sinks is not None else sinks_for(settings):
             sink.send(event)
@@ -192,43 +185,23 @@ def _jsonable(details: Any) -> Any:
     return json.loads(json.dumps(details, default=str))
 
 
-def _fire(conn: Connection, c: Condition, now: datetime) -> AlertEvent:
+def _fire(tx: alert_store.AlertTx, c: Condition, now: datetime) -> AlertEvent:
     details = {**_jsonable(c.details), "summary": c.summary}
-    alert_id = conn.execute(insert(t.alerts).values(
-        key=c.key, kind=c.kind, partner_id=c.partner_id, severity=c.severity, state="open",
-        message=c.message, details=json.dumps(details), started_at=now, resolved_at=None,
-        last_evaluated_at=now,
-    ).returning(AL.id)).scalar_one()
-    return AlertEvent("fire", int(alert_id), c.key, c.kind, c.severity, c.partner_id,
-                      _fire_text(c))
+    alert_id = tx.fire(key=c.key, kind=c.kind, partner_id=c.partner_id, severity=c.severity,
+                       message=c.message, details=details, now=now)
+    return AlertEvent("fire", alert_id, c.key, c.kind, c.severity, c.partner_id, _fire_text(c))
 
 
-def _resolve(conn: Connection, row: dict[str, Any], c: Condition | None,
+def _resolve(tx: alert_store.AlertTx, row: dict[str, Any], c: Condition | None,
              now: datetime) -> AlertEvent:
     text_ = _resolve_text(row, c)
     details = json.loads(row["details"] or "{}")
     details["resolved"] = text_
     if c is not None:
         details["latest"] = _jsonable(c.details)
-    conn.execute(update(t.alerts).where(AL.id == row["id"]).values(
-        state="resolved", resolved_at=now, last_evaluated_at=now, details=json.dumps(details)))
+    tx.resolve(row["id"], details, now)
     return AlertEvent("resolve", int(row["id"]), row["key"], row["kind"], row["severity"],
                       row["partner_id"], text_)
 
 
-def list_alerts(store: Store, *, state: str = "all", partner_id: str | None = None,
-                limit: int = 100) -> list[dict[str, Any]]:
-    """Alert history, newest first; `state` is open, resolved or all."""
-    stmt = select(t.alerts).order_by(AL.started_at.desc(), AL.id.desc()).limit(limit)
-    if state != "all":
-        stmt = stmt.where(AL.state == state)
-    if partner_id:
-        stmt = stmt.where(AL.partner_id == partner_id)
-    with store.engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(stmt).mappings()]
-    for r in rows:
-        r["details"] = json.loads(r["details"] or "{}")
-        for k in ("started_at", "resolved_at", "last_evaluated_at"):
-            r[k] = fg.utc(r[k])
-    return rows
-
+list_alerts = alert_store.list_alerts

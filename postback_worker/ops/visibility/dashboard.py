@@ -1,4 +1,7 @@
-"""The operator dashboard: figures gathered from PostgreSQL/Redis and one server-rendered page."""
+"""The operator dashboard: figures gathered from PostgreSQL/Redis and one server-rendered page.
+
+The numbers come from store/figures.py (rollups on PostgreSQL), so the page costs the same
+whatever the history holds."""
 
 from __future__ import annotations
 
@@ -8,15 +11,18 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from sqlalchemy import Integer, cast, func, literal, select
-
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alerts import list_alerts
 from postback_worker.ops.visibility.charts import hbars, line_chart, stacked_bars
-from postback_worker.ops.visibility.metrics import circuit_states, overdue_seconds, queue_depths
+from postback_worker.ops.visibility.metrics import (
+    backlog_age_seconds,
+    circuit_states,
+    overdue_seconds,
+    queue_depths,
+)
 from postback_worker.ops.visibility.reports import Scope, delivery_report, millis, percent
 from postback_worker.ops.visibility.timerange import TimeRange
-from postback_worker.store import schema as t
+from postback_worker.store.figures import RawFigures, figures_for
 from postback_worker.store.repo import Store
 
 BUCKET_STEPS = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
@@ -38,66 +44,55 @@ def _bucket_labels(rng: TimeRange, step: int) -> list[str]:
     return [(rng.since + timedelta(seconds=step * i)).strftime(fmt) for i in range(n)]
 
 
-def attempt_series(store: Store, scope: Scope, step: int) -> dict[str, Any]:
-    """Attempts per time bucket: totals, delivered, and failures by class."""
+def attempt_series(store: Store, scope: Scope, step: int,
+                   figures: RawFigures | None = None) -> dict[str, Any]:
+    """Attempts per time bucket: totals, delivered, and failures by class. An attempt counts
+    in the bucket its start minute falls in (the first bucket also takes the partial minute
+    before it)."""
     labels = _bucket_labels(scope.range, step)
     n = len(labels)
-    since = literal(scope.range.since, t.UTCDateTime())
-    offset = fg.seconds_between(fg.A.started_at, since, store.dialect) / step
-    index = cast(func.floor(offset), Integer) if store.dialect != "sqlite" else cast(offset,
-                                                                                       Integer)
     totals, delivered = [0] * n, [0] * n
     failures: dict[str, list[int]] = {}
-    with store.engine.connect() as conn:
-        ex = fg.Exclusions(conn)
-        stmt = (
-            select(index, fg.A.failure_class, func.count())
-            .select_from(t.attempts.join(t.postbacks, fg.P.id == fg.A.postback_id))
-            .where(fg.A.started_at >= scope.range.since, fg.A.started_at < scope.range.until,
-                   fg.real_attempt(), ex.real_postback())
-            .group_by(index, fg.A.failure_class)
-        )
-        if scope.partner_id:
-            stmt = stmt.where(fg.P.partner_id == scope.partner_id)
-        for i, cls, count in conn.execute(stmt):
-            i = min(max(int(i), 0), n - 1)
-            totals[i] += int(count)
-            if cls == "delivered":
-                delivered[i] += int(count)
-            else:
-                failures.setdefault(cls, [0] * n)[i] += int(count)
+    figs = figures or figures_for(store)
+    since = scope.range.since
+    for (minute, cls), count in figs.attempt_minutes(since, scope.range.until,
+                                                     scope.partner_id).items():
+        i = min(max(int((minute - since).total_seconds() // step), 0), n - 1)
+        totals[i] += count
+        if cls == "delivered":
+            delivered[i] += count
+        else:
+            failures.setdefault(cls, [0] * n)[i] += count
     success = [fg.rate(d, tot) for d, tot in zip(delivered, totals, strict=True)]
     return {"labels": labels, "attempts": totals, "delivered": delivered,
-            "success_rate": success, "failures": failures, "bucket_seconds": step}
+            "success_rate": success, "failures": dict(sorted(failures.items())),
+            "bucket_seconds": step}
 
 
 def gather(store: Store, redis_client: Any, scope: Scope, now: datetime,
-           broker_client: Any = None) -> dict[str, Any]:
+           broker_client: Any = None, figures: RawFigures | None = None) -> dict[str, Any]:
     """Everything the page shows, as plain data (also served as JSON)."""
-    report = delivery_report(store, scope)
-    series = attempt_series(store, scope, bucket_seconds(scope.range.seconds))
+    figs = figures or figures_for(store)
+    report = delivery_report(store, scope, figs)
+    series = attempt_series(store, scope, bucket_seconds(scope.range.seconds), figs)
     partner_ids = [p["partner_id"] for p in report["partners"]]
     try:
         queues: dict[str, int] | None = queue_depths(broker_client or redis_client)
         circuits = circuit_states(redis_client, partner_ids)
     except Exception:  # noqa: BLE001 - the page still shows the database's figures
         queues, circuits = None, {}
-    with store.engine.connect() as conn:
-        ex = fg.Exclusions(conn)
-        backlog, oldest = conn.execute(
-            select(func.count(), func.min(fg.P.next_attempt_at))
-            .where(fg.P.state.in_(["retry_scheduled", "queued"]), ex.real_postback())).one()
-        dead = {cls: int(n) for cls, n in conn.execute(
-            select(fg.D.failure_class, func.count())
-            .select_from(t.dead_letters.join(t.postbacks, fg.P.id == fg.D.postback_id))
-            .where(fg.P.state == fg.FAILED_POSTBACK, ex.real_postback(fg.D.postback_id))
-            .group_by(fg.D.failure_class))}
+    backlog, oldest = figs.retry_backlog()
+    dead: dict[str, int] = {}
+    for (_partner, cls), n in figs.dead_letters().items():
+        dead[cls] = dead.get(cls, 0) + n
+    ages = {pid: {"postbacks": count, "age_seconds": backlog_age_seconds(created, now)}
+            for pid, (count, created) in figs.backlog_by_partner().items()}
     return {
         "since": scope.range.since, "until": scope.range.until, "partner_id": scope.partner_id,
         "report": report, "series": series, "queues": queues,
-        "retry_backlog": int(backlog), "retry_overdue_seconds": overdue_seconds(fg.utc(oldest),
-                                                                               now),
-        "dead_letters": dict(sorted(dead.items(), key=lambda kv: -kv[1])),
+        "retry_backlog": backlog, "retry_overdue_seconds": overdue_seconds(oldest, now),
+        "backlog_age": dict(sorted(ages.items(), key=lambda kv: -kv[1]["age_seconds"])),
+        "dead_letters": dict(sorted(dead.items(), key=lambda kv: (-kv[1], kv[0]))),
         "circuits": circuits, "open_alerts": list_alerts(store, state="open", limit=50),
     }
 
@@ -229,11 +224,18 @@ def _queues(data: dict[str, Any]) -> str:
     dead = "".join(f"<tr><td>{escape(c)}</td><td class=\"n\">{n}</td></tr>"
                    for c, n in data["dead_letters"].items())
     overdue = data["retry_overdue_seconds"]
+    ages = "".join(
+        f'<tr data-partner="{escape(pid)}"><td>{escape(pid)}</td><td class="n">'
+        f'{a["postbacks"]}</td><td class="n">{duration(a["age_seconds"])}</td></tr>'
+        for pid, a in data["backlog_age"].items())
     return (
         '<div class="card"><h2>Queues</h2>' + q_html +
         '<table id="backlog"><tr><th>retry backlog</th><td class="n">'
         f"{data['retry_backlog']}</td></tr><tr><th>oldest retry overdue</th>"
         f'<td class="n">{duration(overdue)}</td></tr></table>'
+        '<h2 style="margin-top:10px">Backlog age by partner</h2>'
+        '<table id="backlog-age"><tr><th>partner</th><th>not delivered</th><th>oldest</th>'
+        f'</tr>{ages or "<tr><td>none</td></tr>"}</table>'
         '<h2 style="margin-top:10px">Dead letters by class</h2>'
         f'<table id="dead-letters">{dead or "<tr><td>none</td></tr>"}</table></div>'
     )
@@ -271,11 +273,13 @@ def _lost(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f"<tr><td>{escape(r['offer_id'] or '(no offer)')}</td><td class=\"n\">"
         f"{r['conversions']}</td><td class=\"n\">{r['expired_click']}</td><td class=\"n\">"
-        f"{r['unknown_click']}</td><td class=\"n\">{percent(r['lost_rate'])}</td></tr>"
+        f"{r['unknown_click']}</td><td class=\"n\">{percent(r['lost_rate'])}</td>"
+        + "".join(f'<td class="n">{r[s]}</td>' for s in fg.INBOUND_STATES) + "</tr>"
         for r in rows)
-    return ('<div class="card" style="margin-top:16px"><h2>Lost conversions by offer</h2>'
-            '<table id="lost"><tr><th>offer</th><th>conversions</th><th>expired click</th>'
-            f"<th>unknown click</th><th>lost</th></tr>{body}</table></div>")
+    return ('<div class="card" style="margin-top:16px"><h2>Lost and refused conversions by '
+            'offer</h2><table id="lost"><tr><th>offer</th><th>conversions</th><th>expired '
+            "click</th><th>unknown click</th><th>lost</th><th>too soon</th><th>too late</th>"
+            f"<th>capped</th><th>IP not allowed</th></tr>{body}</table></div>")
 
 
 def failed_html(rows: list[dict[str, Any]], title: str) -> str:

@@ -1,74 +1,21 @@
-"""Queries shared by metrics, reports, alerts and the dashboard.
-
-Every figure comes from PostgreSQL (the source of truth) and leaves test-fire traffic out:
-attempts with `is_test` are never counted, nor are postbacks (and their conversions) that a
-test fire created.
-"""
+"""Pure helpers shared by metrics, reports, alerts and the dashboard (the SQL is in
+store/figures.py)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, cast, func, literal, select
-from sqlalchemy.sql.elements import ColumnElement
+from postback_worker.store.figures import FAILED_POSTBACK, RawFigures, utc
 
-from postback_worker.store import schema as t
+__all__ = ["FAILED_POSTBACK", "LOST_STATES", "bucket_quantile", "lost_window", "nearest_rank",
+           "rate", "utc"]
 
-A = t.attempts.c
-P = t.postbacks.c
-C = t.conversions.c
-D = t.dead_letters.c
-
-FAILED_POSTBACK = "dead_lettered"
-PENDING_POSTBACK = ("pending", "queued", "in_flight", "retry_scheduled")
 LOST_STATES = ("expired_click", "unknown_click")
-
-
-def utc(value: datetime | None) -> datetime | None:
-    """Timezone-aware UTC (SQLite and some aggregates return naive datetimes)."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Exclusions:
-    """Ids of test-fire postbacks, loaded once per query set (there are few of them)."""
-
-    def __init__(self, conn: Connection) -> None:
-        rows = conn.execute(select(A.postback_id).where(A.is_test.is_(True)).distinct())
-        self.postback_ids: list[str] = [r[0] for r in rows]
-
-    def real_postback(self, column: Any = P.id) -> ColumnElement[bool]:
-        """True for postbacks that are not test fires."""
-        if not self.postback_ids:
-            return literal(True)
-        return column.not_in(self.postback_ids)
-
-    def real_conversion(self) -> ColumnElement[bool]:
-        """True for conversions without a test-fire postback."""
-        if not self.postback_ids:
-            return literal(True)
-        test_convs = select(P.conversion_id).where(P.id.in_(self.postback_ids))
-        return C.id.not_in(test_convs)
-
-
-def real_attempt() -> ColumnElement[bool]:
-    return A.is_test.is_(False)
-
-
-def seconds_between(later: Any, earlier: Any, dialect: str) -> Any:
-    """SQL expression: seconds from `earlier` to `later` (timestamps)."""
-    if dialect == "sqlite":
-        return (func.julianday(later) - func.julianday(earlier)) * 86400.0
-    return func.extract("epoch", later - earlier)
-
-
-def bucket_counts(value: Any, bounds: Sequence[float]) -> list[Any]:
-    """count(*) FILTER (WHERE value <= bound) for each bound (cumulative histogram buckets)."""
-    return [func.count().filter(value <= b) for b in bounds]
+# Refused by an offer's inbound rules (domain.attribution.INBOUND_REFUSED).
+INBOUND_STATES = ("too_soon", "too_late", "capped", "ip_not_allowed")
 
 
 def rate(part: int, whole: int) -> float | None:
@@ -83,47 +30,38 @@ def nearest_rank(sorted_values: Sequence[float], q: float) -> float | None:
     return sorted_values[index]
 
 
-def attempt_window(conn: Connection, ex: Exclusions, since: datetime, until: datetime,
-                   partner_id: str | None = None) -> list[dict[str, Any]]:
-    """Attempts started in [since, until) by partner, status code and failure class."""
-    stmt = (
-        select(P.partner_id, A.status_code, A.failure_class, func.count())
-        .select_from(t.attempts.join(t.postbacks, P.id == A.postback_id))
-        .where(A.started_at >= since, A.started_at < until, real_attempt(),
-               ex.real_postback())
-        .group_by(P.partner_id, A.status_code, A.failure_class)
-    )
-    if partner_id:
-        stmt = stmt.where(P.partner_id == partner_id)
-    return [{"partner_id": p, "status_code": s, "failure_class": f, "count": int(n)}
-            for p, s, f, n in conn.execute(stmt)]
+def bucket_quantile(counts: Iterable[tuple[float, int]], q: float) -> float | None:
+    """The q-quantile by nearest rank over a histogram of (bucket upper bound, count): the
+    bucket holding the value nearest_rank would pick."""
+    ordered = sorted((b, n) for b, n in counts if n > 0)
+    total = sum(n for _, n in ordered)
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for bound, n in ordered:
+        seen += n
+        if seen >= rank:
+            return bound
+    return ordered[-1][0]
 
 
-def duration_seconds() -> Any:
-    return cast(A.duration_ms, Float) / 1000.0
-
-
-def lost_window(conn: Connection, ex: Exclusions, since: datetime,
-                until: datetime, offer_id: str | None = None) -> list[dict[str, Any]]:
-    """Per offer: conversions received in [since, until), and those lost (expired/unknown)."""
-    stmt = (
-        select(
-            C.offer_id,
-            func.count(),
-            func.count().filter(C.state == "expired_click"),
-            func.count().filter(C.state == "unknown_click"),
-        )
-        .where(C.received_at >= since, C.received_at < until, C.state != "received",
-               ex.real_conversion())
-        .group_by(C.offer_id)
-    )
-    if offer_id:
-        stmt = stmt.where(C.offer_id == offer_id)
-    out = []
-    for offer, total, expired, unknown in conn.execute(stmt):
-        lost = int(expired) + int(unknown)
-        out.append({"offer_id": offer, "conversions": int(total), "expired_click": int(expired),
-                    "unknown_click": int(unknown), "lost": lost,
-                    "lost_rate": rate(lost, int(total))})
+def lost_window(figures: RawFigures, since: datetime, until: datetime,
+                offer_id: str | None = None) -> list[dict[str, Any]]:
+    """Per offer: conversions received in [since, until), those lost (expired/unknown), and
+    those refused by the offer's inbound rules (too soon, too late, capped, advertiser IP)."""
+    per: dict[str | None, dict[str, int]] = {}
+    for (offer, state), n in figures.lost_counts(since, until, offer_id).items():
+        row = per.setdefault(offer, {"conversions": 0, "expired_click": 0, "unknown_click": 0,
+                                     **{s: 0 for s in INBOUND_STATES}})
+        row["conversions"] += n
+        if state in LOST_STATES or state in INBOUND_STATES:
+            row[state] += n
+    out: list[dict[str, Any]] = []
+    for offer, row in per.items():
+        lost = row["expired_click"] + row["unknown_click"]
+        out.append({"offer_id": offer, **row, "lost": lost,
+                    "lost_rate": rate(lost, row["conversions"]),
+                    "refused": sum(row[s] for s in INBOUND_STATES)})
     out.sort(key=lambda r: (-r["lost"], r["offer_id"] or ""))
     return out

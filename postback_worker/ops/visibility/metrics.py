@@ -1,9 +1,11 @@
 """Prometheus metrics computed at scrape time from PostgreSQL and Redis.
 
 Why scrape time and not per-process counters: workers run as many processes on many machines,
-and PostgreSQL already holds every attempt and postback. Counting rows when Prometheus scrapes
+and PostgreSQL already holds every attempt and postback. Reading them when Prometheus scrapes
 gives one exact, fleet-wide figure from any API replica, survives worker restarts, and needs no
-multiprocess directory or per-worker scrape targets. The two histograms (attempt duration,
+multiprocess directory or per-worker scrape targets. On PostgreSQL the history-wide figures
+come from trigger-kept rollups (store/rollups.py), so a scrape costs the same at 10 million
+rows as at 10 thousand; windows read rows only for the window. The two histograms (attempt duration,
 ingest-to-delivery latency) are built the same way over a sliding window
 (`metrics_window_seconds`) and exposed as gauge histograms: `histogram_quantile()` reads their
 `_bucket` series directly (no `rate()`), e.g. the p95 of the last 15 minutes.
@@ -15,6 +17,7 @@ Prometheus reads as a counter reset, so alert rules use the windowed gauges inst
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,21 +30,19 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from postback_worker.domain.attribution import ConversionState
-from postback_worker.ops.visibility import figures as fg
 from postback_worker.settings import Settings
-from postback_worker.store import schema as t
+from postback_worker.store.figures import TOTAL, RawFigures, figures_for
 from postback_worker.store.repo import Store
+from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 from postback_worker.worker.queues import QUEUES
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
-                   86400.0)
+DURATION_BUCKETS = DURATION_BOUNDS
+LATENCY_BUCKETS = LATENCY_BOUNDS
 CIRCUIT_STATES = ("closed", "open", "half_open")
 CIRCUIT_KEY = "pbw:circuit:{}"
 # Kombu's Redis transport keeps priority messages in "<queue>\x06\x16<priority>" lists.
@@ -63,6 +64,8 @@ METRIC_NAMES = (
     "postback_retry_backlog",
     "postback_retry_oldest_due_timestamp_seconds",
     "postback_retry_overdue_seconds",
+    "postback_backlog",
+    "postback_backlog_age_seconds",
     "postback_circuit_state",
     "postback_alerts_open",
     "postback_metrics_window_seconds",
@@ -137,140 +140,105 @@ class VisibilityCollector(Collector):
 
     def _database(self, now: datetime) -> list[Metric]:
         since = now - timedelta(seconds=self.settings.metrics.window_seconds)
-        with self.store.engine.connect() as conn:
-            ex = fg.Exclusions(conn)
-            return [
-                *self._postbacks(conn, ex),
-                self._attempts_total(conn, ex),
-                self._recent_attempts(conn, ex, since, now),
-                self._durations(conn, ex, since, now),
-                self._latency(conn, ex, since, now),
-                self._conversions(conn, ex),
-                self._dead_letters(conn, ex),
-                *self._backlog(conn, ex, now),
-                self._alerts(conn),
-            ]
+        until = now + timedelta(microseconds=1)  # the window includes `now`
+        figs = figures_for(self.store)
+        return [
+            *self._postbacks(figs),
+            self._attempts_total(figs),
+            self._recent_attempts(figs, since, now),
+            self._histogram(
+                "postback_attempt_duration_seconds",
+                "Attempt durations within the last postback_metrics_window_seconds, by partner",
+                DURATION_BUCKETS, figs.duration_histogram(since, until)),
+            self._histogram(
+                "postback_ingest_to_delivery_seconds",
+                "Seconds from conversion received to postback delivered, for postbacks "
+                "delivered within the last postback_metrics_window_seconds, by partner",
+                LATENCY_BUCKETS, figs.latency_histogram(since, until)),
+            self._conversions(figs),
+            self._dead_letters(figs),
+            *self._backlog(figs, now),
+            self._alerts(figs),
+        ]
 
-    def _postbacks(self, conn: Any, ex: fg.Exclusions) -> list[Metric]:
+    def _postbacks(self, figs: RawFigures) -> list[Metric]:
         delivered = CounterMetricFamily(
             "postback_postbacks_delivered", "Postbacks delivered, by partner", labels=["partner"])
         failed = CounterMetricFamily(
             "postback_postbacks_failed",
             "Postbacks that failed for good (dead-lettered), by partner and failure class",
             labels=["partner", "failure_class"])
-        rows = conn.execute(
-            select(fg.P.partner_id, fg.P.state, fg.P.last_class, func.count())
-            .where(fg.P.state.in_(["delivered", fg.FAILED_POSTBACK]), ex.real_postback())
-            .group_by(fg.P.partner_id, fg.P.state, fg.P.last_class)
-        )
-        for partner, state, cls, n in rows:
-            if state == "delivered":
-                delivered.add_metric([partner], int(n))
+        for (partner, bucket, cls), n in sorted(figs.postback_outcomes().items()):
+            if bucket == "delivered":
+                delivered.add_metric([partner], n)
             else:
-                failed.add_metric([partner, cls or "config"], int(n))
+                failed.add_metric([partner, cls], n)
         return [delivered, failed]
 
-    def _attempts_total(self, conn: Any, ex: fg.Exclusions) -> Metric:
+    def _attempts_total(self, figs: RawFigures) -> Metric:
         fam = CounterMetricFamily(
             "postback_attempts", "Delivery attempts, by partner and failure class "
             "(failure_class=\"delivered\" for successes)", labels=["partner", "failure_class"])
-        rows = conn.execute(
-            select(fg.P.partner_id, fg.A.failure_class, func.count())
-            .select_from(t.attempts.join(t.postbacks, fg.P.id == fg.A.postback_id))
-            .where(fg.real_attempt(), ex.real_postback())
-            .group_by(fg.P.partner_id, fg.A.failure_class)
-        )
-        for partner, cls, n in rows:
-            fam.add_metric([partner, cls], int(n))
+        for (partner, cls), n in sorted(figs.attempt_totals().items()):
+            fam.add_metric([partner, cls], n)
         return fam
 
-    def _recent_attempts(self, conn: Any, ex: fg.Exclusions, since: datetime,
-                         now: datetime) -> Metric:
+    def _recent_attempts(self, figs: RawFigures, since: datetime, now: datetime) -> Metric:
         fam = GaugeMetricFamily(
             "postback_recent_attempts",
             "Attempts within the last postback_metrics_window_seconds, by partner and class",
             labels=["partner", "failure_class"])
         totals: dict[tuple[str, str], int] = {}
-        for row in fg.attempt_window(conn, ex, since, now + timedelta(seconds=1)):
-            key = (row["partner_id"], row["failure_class"])
-            totals[key] = totals.get(key, 0) + row["count"]
+        for (partner, _code, cls), n in figs.attempt_window(
+                since, now + timedelta(seconds=1)).items():
+            totals[(partner, cls)] = totals.get((partner, cls), 0) + n
         for (partner, cls), n in sorted(totals.items()):
             fam.add_metric([partner, cls], n)
         return fam
 
-    def _durations(self, conn: Any, ex: fg.Exclusions, since: datetime,
-                   now: datetime) -> Metric:
-        fam = GaugeHistogramMetricFamily(
-            "postback_attempt_duration_seconds",
-            "Attempt durations within the last postback_metrics_window_seconds, by partner",
-            labels=["partner"])
-        value = fg.duration_seconds()
-        rows = conn.execute(
-            select(fg.P.partner_id, *fg.bucket_counts(value, DURATION_BUCKETS), func.count(),
-                   func.coalesce(func.sum(value), 0.0))
-            .select_from(t.attempts.join(t.postbacks, fg.P.id == fg.A.postback_id))
-            .where(fg.A.started_at >= since, fg.A.started_at <= now, fg.real_attempt(),
-                   ex.real_postback())
-            .group_by(fg.P.partner_id)
-        )
-        for row in rows:
-            _add_histogram(fam, row[0], DURATION_BUCKETS, row[1:])
+    def _histogram(self, name: str, doc: str, bounds: Sequence[float],
+                   counts: dict[tuple[str, float], int]) -> Metric:
+        """Cumulative buckets from per-bound counts; the sum from the total microseconds."""
+        fam = GaugeHistogramMetricFamily(name, doc, labels=["partner"])
+        for partner in sorted({p for p, _ in counts}):
+            seen, buckets = 0, []
+            for b in bounds:
+                seen += counts.get((partner, b), 0)
+                buckets.append((_le(b), float(seen)))
+            seen += counts.get((partner, math.inf), 0)
+            buckets.append(("+Inf", float(seen)))
+            total = counts.get((partner, TOTAL), 0) / 1_000_000
+            fam.add_metric([partner], buckets, gsum_value=total)
         return fam
 
-    def _latency(self, conn: Any, ex: fg.Exclusions, since: datetime, now: datetime) -> Metric:
-        fam = GaugeHistogramMetricFamily(
-            "postback_ingest_to_delivery_seconds",
-            "Seconds from conversion received to postback delivered, for postbacks delivered "
-            "within the last postback_metrics_window_seconds, by partner", labels=["partner"])
-        value = fg.seconds_between(fg.P.delivered_at, fg.P.received_at, self.store.dialect)
-        rows = conn.execute(
-            select(fg.P.partner_id, *fg.bucket_counts(value, LATENCY_BUCKETS), func.count(),
-                   func.coalesce(func.sum(value), 0.0))
-            .where(fg.P.state == "delivered", fg.P.delivered_at >= since,
-                   fg.P.delivered_at <= now, ex.real_postback())
-            .group_by(fg.P.partner_id)
-        )
-        for row in rows:
-            _add_histogram(fam, row[0], LATENCY_BUCKETS, row[1:])
-        return fam
-
-    def _conversions(self, conn: Any, ex: fg.Exclusions) -> Metric:
+    def _conversions(self, figs: RawFigures) -> Metric:
         fam = GaugeMetricFamily(
             "postback_conversions",
             "Conversions by state (expired_click and unknown_click are lost conversions)",
             labels=["state"])
         counts = {s.value: 0 for s in ConversionState}
-        for state, n in conn.execute(
-            select(fg.C.state, func.count()).where(ex.real_conversion()).group_by(fg.C.state)
-        ):
-            counts[state] = int(n)
+        counts.update(figs.conversion_states())
         for state, n in sorted(counts.items()):
             fam.add_metric([state], n)
         return fam
 
-    def _dead_letters(self, conn: Any, ex: fg.Exclusions) -> Metric:
+    def _dead_letters(self, figs: RawFigures) -> Metric:
         fam = GaugeMetricFamily(
             "postback_dead_letters",
             "Dead letters waiting for action (postback still dead-lettered), by failure class",
             labels=["failure_class"])
-        for cls, n in conn.execute(
-            select(fg.D.failure_class, func.count())
-            .select_from(t.dead_letters.join(t.postbacks, fg.P.id == fg.D.postback_id))
-            .where(fg.P.state == fg.FAILED_POSTBACK, ex.real_postback(fg.D.postback_id))
-            .group_by(fg.D.failure_class)
-        ):
-            fam.add_metric([cls], int(n))
+        by_class: dict[str, int] = {}
+        for (_partner, cls), n in figs.dead_letters().items():
+            by_class[cls] = by_class.get(cls, 0) + n
+        for cls, n in sorted(by_class.items()):
+            fam.add_metric([cls], n)
         return fam
 
-    def _backlog(self, conn: Any, ex: fg.Exclusions, now: datetime) -> list[Metric]:
-        n, oldest = conn.execute(
-            select(func.count(), func.min(fg.P.next_attempt_at))
-            .where(fg.P.state.in_(["retry_scheduled", "queued"]), ex.real_postback())
-        ).one()
-        oldest = fg.utc(oldest)
+    def _backlog(self, figs: RawFigures, now: datetime) -> list[Metric]:
+        n, oldest = figs.retry_backlog()
         backlog = GaugeMetricFamily("postback_retry_backlog",
                                     "Postbacks waiting for a retry (retry_scheduled or queued)")
-        backlog.add_metric([], int(n))
+        backlog.add_metric([], n)
         due = GaugeMetricFamily(
             "postback_retry_oldest_due_timestamp_seconds",
             "Unix time the oldest waiting retry is due (absent when the backlog is empty)")
@@ -280,15 +248,23 @@ class VisibilityCollector(Collector):
         if oldest is not None:
             due.add_metric([], oldest.timestamp())
         overdue.add_metric([], overdue_seconds(oldest, now))
-        return [backlog, due, overdue]
+        age = GaugeMetricFamily(
+            "postback_backlog_age_seconds",
+            "Per partner: seconds since the oldest postback not yet delivered nor given up "
+            "was created (waiting for a retry, a limit, the breaker or a pause all count); "
+            "absent when the partner has no backlog", labels=["partner"])
+        size = GaugeMetricFamily(
+            "postback_backlog", "Per partner: postbacks not yet delivered nor given up",
+            labels=["partner"])
+        for partner, (count, created) in sorted(figs.backlog_by_partner().items()):
+            age.add_metric([partner], backlog_age_seconds(created, now))
+            size.add_metric([partner], count)
+        return [backlog, due, overdue, age, size]
 
-    def _alerts(self, conn: Any) -> Metric:
+    def _alerts(self, figs: RawFigures) -> Metric:
         fam = GaugeMetricFamily("postback_alerts_open", "Open alerts by kind", labels=["kind"])
-        for kind, n in conn.execute(
-            select(t.alerts.c.kind, func.count()).where(t.alerts.c.state == "open")
-            .group_by(t.alerts.c.kind)
-        ):
-            fam.add_metric([kind], int(n))
+        for kind, n in sorted(figs.open_alerts_by_kind().items()):
+            fam.add_metric([kind], n)
         return fam
 
     # -- Redis ----------------------------------------------------------------------------
@@ -318,13 +294,8 @@ def overdue_seconds(oldest_due: datetime | None, now: datetime) -> float:
     return max(0.0, (now - oldest_due).total_seconds())
 
 
-def _add_histogram(fam: GaugeHistogramMetricFamily, partner: str, bounds: Sequence[float],
-                   values: Sequence[Any]) -> None:
-    cumulative = [int(v) for v in values[:len(bounds)]]
-    count, total = int(values[len(bounds)]), float(values[len(bounds) + 1] or 0.0)
-    buckets = [(_le(b), float(n)) for b, n in zip(bounds, cumulative, strict=True)]
-    buckets.append(("+Inf", float(count)))
-    fam.add_metric([partner], buckets, gsum_value=total)
+def backlog_age_seconds(oldest_created: datetime, now: datetime) -> float:
+    return max(0.0, (now - oldest_created).total_seconds())
 
 
 def _le(bound: float) -> str:

@@ -3,7 +3,9 @@
 Scope: postbacks created (their conversion processed) in [since, until), optionally one partner
 or one offer; their attempts whenever they happened; lost conversions received in the range.
 Test fires are never counted. Success rate = delivered / (delivered + failed), where failed
-means dead-lettered; postbacks still retrying are reported as pending.
+means dead-lettered; postbacks still retrying are reported as pending. Response-time
+percentiles are nearest-rank over durations rounded up to two significant digits (123.4 ms
+counts as 130 ms), so rollups can keep them exactly.
 """
 
 from __future__ import annotations
@@ -15,13 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
-from sqlalchemy.sql.elements import ColumnElement
-
-from postback_worker.domain.masking import mask_url
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.timerange import TimeRange
-from postback_worker.store import schema as t
+from postback_worker.store.figures import RawFigures, figures_for
 from postback_worker.store.repo import Store
 
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
@@ -38,15 +36,9 @@ class Scope:
     partner_id: str | None = None
     offer_id: str | None = None
 
-    def where(self, ex: fg.Exclusions) -> list[ColumnElement[bool]]:
-        conds = [fg.P.created_at >= self.range.since, fg.P.created_at < self.range.until,
-                 ex.real_postback()]
-        if self.partner_id:
-            conds.append(fg.P.partner_id == self.partner_id)
-        if self.offer_id:
-            conds.append(fg.P.conversion_id.in_(
-                select(fg.C.id).where(fg.C.offer_id == self.offer_id)))
-        return conds
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return (self.range.since, self.range.until, self.partner_id, self.offer_id)
 
 
 def _empty_counts() -> dict[str, Any]:
@@ -55,6 +47,7 @@ def _empty_counts() -> dict[str, Any]:
 
 
 def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    row["pending"] = row["postbacks"] - row["delivered"] - row["failed"] - row["skipped"]
     decided = row["delivered"] + row["failed"]
     row["success_rate"] = fg.rate(row["delivered"], decided)
     row["failure_rate"] = fg.rate(row["failed"], decided)
@@ -62,56 +55,48 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def delivery_report(store: Store, scope: Scope) -> dict[str, Any]:
+def delivery_report(store: Store, scope: Scope,
+                    figures: RawFigures | None = None) -> dict[str, Any]:
     """Every figure of the delivery report, exact, as plain data."""
-    with store.engine.connect() as conn:
-        ex = fg.Exclusions(conn)
-        where = scope.where(ex)
-        total = _empty_counts()
-        partners: dict[str, dict[str, Any]] = {}
+    figs = figures or figures_for(store)
+    total = _empty_counts()
+    partners: dict[str, dict[str, Any]] = {}
 
-        def partner(pid: str) -> dict[str, Any]:
-            return partners.setdefault(pid, {"partner_id": pid, **_empty_counts(),
-                                             "status_codes": {}, "failure_classes": {}})
+    def partner(pid: str) -> dict[str, Any]:
+        return partners.setdefault(pid, {"partner_id": pid, **_empty_counts(),
+                                         "status_codes": {}, "failure_classes": {}})
 
-        for pid, state, n in conn.execute(
-            select(fg.P.partner_id, fg.P.state, func.count()).where(*where)
-            .group_by(fg.P.partner_id, fg.P.state)
-        ):
-            key = _state_bucket(state)
-            for row in (total, partner(pid)):
-                row["postbacks"] += int(n)
-                row[key] += int(n)
-        status_codes: dict[str, int] = {}
-        classes: dict[str, int] = {}
-        for pid, code, cls, n in conn.execute(
-            select(fg.P.partner_id, fg.A.status_code, fg.A.failure_class, func.count())
-            .select_from(t.attempts.join(t.postbacks, fg.P.id == fg.A.postback_id))
-            .where(*where, fg.real_attempt())
-            .group_by(fg.P.partner_id, fg.A.status_code, fg.A.failure_class)
-        ):
-            p = partner(pid)
-            code_key = "none" if code is None else str(code)
-            failed = cls != "delivered"
-            for row in (total, p):
-                row["attempts"] += int(n)
-                row["failed_attempts"] += int(n) if failed else 0
-            for bucket in (status_codes, p["status_codes"]):
-                bucket[code_key] = bucket.get(code_key, 0) + int(n)
-            for bucket in (classes, p["failure_classes"]):
-                bucket[cls] = bucket.get(cls, 0) + int(n)
-        failed_by_class = {
-            cls or "config": int(n) for cls, n in conn.execute(
-                select(fg.P.last_class, func.count())
-                .where(*where, fg.P.state == fg.FAILED_POSTBACK).group_by(fg.P.last_class))
-        }
-        overall_q, partner_q = _response_times(conn, store.dialect, where)
-        lost = fg.lost_window(conn, ex, scope.range.since, scope.range.until, scope.offer_id)
+    failed_by_class: dict[str, int] = {}
+    for (pid, bucket, cls), n in sorted(figs.report_postbacks(*scope.args).items()):
+        for row in (total, partner(pid)):
+            row[bucket] += n
+        if bucket == "failed":
+            failed_by_class[cls] = failed_by_class.get(cls, 0) + n
+    status_codes: dict[str, int] = {}
+    classes: dict[str, int] = {}
+    for (pid, code, cls), n in sorted(figs.report_attempts(*scope.args).items(),
+                                      key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        p = partner(pid)
+        code_key = "none" if code is None else str(code)
+        for row in (total, p):
+            row["attempts"] += n
+            row["failed_attempts"] += n if cls != "delivered" else 0
+        for counts in (status_codes, p["status_codes"]):
+            counts[code_key] = counts.get(code_key, 0) + n
+        for counts in (classes, p["failure_classes"]):
+            counts[cls] = counts.get(cls, 0) + n
+    durations = figs.report_durations(*scope.args)
+    everything: dict[float, int] = {}
+    per: dict[str, dict[float, int]] = {}
+    for (pid, ms), n in durations.items():
+        everything[ms] = everything.get(ms, 0) + n
+        per.setdefault(pid, {})[ms] = per.get(pid, {}).get(ms, 0) + n
+    lost = fg.lost_window(figs, scope.range.since, scope.range.until, scope.offer_id)
     for pid, p in partners.items():
-        p["response_ms"] = partner_q.get(pid, dict.fromkeys(q for q, _ in QUANTILES))
+        p["response_ms"] = _quantiles(per.get(pid, {}))
         _finish(p)
     ranked = sorted(partners.values(), key=_worst_first)
-    total["response_ms"] = overall_q
+    total["response_ms"] = _quantiles(everything)
     return {
         "since": scope.range.since,
         "until": scope.range.until,
@@ -130,14 +115,10 @@ def delivery_report(store: Store, scope: Scope) -> dict[str, Any]:
     }
 
 
-def _state_bucket(state: str) -> str:
-    if state == "delivered":
-        return "delivered"
-    if state == fg.FAILED_POSTBACK:
-        return "failed"
-    if state == "skipped":
-        return "skipped"
-    return "pending"
+def _quantiles(histogram: dict[float, int]) -> dict[str, float | None]:
+    """p50/p95/p99 attempt durations (ms) by nearest rank over the duration buckets (each
+    duration rounded up to two significant digits)."""
+    return {name: fg.bucket_quantile(histogram.items(), q) for name, q in QUANTILES}
 
 
 def _worst_first(p: dict[str, Any]) -> tuple[Any, ...]:
@@ -151,66 +132,13 @@ def _sorted_counts(counts: dict[str, int], key: str) -> list[dict[str, Any]]:
                                                                                         kv[0]))]
 
 
-def _response_times(conn: Connection, dialect: str, where: list[ColumnElement[bool]]
-                    ) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
-    """p50/p95/p99 attempt durations (ms) by nearest rank: overall and per partner."""
-    joined = t.attempts.join(t.postbacks, fg.P.id == fg.A.postback_id)
-    conds = [*where, fg.real_attempt()]
-    if dialect == "postgresql":
-        cols = [func.percentile_disc(q).within_group(fg.A.duration_ms) for _, q in QUANTILES]
-        overall_row = conn.execute(select(*cols).select_from(joined).where(*conds)).one()
-        overall = {name: _num(v) for (name, _), v in zip(QUANTILES, overall_row, strict=True)}
-        per: dict[str, dict[str, float | None]] = {}
-        for row in conn.execute(select(fg.P.partner_id, *cols).select_from(joined)
-                                .where(*conds).group_by(fg.P.partner_id)):
-            per[row[0]] = {name: _num(v) for (name, _), v in zip(QUANTILES, row[1:],
-                                                                  strict=True)}
-        return overall, per
-    values: dict[str, list[float]] = {}
-    for pid, ms in conn.execute(select(fg.P.partner_id, fg.A.duration_ms).select_from(joined)
-                                .where(*conds)):
-        values.setdefault(pid, []).append(float(ms))
-    everything = sorted(v for vs in values.values() for v in vs)
-    overall = {name: fg.nearest_rank(everything, q) for name, q in QUANTILES}
-    per = {pid: {name: fg.nearest_rank(sorted(vs), q) for name, q in QUANTILES}
-           for pid, vs in values.items()}
-    return overall, per
-
-
-def _num(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
 # -- failed postbacks export ------------------------------------------------------------------
 
 def failed_postbacks(store: Store, scope: Scope, limit: int | None = None
                      ) -> Iterator[dict[str, Any]]:
     """Every dead-lettered postback in scope, oldest first, streamed from the database."""
-    last_url = (
-        select(fg.A.url).where(fg.A.postback_id == fg.P.id, fg.real_attempt())
-        .order_by(fg.A.attempt_no.desc(), fg.A.id.desc()).limit(1).scalar_subquery()
-    )
-    with store.engine.connect() as conn:
-        ex = fg.Exclusions(conn)
-        stmt = (
-            select(fg.P.id, fg.P.conversion_id, fg.C.transaction_id, fg.C.offer_id,
-                   fg.P.partner_id, fg.P.last_status, fg.P.last_class, fg.P.attempts,
-                   fg.P.created_at, fg.P.last_attempt_at, fg.P.reason, last_url, fg.P.url)
-            .select_from(t.postbacks.join(t.conversions, fg.C.id == fg.P.conversion_id))
-            .where(*scope.where(ex), fg.P.state == fg.FAILED_POSTBACK)
-            .order_by(fg.P.created_at, fg.P.id)
-        )
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        result = conn.execution_options(yield_per=1000).execute(stmt)
-        for row in result:
-            yield {
-                "postback_id": row[0], "conversion_id": row[1], "transaction_id": row[2],
-                "offer_id": row[3], "partner_id": row[4], "last_status": row[5],
-                "last_class": row[6] or "config", "attempts": int(row[7]),
-                "created_at": fg.utc(row[8]), "last_attempt_at": fg.utc(row[9]),
-                "error": row[10] or "", "url": row[11] or mask_url(row[12] or ""),
-            }
+    return RawFigures(store).failed_postbacks(scope.range.since, scope.range.until,
+                                              scope.partner_id, scope.offer_id, limit)
 
 
 def _csv_cell(value: Any) -> str:
@@ -263,7 +191,8 @@ def report_rows(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield {"section": "partner", "key": p["partner_id"],
                    "metric": f"response_ms_{name}", "value": value}
     for row in report["lost_conversions"]:
-        for metric in ("conversions", "expired_click", "unknown_click", "lost", "lost_rate"):
+        for metric in ("conversions", "expired_click", "unknown_click", "lost", "lost_rate",
+                       *fg.INBOUND_STATES, "refused"):
             yield {"section": "lost_conversions", "key": row["offer_id"] or "", "metric": metric,
                    "value": row[metric]}
 
