@@ -149,7 +149,7 @@ def test_periodic_maintenance_stays_out_of_flowers_task_list(
         seen = wait_until(names, 30, interval=0.5, message="the retry's task in Flower")
         sweeps = beat.output().count("(postback_worker.sweep)")
         assert sweeps >= 10, beat.output()[-2000:]
-        assert {"postback_worker.process_conversions", "postback_worker.deliver_postbacks"} <= seen
+        assert {"postback_worker.intake", "postback_worker.deliver_postbacks"} <= seen
         quiet = {"postback_worker.sweep", "postback_worker.requeue_stuck_conversions",
                  "postback_worker.compact_rollups"}
         assert seen & quiet == set(), seen
