@@ -26,7 +26,6 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
-from sqlalchemy import Engine
 
 from postback_worker.domain.events import (
     ConversionEvent,
@@ -36,8 +35,8 @@ from postback_worker.domain.events import (
 )
 from postback_worker.errors import Unavailable
 from postback_worker.settings import Settings
-from postback_worker.store.db import make_engine
 from postback_worker.store.journal import Journal
+from postback_worker.store.repo import Store
 from postback_worker.worker.queues import (
     CONVERSIONS,
     INTAKE_WOKEN_KEY,
@@ -144,7 +143,7 @@ class Producer:
     """Stores conversion events durably and wakes the workers."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None,
-                 engine: Engine | None = None, durable: bool = True):
+                 store: Store | None = None, durable: bool = True):
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
         self.durable = durable
@@ -155,10 +154,10 @@ class Producer:
             broker_transport_options=settings.redis.broker_transport_options(),
             broker_connection_retry_on_startup=True,
         )
-        self._own_engine = durable and engine is None
+        self._own_store = durable and store is None
         self.journal: Journal | None = None
         if durable:
-            self.journal = Journal.over(engine or make_engine(settings.database.url))
+            self.journal = Journal(store or Store.from_url(settings.database.url))
         self._group = GroupCommit(self._commit, self.wake,
                                   max_events=settings.ingest.enqueue_chunk_size)
         self._broker_down_until = 0.0
@@ -251,5 +250,5 @@ class Producer:
     def close(self) -> None:
         self._celery.close()
         self._redis.close()
-        if self._own_engine and self.journal is not None:
-            self.journal.store.engine.dispose()
+        if self._own_store and self.journal is not None:
+            self.journal.store.dispose()

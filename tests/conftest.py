@@ -2,7 +2,9 @@
 
 PostgreSQL: TEST_DATABASE_URL, else the server on 127.0.0.1:5432, else an embedded one.
 Redis: TEST_REDIS_URL, else 127.0.0.1:6379, else a local redis-server started for the run.
-Each run gets its own PostgreSQL database and its own Redis database number.
+Each run gets its own PostgreSQL database. Redis: database TEST_REDIS_DB (default 9; never 1,
+which `postback-worker up` uses); the suite flushes it, so it refuses to start on a database
+holding keys it did not write or one another live test run is using.
 TEST_EMBEDDED=1 ignores running servers and starts both (what a fresh machine does).
 """
 
@@ -21,11 +23,13 @@ from typing import Any
 import pytest
 import redis
 from sqlalchemy import create_engine, text
+from support import redisdb
 from support.helpers import NOW, Clock
 from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
 from postback_worker.dev import services as devservices
+from postback_worker.dev.stack import REDIS_DB as UP_REDIS_DB
 from postback_worker.domain.retry import RetryPolicy
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
@@ -36,6 +40,8 @@ from postback_worker.store.schema import metadata
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 ADMIN_TOKEN = "test-admin-token"
+# The Redis database the suite uses unless TEST_REDIS_DB says otherwise.
+TEST_REDIS_DB = 9
 # Send with every API request in tests: the bootstrap admin credential (all scopes).
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -101,7 +107,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         url = f"redis://127.0.0.1:{devservices.free_port()}/0"
     url, proc = devservices.ensure_redis(url, tmp_path_factory.mktemp("redis"))
     base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
-    db = int(os.environ.get("TEST_REDIS_DB", "9"))
+    db = int(os.environ.get("TEST_REDIS_DB", str(TEST_REDIS_DB)))
+    client = redis.Redis.from_url(f"{base}/{db}")
+    problem = redisdb.claim(client)
+    client.close()
+    if problem:
+        pytest.exit(f"Redis database {db} at {base} {problem}; the suite flushes its database, "
+                    "so give it another one: TEST_REDIS_DB=<0-15> (default "
+                    f"{TEST_REDIS_DB}; postback-worker up uses {UP_REDIS_DB})", returncode=2)
     yield f"{base}/{db}"
     if proc is not None:
         devservices.stop(proc)
@@ -140,8 +153,10 @@ def store(pg_url: str) -> Iterator[Store]:
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
+    redisdb.mark(client)
     yield client
     client.flushdb()
+    redisdb.mark(client)
     client.close()
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from support.partner import PartnerServer
 
 from postback_worker.cli import main
 from postback_worker.delivery.sender import Sender
+from postback_worker.dev.state import StackState
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine
@@ -92,7 +97,7 @@ def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path: Path,
     r = runner.invoke(main, ["db", "upgrade"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["db", "current"])
-    assert r.output.strip() == "0006"
+    assert r.output.strip() == "0007"
     tables = set(inspect(make_engine(url)).get_table_names())
     assert {"offers", "partners", "clicks", "conversions", "postbacks", "attempts",
             "dead_letters", "conversion_keys"} <= tables
@@ -102,6 +107,76 @@ def test_bad_setting_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POSTBACK_LEASE_SECONDS", "soon")
     r = CliRunner().invoke(main, ["offers", "list"])
     assert r.exit_code == 2 and "POSTBACK_LEASE_SECONDS" in r.output
+
+
+# -- the local stack's file and unmigrated databases ------------------------------------------
+
+def _bare_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name in ("DATABASE_URL", "REDIS_URL") or name.startswith("POSTBACK_"):
+            monkeypatch.delenv(name)
+
+
+def test_cli_uses_the_local_stack_file_without_any_setting(
+        store: Store, pg_url: str, redis_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _bare_env(monkeypatch)
+    data = tmp_path / ".postback-worker"
+    data.mkdir()
+    path = StackState(database_url=pg_url, redis_url=redis_url, admin_token="tok-123",
+                      api_url="http://127.0.0.1:18999").write(data)
+    assert path.stat().st_mode & 0o777 == 0o600
+    add_offer(store, "from-stack")
+    deeper = tmp_path / "docs" / "runbooks"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)  # found in a parent directory too
+    r = CliRunner().invoke(main, ["offers", "list", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert [o["id"] for o in json.loads(r.output)] == ["from-stack"]
+    # The admin token signs dashboard links for the stack's API.
+    r = CliRunner().invoke(main, ["dashboard", "link"])
+    assert r.exit_code == 0 and r.output.startswith("http://127.0.0.1:18999/dashboard/session?t=")
+    # DATABASE_URL in the environment wins: the file is not read at all.
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'other.db'}")
+    r = CliRunner().invoke(main, ["offers", "list"])
+    assert r.exit_code == 5 and "no database file" in r.output
+
+
+def test_unmigrated_database_one_line_exit_5_no_file(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _bare_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    for args in (["offers", "list"], ["show", "cv_x"], ["dlq", "stats"], ["report"]):
+        r = subprocess.run([sys.executable, "-m", "postback_worker.cli", *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 5, (args, r.stdout, r.stderr)
+        assert r.stderr == ("error: database not migrated: run postback-worker db upgrade "
+                            "(no database file postback-worker.db)\n"), args
+        assert r.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no stray SQLite file
+    # An existing file, or a PostgreSQL database, without the schema.
+    sqlite3.connect(tmp_path / "empty.db").close()
+    admin = make_engine(pg_url.rsplit("/", 1)[0] + "/postgres",
+                        ).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"pbw_unmigrated_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        for url in (f"sqlite:///{tmp_path / 'empty.db'}", pg_url.rsplit("/", 1)[0] + "/" + name):
+            monkeypatch.setenv("DATABASE_URL", url)
+            r = CliRunner().invoke(main, ["partners", "list"])
+            assert r.exit_code == 5 and r.output == (
+                "error: database not migrated: run postback-worker db upgrade\n"), url
+            assert CliRunner().invoke(main, ["db", "current"]).output.startswith("none")
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres:pw@127.0.0.1:1/nowhere")
+    r = CliRunner().invoke(main, ["offers", "list"])
+    assert r.exit_code == 5 and r.output.startswith("error: the database is unavailable: ")
+    assert len(r.output.splitlines()) == 1 and ":pw@" not in r.output
 
 
 def test_unreachable_database_and_redis_exit_5(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -257,3 +257,38 @@ def test_a_sick_partner_does_not_hold_up_a_healthy_one(
     latency = [(p["delivered_at"] - p["received_at"]).total_seconds()  # type: ignore[operator]
                for p in ok]
     print(f"healthy partner latency: max {max(latency):.2f}s")
+
+
+def test_replay_gives_a_new_round_of_attempts_numbered_on(
+    settings: Settings, store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc],
+) -> None:
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url, path="/pb", max_attempts=2)
+    partner.route("/pb", status=503)
+    add_click(store, "tx1", aff_id="p1")
+    celery_procs("worker", breaker_enabled=False)
+    celery_procs("beat")
+    ids = send(settings, ["tx1"])
+    wait_until(lambda: settled(store, ids, {"dead_lettered"}), 60, message="a dead letter")
+
+    def the_postback() -> dict[str, object]:
+        (pb,) = postbacks(store, ids)
+        return pb
+
+    assert the_postback()["attempts"] == 2
+    assert str(the_postback()["reason"]).endswith("retries exhausted: 2 of 2 attempts")
+    # Still down: the replay spends a whole new round (2 more), and says so in the same words.
+    out = cli(settings, "dlq", "replay", "--partner", "p1", "--wait", "60")
+    assert out.strip().endswith("delivered 0, failed again 1, still pending 0")
+    pb = the_postback()
+    assert pb["state"] == "dead_lettered" and pb["attempts"] == 4
+    assert str(pb["reason"]).endswith("retries exhausted: 2 of 2 attempts")
+    # Back up: delivered at the first attempt of the next round; attempt numbers go on.
+    partner.route("/pb", status=200)
+    out = cli(settings, "dlq", "replay", "--partner", "p1", "--wait", "60")
+    assert out.strip().endswith("delivered 1, failed again 0, still pending 0")
+    pb = the_postback()
+    assert pb["state"] == "delivered" and pb["attempts"] == 5
+    numbers = [a["attempt_no"] for a in store.attempts_for([str(pb["id"])])]
+    assert sorted(numbers) == [1, 2, 3, 4, 5]
+    assert partner.count() == 5

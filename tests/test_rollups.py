@@ -66,7 +66,7 @@ def assert_same(store: Store, now: datetime) -> None:
 
 
 def compact(store: Store) -> int:
-    return rollups.compact_all(store.engine)
+    return rollups.compact_all(store)
 
 
 def test_rollups_equal_raw_rows_through_the_lifecycle(

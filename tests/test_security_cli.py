@@ -95,6 +95,24 @@ def test_test_fire(cli: CliRunner, store: Store, partner: PartnerServer) -> None
     assert states == ["test"]
 
 
+def test_ipv6_literal_partner_is_validated_saved_and_fired(cli: CliRunner) -> None:
+    with PartnerServer(host="::1") as v6:
+        v6.set_response(body=b"success=true")
+        url = f"{v6.url}/pb?tid={{transaction_id}}"
+        assert url.startswith("http://[::1]:")
+        r = cli.invoke(main, ["partners", "validate", "--no-dns", "--url", url])
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[-3:] == [
+            "^", "warning: position 0: plain http sends the postback unencrypted (fix: https://)",
+            "0 error(s), 1 warning(s)"], r.output
+        r = cli.invoke(main, ["partners", "add", "--id", "v6", "--url", url,
+                              "--success-check", "success=true"])
+        assert r.exit_code == 0, r.output
+        r = cli.invoke(main, ["partners", "test", "v6", "--fire"])
+        assert r.exit_code == 0, r.output
+        assert v6.count() == 1 and v6.received()[0].path == "/pb"
+
+
 def test_signing_and_offer_token(cli: CliRunner, store: Store) -> None:
     add_partner(store, "p1", "https://p.example")
     add_offer(store, "o1")

@@ -61,6 +61,10 @@ def test_dashboard_in_headless_chromium(settings: Settings, store: Store, scenar
     kpi = dict(re.findall(r'id="kpi-([a-z0-9-]+)"><div class="v">([^<]*)</div>', html))
     assert kpi["postbacks"] == "13" and kpi["delivered"] == "6" and kpi["failed"] == "6"
     assert kpi["pending"] == "1" and kpi["success-rate"] == "50.0%" and kpi["lost"] == "3"
+    # The tiles add up: postbacks = delivered + failed + pending + skipped.
+    assert kpi["skipped"] == "0"
+    assert sum(int(kpi[k]) for k in ("delivered", "failed", "pending", "skipped")) == 13
+    assert "(13 = 6 + 6 + 1 + 0)" in html
     assert int(kpi["alerts"]) >= 3
     # Charts: drawn server-side as SVG with data in them.
     for chart in ("chart-success-rate", "chart-failures", "chart-worst-partners",
@@ -76,6 +80,17 @@ def test_dashboard_in_headless_chromium(settings: Settings, store: Store, scenar
     # Worst partners first, each with a link to its failed postbacks; circuit state shown.
     order = re.findall(r'<tr class="partner" data-partner="([^"]+)"', html)
     assert order == ["p-down", "p-blocked", "p-gone", "p-ok"]
+    # Bars and table show the same figure, labelled: the failure rate.
+    worst = html.split('<svg id="chart-worst-partners"', 1)[1].split("</svg>", 1)[0]
+    assert "Failure rate by partner, worst first" in worst
+    bar_texts = re.findall(r"<title>([^<:]+): ([^<]+)</title>", worst)
+    table = html.split('<table id="worst-partners">', 1)[1].split("</table>", 1)[0]
+    assert "<th>failure rate</th>" in table and "<th>success</th>" not in table
+    cells = {pid: rate for pid, rate in re.findall(
+        r'data-partner="([^"]+)"><td>[^<]*</td>(?:<td class="n">[^<]*</td>){3}'
+        r'<td class="n">([^<]*)</td>', table)}
+    assert bar_texts == [(pid, f"{cells[pid]} failed") for pid in order]
+    assert bar_texts[0] == ("p-down", "100.0% failed") and bar_texts[-1] == ("p-ok", "0.0% failed")
     assert 'class="state-open">open<' in html
     links = re.findall(r'class="failed-link" href="([^"]+)"', html)
     assert len(links) == 4 and "partner=p-down" in links[0]
@@ -101,6 +116,15 @@ def test_sign_in_link_session_cookie_and_drill_down(settings: Settings, store: S
         drill = browser.get(f"{api}{href.replace('&amp;', '&')}")
         assert drill.status_code == 200 and "3 failed postbacks" in drill.text
         assert drill.text.count("HTTP 503 from partner") == 3
+        # The all-partners list has the partner and URL columns the CSV has.
+        everyone = browser.get(f"{api}/v1/reports/failed", params={**RANGE, "format": "html"})
+        assert everyone.status_code == 200 and "6 failed postbacks" in everyone.text
+        heads = re.findall(r"<th>([^<]+)</th>", everyone.text)
+        assert heads[1] == "partner" and heads[-1] == "URL (secrets masked)"
+        rows = re.findall(r"<tr><td>[^<]*</td><td>([^<]*)</td>.*?<td>([^<]*)</td></tr>",
+                          everyone.text)
+        assert {pid for pid, _ in rows} == {"p-down", "p-blocked", "p-gone"}
+        assert all(url.startswith("http://127.0.0.1:") for _, url in rows)
         csv_href = href.replace("format=html", "format=csv").replace("&amp;", "&")
         assert len(browser.get(f"{api}{csv_href}").text.strip().splitlines()) == 1 + 3
         # The cookie opens only the read-only pages, never admin writes or /metrics.

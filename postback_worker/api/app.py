@@ -6,13 +6,12 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from postback_worker.api import oncall, security, visibility
+from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
 from postback_worker.api.http import db_error, project_error
 from postback_worker.errors import PostbackWorkerError
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
-from postback_worker.store.db import make_engine
 from postback_worker.store.repo import Store
 
 
@@ -20,8 +19,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                producer: Producer | None = None) -> Starlette:
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
-    store = store or Store(make_engine(settings.database.url))
-    producer = producer or Producer(settings, engine=store.engine)
+    store = store or Store.from_url(settings.database.url)
+    producer = producer or Producer(settings, store=store)
     api = Api(settings, store, producer)
     routes = [
         Route("/health", api.health),
@@ -35,7 +34,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         Route("/v1/offers", api.offers, methods=["GET", "POST"]),
         Route("/v1/partners", api.partners, methods=["GET", "POST"]),
     ]
-    for module in (oncall, visibility, security):
+    for module in (pages, oncall, visibility, security):
         routes.extend(module.routes(api))
     app = Starlette(routes=routes, exception_handlers={
         PostbackWorkerError: project_error, OperationalError: db_error,

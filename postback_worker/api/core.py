@@ -2,8 +2,8 @@
 
 Authentication: `Authorization: Bearer <API key>` (keys with scopes `ingest` or `admin`, see
 ops/security/apikeys.py), or the bootstrap admin token (break-glass: every scope).
-Public: /click (tracking links), /health, /healthz, /openapi.json; the advertiser GET /postback
-takes the offer's `security_token` instead of a key.
+Public: /click (tracking links), /health, /healthz, /openapi.json, the pages / and /docs
+(api/pages.py); the advertiser GET /postback takes the offer's `security_token` instead of a key.
 """
 
 from __future__ import annotations

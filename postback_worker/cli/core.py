@@ -17,6 +17,7 @@ from postback_worker.cli.output import (
     print_json,
     print_table,
 )
+from postback_worker.dev.demo import DEMO_PARTNER_PORT
 from postback_worker.domain.postback import PostbackState
 from postback_worker.errors import NotFound
 
@@ -41,7 +42,12 @@ def db_upgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Print the schema revision of DATABASE_URL."""
-    revision = open_store(load_settings()).schema_revision()
+    from postback_worker.store.db import sqlite_path
+
+    settings = load_settings()
+    path = sqlite_path(settings.database.url)
+    missing = path is not None and not path.exists()  # not created just to look at it
+    revision = None if missing else open_store(settings, migrated=False).schema_revision()
     click.echo(revision or "none (run: postback-worker db upgrade)")
 
 
@@ -259,16 +265,24 @@ def api(host: str, port: int, workers: int) -> None:
 
 @main.command("up")
 @click.option("--demo", is_flag=True,
-              help="Also run the demo: offer, partners, clicks, conversions.")
+              help="Also run the demo: offer, partners, clicks, conversions, and a local "
+                   "partner that keeps answering while the stack runs.")
 @click.option("--exit-after-demo", is_flag=True, help="Stop everything once the demo has printed.")
 @click.option("--api-port", default=8000, show_default=True, type=int)
 @click.option("--flower-port", default=5555, show_default=True, type=int)
+@click.option("--partner-port", default=DEMO_PARTNER_PORT, show_default=True, type=int,
+              help="Port of the demo's local partner.")
 @click.option("--data-dir", default=".postback-worker", show_default=True,
-              help="Where the SQLite file, local Redis data and logs go.")
-def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, data_dir: str) -> None:
-    """Bring up API, worker, beat and Flower on local defaults (SQLite, local Redis)."""
+              help="Where the SQLite file, local Redis data, logs and stack.json go.")
+def up(demo: bool, exit_after_demo: bool, api_port: int, flower_port: int, partner_port: int,
+       data_dir: str) -> None:
+    """Bring up API, worker, beat and Flower on local defaults (SQLite, Redis database 1).
+
+    Writes DATA_DIR/stack.json (readable by you only) so that commands run in another
+    terminal of this directory (or below it) use this stack without any exported setting;
+    they look for .postback-worker/stack.json, the default DATA_DIR."""
     from postback_worker.dev.stack import run_stack
 
     sys.exit(run_stack(demo=demo or exit_after_demo, exit_after_demo=exit_after_demo,
-                       api_port=api_port, flower_port=flower_port, data_dir=data_dir))
-
+                       api_port=api_port, flower_port=flower_port, data_dir=data_dir,
+                       partner_port=partner_port))

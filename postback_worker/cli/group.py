@@ -55,6 +55,8 @@ def main() -> None:
     """Deliver affiliate postbacks reliably (Celery + Redis + PostgreSQL).
 
     Settings come from the environment: DATABASE_URL, REDIS_URL and POSTBACK_* variables.
+    Without DATABASE_URL, a command run in a directory where `postback-worker up` runs (or
+    ran) uses that stack: its database, Redis and admin token, from .postback-worker/stack.json.
     Exit codes: 0 done, 1 a check found problems, 2 invalid input, 3 not found, 4 conflict,
-    5 database or Redis unavailable.
+    5 database or Redis unavailable (or not migrated).
     """

@@ -400,7 +400,8 @@ def partners_limits(partner_id: str, rate_text: str | None, concurrency: int | N
 @click.option("--until", help="ISO time or age (default: now).")
 @click.option("--out", "out_path", type=click.Path(path_type=Path),
               help="Directory, or a file ending in .tar.gz (default: "
-                   "support-bundle-PARTNER-TIME.tar.gz).")
+                   "support-bundle-PARTNER-TIME.tar.gz in the current directory, a name "
+                   "this repository's .gitignore lists).")
 def support_bundle(partner_id: str, since: str, until: str | None,
                    out_path: Path | None) -> None:
     """Write a redacted archive to attach to a ticket with a partner or provider."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
+from postback_worker.dev import state
+from postback_worker.errors import Unavailable
 from postback_worker.settings import Settings
 
 
@@ -18,14 +21,30 @@ def utcnow() -> datetime:
 
 
 def load_settings() -> Settings:
-    return Settings.from_env()
+    """Settings from the environment; without DATABASE_URL, completed from the local stack's
+    `.postback-worker/stack.json` (written by `postback-worker up`) when there is one."""
+    return Settings.from_env(state.local_env(os.environ))
 
 
-def open_store(settings: Settings) -> Any:
-    from postback_worker.store.db import make_engine
+NOT_MIGRATED = "database not migrated: run postback-worker db upgrade"
+
+
+def open_store(settings: Settings, *, migrated: bool = True) -> Any:
+    """The store of DATABASE_URL. With `migrated`, a database without our schema (or, for
+    SQLite, no file at all: none is created) raises Unavailable (one line, exit code 5).
+    Without it, nothing is checked (and SQLite creates a missing file when first used)."""
+    from postback_worker.store.db import sqlite_path
     from postback_worker.store.repo import Store
 
-    return Store(make_engine(settings.database.url))
+    url = settings.database.url
+    if migrated:
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            raise Unavailable(f"{NOT_MIGRATED} (no database file {path})")
+    store = Store.from_url(url)
+    if migrated and store.schema_revision() is None:
+        raise Unavailable(NOT_MIGRATED)
+    return store
 
 
 def cell(value: Any) -> str:

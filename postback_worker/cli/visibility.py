@@ -11,6 +11,7 @@ import click
 from postback_worker.cli.core import partners
 from postback_worker.cli.group import main
 from postback_worker.cli.output import cell, load_settings, open_store, print_json, print_table
+from postback_worker.dev import state
 from postback_worker.errors import InvalidInput, UnknownPartner
 
 RANGE_HELP = ("ISO date or time (2026-11-25, 2026-11-25T10:00, UTC unless an offset is given) "
@@ -168,12 +169,12 @@ def dashboard() -> None:
 
 
 @dashboard.command("link")
-@click.option("--base-url", default="http://127.0.0.1:8000", show_default=True,
-              help="Where the API is reachable from your browser.")
+@click.option("--base-url", help="Where the API is reachable from your browser (default: the "
+              "local stack's API, else http://127.0.0.1:8000).")
 @click.option("--since", help="Open the dashboard on this range. " + RANGE_HELP)
 @click.option("--until", help="End of the range. " + RANGE_HELP)
 @click.option("--partner", help="Only this partner.")
-def dashboard_link(base_url: str, since: str | None, until: str | None,
+def dashboard_link(base_url: str | None, since: str | None, until: str | None,
                    partner: str | None) -> None:
     """Print a sign-in link to the dashboard, valid for 10 minutes."""
     from urllib.parse import urlencode
@@ -184,6 +185,7 @@ def dashboard_link(base_url: str, since: str | None, until: str | None,
     if since or until:
         _scope(since, until, partner, None)  # refuse a bad range here, not in the browser
     path = "/dashboard" + (f"?{urlencode(params)}" if params else "")
+    base_url = base_url or state.local_api_url(os.environ) or "http://127.0.0.1:8000"
     click.echo(make_link(load_settings(), base_url, datetime.now(UTC), path))
 
 

@@ -14,37 +14,59 @@ import requests
 
 from postback_worker.domain.postback import FINAL_STATES
 
+# Where the demo partner listens (`up --partner-port`): a fixed port, so that the partners'
+# stored URLs still reach it after `up` restarts (replays, test fires).
+DEMO_PARTNER_PORT = 8001
+PAGES = {"/ok": (200, b"success=true"), "/down": (503, b"maintenance"),
+         "/blocked": (403, b"forbidden")}
+
 
 class DemoPartner:
-    """A local partner: /ok answers 200 success=true, /down 503, /blocked 403."""
+    """A local partner for as long as the stack runs: /ok answers 200 success=true, /down 503,
+    /blocked 403. `POST /heal` makes every path answer like /ok (the partner is back and has
+    allowlisted us), `POST /break` undoes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[str] = []
+        self.healed = False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                outer.received.append(self.path)
-                status, body = {"/ok": (200, b"success=true"), "/down": (503, b"maintenance"),
-                                "/blocked": (403, b"forbidden")}.get(
-                    self.path.split("?")[0], (404, b"not found"))
+            def _answer(self, status: int, body: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                outer.received.append(self.path)
+                page = self.path.split("?")[0]
+                if page in PAGES and outer.healed:
+                    page = "/ok"
+                self._answer(*PAGES.get(page, (404, b"not found")))
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                page = self.path.split("?")[0]
+                if page not in ("/heal", "/break"):
+                    self._answer(404, b"not found")
+                    return
+                outer.healed = page == "/heal"
+                self._answer(200, b"healed: every path answers 200 success=true\n"
+                             if outer.healed else b"broken again: /down 503, /blocked 403\n")
+
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
+        self.server.server_close()
 
 
 # Sends the stack's bootstrap admin token (set by run_demo); the API needs a credential.
@@ -58,18 +80,16 @@ def _post(api: str, path: str, body: Any) -> Any:
     return r.json()
 
 
-def run_demo(api: str, timeout: float = 90.0, token: str = "") -> bool:
-    """Create an offer and partners, record clicks, send conversions, print what happened."""
+def run_demo(api: str, partner: DemoPartner, timeout: float = 90.0, token: str = "",
+             cli: str = "postback-worker") -> bool:
+    """Create an offer and partners, record clicks, send conversions, print what happened.
+    The partner keeps answering after this returns (the caller closes it)."""
     if token:
         _http.headers["Authorization"] = f"Bearer {token}"
-    partner = DemoPartner()
-    try:
-        return _run(api, partner, timeout)
-    finally:
-        partner.close()
+    return _run(api, partner, timeout, cli)
 
 
-def _run(api: str, partner: DemoPartner, timeout: float) -> bool:
+def _run(api: str, partner: DemoPartner, timeout: float, cli: str) -> bool:
     qs = "tid={transaction_id}&payout={payout}&sub={aff_sub}&pb={postback_id}"
     click.echo(f"demo partner listening at {partner.url} (/ok 200, /down 503, /blocked 403)")
     _post(api, "/v1/offers", {"id": "demo-offer", "name": "Demo lead gen",
@@ -134,7 +154,7 @@ def _run(api: str, partner: DemoPartner, timeout: float) -> bool:
     click.echo(f"the demo partner received {len(partner.received)} requests, e.g.:")
     for path in partner.received[:3]:
         click.echo(f"  GET {path}")
-    click.echo("inspect one: postback-worker show <conversion id>  (or GET /v1/conversions/<id>)")
+    _next_steps(cli, partner.url, ids[0])
     return len(details) == len(ids) and all(
         p["state"] in FINAL_STATES for d in details.values() for p in d["postbacks"]
     )
@@ -157,3 +177,14 @@ def _wait_final(api: str, ids: list[str], timeout: float) -> dict[str, Any]:
             break
         time.sleep(0.5)
     return details
+
+
+def _next_steps(cli: str, partner_url: str, conversion_id: str) -> None:
+    click.echo(f"""
+Try, in another terminal of this directory (the CLI finds this stack by itself):
+  {cli} show {conversion_id}
+  {cli} dlq list
+  {cli} dlq replay --partner aff-down        # 503 again: the partner is still down
+  curl -X POST {partner_url}/heal        # the demo partner recovers
+  {cli} dlq replay --partner aff-down        # delivered
+  {cli} dashboard link""")

@@ -183,6 +183,20 @@ def ensure_postgres(url: str | None, data_dir: Path) -> tuple[str, Any | None]:
 # Both
 
 
+def process_alive(host: str, pid: object) -> bool:
+    """True unless process `pid` on `host` is known to have ended (another host's process,
+    or one we may not signal, counts as alive: we cannot tell)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(str(pid)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
 def stop(handle: Any, timeout: float = 10.0) -> None:
     """Stop what `ensure_redis` / `ensure_postgres` started (None is a no-op)."""
     if handle is None:

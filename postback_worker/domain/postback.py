@@ -50,6 +50,7 @@ def settle(
     *,
     policy: RetryPolicy,
     attempt_no: int,
+    round_start: int = 0,
     first_attempt_at: datetime,
     now: datetime,
     rand: float,
@@ -57,7 +58,8 @@ def settle(
     probe_wait: float = 0.0,
     success_check: str | None = None,
 ) -> Settlement:
-    """Settle attempt number `attempt_no` (1 for the first) of a postback.
+    """Settle attempt number `attempt_no` (1 for the first) of a postback. The policy counts
+    the attempts of the current round: those after `round_start` (a replay starts a round).
 
     A circuit probe (`probe`) that fails with a retried class while the policy would give up
     only confirms the partner is still down: the postback waits `probe_wait` seconds for the
@@ -65,7 +67,7 @@ def settle(
     """
     failure = classify(outcome, success_check)
     retry_after = parse_retry_after(outcome.retry_after, now)
-    decision = policy.decide(failure, attempts_made=attempt_no,
+    decision = policy.decide(failure, attempts_made=attempt_no - round_start,
                              first_attempt_at=first_attempt_at, now=now,
                              retry_after=retry_after, rand=rand)
     if decision.action == "delivered":

@@ -9,6 +9,7 @@ parameters, a missing {transaction_id} and plain http. DNS is checked outside th
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -169,11 +170,33 @@ def _check_url(r: _Report) -> None:
     if scheme == "http":
         r.add(0, "plain http sends the postback unencrypted", "http", "https://", "warning")
     host, pos = _authority(t, m.end())
-    if not host or host == "[]":
+    if host.startswith("["):
+        r.mask(pos, pos + len(host))  # brackets around a host are URL syntax, not to encode
+    if host.startswith("[") and host != "[]":
+        _ipv6_literal(r, host, pos)
+    elif not host or host == "[]":
         r.add(pos, "missing host", "host", "https://partner.example/...")
     elif "_" in host and "{" not in host:
         r.add(pos, f"host {host!r} contains '_', which host names cannot; use the real "
                    "tracking domain", "host_name", host.replace("_", "-"))
+
+
+def _ipv6_literal(r: _Report, host: str, pos: int) -> None:
+    """A bracketed host is an IPv6 address (RFC 3986: https://[2001:db8::1]:8443/pb)."""
+    inner = host[1:-1] if host.endswith("]") else host[1:]
+    if not host.endswith("]"):
+        r.add(pos, f"unclosed '[' in the host {host!r}; an IPv6 address is written in "
+                   "brackets, e.g. https://[2001:db8::1]/pb", "host", f"{host}]")
+        return
+    try:
+        ipaddress.IPv6Address(inner)
+    except ValueError:
+        if "." in inner and ":" not in inner:
+            r.add(pos, f"{host} is not an IPv6 address; write an IPv4 address without "
+                       f"brackets: {inner}", "host", inner)
+        else:
+            r.add(pos, f"{host} is not an IPv6 address; a host in brackets must be one, "
+                       "e.g. [2001:db8::1]", "host")
 
 
 def _lookalikes(r: _Report) -> None:

@@ -166,6 +166,7 @@ class Dispatch:
         attempt_no = c.attempts + 1
         settled = settle(
             outcome, policy=partner.policy(self.settings.retry), attempt_no=attempt_no,
+            round_start=c.round_start_attempts,
             first_attempt_at=c.first_attempt_at or started, now=now, rand=self.rand(),
             probe=probe, probe_wait=self.settings.breaker.cooldown,
             success_check=partner.success_check,

@@ -38,6 +38,8 @@ class Claimed:
     first_attempt_at: datetime | None
     received_at: datetime
     token: str
+    # Attempts made before the current round (a replay starts a new round of the policy).
+    round_start_attempts: int = 0
 
 
 def update_row(c: Claimed, state: PostbackState, reason: str | None, now: datetime, *,
@@ -108,7 +110,8 @@ class PostbackRecords(StoreBase):
                                 first_attempt_at=func.coalesce(pb.first_attempt_at, now))
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
                                    pb.body,
-                                   pb.attempts, pb.first_attempt_at, pb.received_at)
+                                   pb.attempts, pb.first_attempt_at, pb.received_at,
+                                   pb.round_start_attempts)
                     )
                     claimed.extend(Claimed(**r, token=token)
                                    for r in conn.execute(stmt).mappings())
@@ -247,8 +250,8 @@ class PostbackRecords(StoreBase):
                      due_at: Callable[[int], datetime], tag: str, reason: str,
                      now: datetime, bodies: Mapping[str, str | None] | None = None) -> int:
         """Replay: move still-dead postbacks (id, new URL or None) to `queued` in one
-        transaction, the n-th moved due at `due_at(n)`; two runs never both take one
-        postback. Returns how many moved."""
+        transaction, the n-th moved due at `due_at(n)`, each starting a new round of its retry
+        policy; two runs never both take one postback. Returns how many moved."""
         pb, dl = t.postbacks.c, t.dead_letters.c
         moved = 0
         with self.engine.begin() as conn:
@@ -264,7 +267,9 @@ class PostbackRecords(StoreBase):
                 values: dict[str, Any] = {
                     "state": S.QUEUED, "next_attempt_at": due_at(moved), "first_attempt_at": None,
                     "lease_until": None, "lease_token": None, "triggered_by": tag,
-                    "updated_at": now, "reason": reason}
+                    "updated_at": now, "reason": reason,
+                    # A new round of the retry policy: its attempts count from here.
+                    "round_start_attempts": pb.attempts}
                 if url is not None:
                     values["url"] = url
                 if bodies is not None and postback_id in bodies:

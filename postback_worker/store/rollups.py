@@ -22,7 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, text
+
+from postback_worker.store.sql import StoreBase
 
 # name -> (key columns, time column or None, contribution SELECT over a transition table
 # aliased `r`, with `:sign` for +1/-1). Contributions to rollups keyed by a postback's
@@ -245,7 +247,7 @@ def compact(conn: Connection, tables: Sequence[str] = TABLES) -> int:
     return folded
 
 
-def compact_all(engine: Engine) -> int:
+def compact_all(store: StoreBase) -> int:
     """One compaction in its own transaction (beat task compact-rollups)."""
-    with engine.begin() as conn:
+    with store.engine.begin() as conn:
         return compact(conn)

@@ -212,6 +212,8 @@ postbacks = Table(
     Column("state", String(20), nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
+    # Attempts made before the current round: a replay starts a new round of the retry policy.
+    Column("round_start_attempts", Integer, nullable=False, default=0, server_default="0"),
     Column("next_attempt_at", UTCDateTime),
     Column("lease_until", UTCDateTime),
     Column("lease_token", String(32)),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+
+from postback_worker.store.db import make_engine
 
 CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 
@@ -23,6 +25,15 @@ class StoreBase:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """A store over a new engine for `url` (pooled, per process)."""
+        return cls(make_engine(url))
+
+    def dispose(self) -> None:
+        """Close the engine's pooled connections (after fork, at shutdown)."""
+        self.engine.dispose()
 
     def _insert(self, table: Table) -> Any:
         if self.dialect == "postgresql":

@@ -112,10 +112,9 @@ class Services:
 def build_pipeline(settings: Settings) -> Any:
     from postback_worker.delivery.sender import Sender
     from postback_worker.pipeline.processing import Pipeline
-    from postback_worker.store.db import make_engine
     from postback_worker.store.repo import Store
 
-    store = Store(make_engine(settings.database.url))
+    store = Store.from_url(settings.database.url)
     sender = Sender.from_settings(settings.delivery)
     # Redis carries the per-partner circuit breaker, rate limits and concurrency caps.
     return Pipeline(settings, store, sender, redis=settings.redis.client())
@@ -138,17 +137,16 @@ def check_settings(settings: Settings) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from postback_worker.pipeline.leases import lease_problem
-    from postback_worker.store.db import make_engine
     from postback_worker.store.repo import Store
 
-    store = Store(make_engine(settings.database.url))
+    store = Store.from_url(settings.database.url)
     try:
         timeouts = {p["id"]: float(p["timeout"]) for p in store.list_partners() if p["enabled"]}
     except SQLAlchemyError as exc:
         log.warning("could not read partner timeouts to check the lease (%s)", exc)
         timeouts = {}
     finally:
-        store.engine.dispose()
+        store.dispose()
     problem = lease_problem(settings, timeouts)
     if problem:
         raise SettingsError(problem)

@@ -61,7 +61,7 @@ def register(app: Celery) -> None:
         from postback_worker.store.rollups import compact_all
 
         try:
-            return {"folded": compact_all(services.pipeline.store.engine)}
+            return {"folded": compact_all(services.pipeline.store)}
         except OperationalError as exc:
             log.warning("rollup compaction skipped, database unavailable: %s", exc)
             return {"skipped": str(exc)}

@@ -1,4 +1,4 @@
-"""Headless Chromium for page tests (Debian's `chromium`)."""
+"""Debian's headless Chromium, for tests that look at pages as a browser draws them."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """A real local HTTP server playing the partner, for tests.
 
-Runs `ThreadingHTTPServer` (HTTP/1.1, keep-alive) on 127.0.0.1 in a background thread, records
-every request and answers according to rules switchable at runtime.
+Runs `ThreadingHTTPServer` (HTTP/1.1, keep-alive) on 127.0.0.1 (or ::1) in a background thread,
+records every request and answers according to rules switchable at runtime.
 """
 
 from __future__ import annotations
 
 import collections
+import socket
 import ssl
 import sys
 import threading
@@ -71,6 +72,10 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -133,7 +138,8 @@ class PartnerServer:
 
     # lifecycle
     def start(self) -> PartnerServer:
-        httpd = _Server((self._host, 0), _Handler)
+        server_class = _Server6 if ":" in self._host else _Server
+        httpd = server_class((self._host, 0), _Handler)
         httpd.partner = self
         if self._ssl_context is not None:
             httpd.socket = self._ssl_context.wrap_socket(httpd.socket, server_side=True)
@@ -165,7 +171,8 @@ class PartnerServer:
     @property
     def url(self) -> str:
         scheme = "https" if self._ssl_context is not None else "http"
-        return f"{scheme}://{self._host}:{self.port}"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{scheme}://{host}:{self.port}"
 
     # behaviour
     def set_response(

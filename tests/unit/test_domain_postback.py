@@ -121,3 +121,18 @@ def test_states_are_final_or_open() -> None:
 
 def test_every_class_has_its_facts() -> None:
     assert set(FACTS) == set(F)
+
+
+@pytest.mark.parametrize(("attempt_no", "round_start", "state", "reason_end"), [
+    (4, 0, S.DEAD_LETTERED, "retries exhausted: 4 of 4 attempts"),
+    (5, 4, S.RETRY_SCHEDULED, "attempt 2 of 4 in 10s"),  # first attempt after a replay
+    (7, 4, S.RETRY_SCHEDULED, "attempt 4 of 4 in 40s"),
+    (8, 4, S.DEAD_LETTERED, "retries exhausted: 4 of 4 attempts"),  # never "8 of 4"
+    (12, 8, S.DEAD_LETTERED, "retries exhausted: 4 of 4 attempts"),  # a second replay
+])
+def test_settle_counts_the_attempts_of_the_current_round(
+        attempt_no: int, round_start: int, state: PostbackState, reason_end: str) -> None:
+    settled = settle(Outcome(status_code=503), policy=POLICY, attempt_no=attempt_no,
+                     round_start=round_start, first_attempt_at=NOW, now=NOW, rand=0.0)
+    assert settled.state == state
+    assert settled.reason is not None and settled.reason.endswith(reason_end)

@@ -1,7 +1,7 @@
 """Quarterly configuration audit of every offer and partner (`postback-worker audit`).
 
 Findings have a severity: "error" (the exit code is non-zero, for CI and cron), "warning" or
-"info". Time is passed in; the database is read with SQLAlchemy Core. Test-fire attempts and
+"info". Time is passed in; the figures come from store/audit.py. Test-fire attempts and
 test conversions are left out of every figure.
 """
 
@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
-
 from postback_worker.domain.campaigns import (
     RECOMMENDED_LIFESPAN_DAYS,
     lifespan_in_range,
@@ -22,7 +20,8 @@ from postback_worker.domain.campaigns import (
 from postback_worker.domain.masking import SECRET_PARAM
 from postback_worker.domain.validator import validate, validate_body
 from postback_worker.settings import Settings
-from postback_worker.store import schema as t
+from postback_worker.store import audit as audit_store
+from postback_worker.store.repo import Store
 
 EXPIRED_WINDOW_DAYS = 30
 FAILURE_WINDOW_DAYS = 7
@@ -167,54 +166,13 @@ def _partner_findings(partners: list[dict[str, Any]], stats: dict[str, dict[str,
                           "review it")
 
 
-def _partner_stats(conn: Any, now: datetime, s: Settings) -> dict[str, dict[str, Any]]:
-    a, pb = t.attempts, t.postbacks
-    stats: dict[str, dict[str, Any]] = {}
-    rows = conn.execute(
-        select(pb.c.partner_id, func.max(pb.c.delivered_at))
-        .where(pb.c.state == "delivered").group_by(pb.c.partner_id))
-    for pid, last in rows:
-        stats.setdefault(pid, {})["last_delivered"] = last
-    since_silent = now - timedelta(days=s.audit.silent_days)
-    since_window = now - timedelta(days=FAILURE_WINDOW_DAYS)
-    rows = conn.execute(
-        select(pb.c.partner_id,
-               func.sum(case((a.c.started_at >= since_silent, 1), else_=0)),
-               func.sum(case((a.c.started_at >= since_window, 1), else_=0)),
-               func.sum(case((and_(a.c.started_at >= since_window,
-                                   a.c.failure_class != "delivered"), 1), else_=0)))
-        .select_from(a.join(pb, a.c.postback_id == pb.c.id))
-        .where(a.c.is_test.is_(False), a.c.started_at >= min(since_silent, since_window),
-               a.c.started_at <= now)
-        .group_by(pb.c.partner_id))
-    for pid, recent, window, failed in rows:
-        st = stats.setdefault(pid, {})
-        st.update(recent_attempts=int(recent or 0), window_attempts=int(window or 0),
-                  window_failed=int(failed or 0))
-    return stats
-
-
-def _expired_by_offer(conn: Any, now: datetime) -> dict[str, tuple[int, int]]:
-    c = t.conversions
-    since = now - timedelta(days=EXPIRED_WINDOW_DAYS)
-    rows = conn.execute(
-        select(c.c.offer_id,
-               func.sum(case((c.c.state == "expired_click", 1), else_=0)),
-               func.sum(case((c.c.state == "attributed", 1), else_=0)))
-        .where(c.c.received_at >= since, c.c.received_at <= now, c.c.offer_id.is_not(None))
-        .group_by(c.c.offer_id))
-    return {oid: (int(lost or 0), int(ok or 0)) for oid, lost, ok in rows}
-
-
-def run_audit(store: Any, settings: Settings, now: datetime) -> AuditReport:
+def run_audit(store: Store, settings: Settings, now: datetime) -> AuditReport:
     """Check every offer and partner; findings sorted by severity, kind and id."""
-    with store.engine.connect() as conn:
-        offers = [dict(r) for r in conn.execute(select(t.offers).order_by(t.offers.c.id))
-                  .mappings()]
-        partners = [dict(r) for r in conn.execute(select(t.partners).order_by(t.partners.c.id))
-                    .mappings()]
-        stats = _partner_stats(conn, now, settings)
-        expired = _expired_by_offer(conn, now)
+    offers, partners = audit_store.catalog(store)
+    stats = audit_store.partner_stats(
+        store, now, now - timedelta(days=settings.audit.silent_days),
+        now - timedelta(days=FAILURE_WINDOW_DAYS))
+    expired = audit_store.expired_by_offer(store, now, EXPIRED_WINDOW_DAYS)
     findings = [*_offer_findings(offers, expired, now, settings),
                 *_partner_findings(partners, stats, now, settings)]
     findings.sort(key=lambda f: (SEVERITIES.index(f.severity), f.kind, f.object_id, f.check))

@@ -134,13 +134,14 @@ def stacked_bars(chart_id: str, title: str, labels: Sequence[str],
 
 
 def hbars(chart_id: str, title: str, items: Sequence[tuple[str, float, str]], *,
-          top: float | None = None, width: int = 420, color: str = "#d62728") -> str:
-    """Horizontal bars: (label, value, text shown at the bar's end)."""
+          top: float | None = None, width: int = 420, color: str = "#d62728",
+          text_w: int = 70) -> str:
+    """Horizontal bars: (label, value, text shown at the bar's end, in `text_w` pixels)."""
     row_h = 22
     height = max(1, len(items)) * row_h + 10
     top = top or max((v for _, v, _ in items), default=0) or 1.0
     label_w = 130
-    plot_w = width - label_w - 70
+    plot_w = width - label_w - text_w
     body = []
     for i, (label, value, shown) in enumerate(items):
         y = 5 + i * row_h

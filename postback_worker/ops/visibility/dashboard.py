@@ -114,6 +114,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .sev-critical{color:#b00020;font-weight:600}.sev-warning{color:#b26a00;font-weight:600}
 form{display:inline-block;margin-top:6px}input{width:170px}
 .state-open{color:#b00020;font-weight:600}.state-half_open{color:#b26a00}
+#failed td:last-child{word-break:break-all;min-width:260px}
 """
 
 
@@ -156,11 +157,15 @@ def render_html(data: dict[str, Any], *, link: Callable[..., str] = _link) -> st
         _kpi("delivered", str(s["delivered"]), "delivered"),
         _kpi("failed (dead-lettered)", str(s["failed"]), "failed"),
         _kpi("pending", str(s["pending"]), "pending"),
+        _kpi("skipped", str(s["skipped"]), "skipped"),
         _kpi("success rate", percent(s["success_rate"]), "success-rate"),
         _kpi("p95 response ms", millis(s["response_ms"]["p95"]), "p95"),
         _kpi("lost conversions", str(lost_total), "lost"),
         _kpi("open alerts", str(len(data["open_alerts"])), "alerts"),
         "</div>",
+        '<p class="muted" id="kpi-sum">postbacks = delivered + failed + pending + skipped '
+        f'({s["postbacks"]} = {s["delivered"]} + {s["failed"]} + {s["pending"]} + '
+        f'{s["skipped"]})</p>',
         '<div class="grid">',
         '<div class="card"><h2>Attempt success rate over time</h2>',
         line_chart("chart-success-rate", "Attempt success rate over time", series["labels"],
@@ -189,9 +194,10 @@ def render_html(data: dict[str, Any], *, link: Callable[..., str] = _link) -> st
 def _worst_partners(data: dict[str, Any], link: Callable[..., str], since: str,
                     until: str) -> str:
     partners = data["report"]["partners"][:WORST_PARTNERS]
-    bars = hbars("chart-worst-partners", "Partners by failure rate",
-                 [(p["partner_id"], p["failure_rate"] or 0.0, percent(p["failure_rate"]))
-                  for p in partners], top=1.0)
+    bars = hbars("chart-worst-partners", "Failure rate by partner, worst first",
+                 [(p["partner_id"], p["failure_rate"] or 0.0,
+                   f"{percent(p['failure_rate'])} failed") for p in partners], top=1.0,
+                 text_w=100)
     rows = []
     for p in partners:
         top_class = max(((c, n) for c, n in p["failure_classes"].items() if c != "delivered"),
@@ -201,17 +207,20 @@ def _worst_partners(data: dict[str, Any], link: Callable[..., str], since: str,
             f'<tr class="partner" data-partner="{escape(p["partner_id"])}">'
             f"<td>{escape(p['partner_id'])}</td><td class=\"n\">{p['postbacks']}</td>"
             f"<td class=\"n\">{p['delivered']}</td><td class=\"n\">{p['failed']}</td>"
-            f"<td class=\"n\">{percent(p['success_rate'])}</td><td>{escape(top_class)}</td>"
+            f"<td class=\"n\">{percent(p['failure_rate'])}</td><td>{escape(top_class)}</td>"
             f'<td class="state-{escape(circuit)}">{escape(circuit)}</td>'
             f'<td><a class="failed-link" href="{link("/v1/reports/failed", partner=p["partner_id"], since=since, until=until, format="html")}">list</a> '  # noqa: E501
             f'<a href="{link("/v1/reports/failed", partner=p["partner_id"], since=since, until=until, format="csv")}">CSV</a></td></tr>'  # noqa: E501
         )
     table = ("<table id=\"worst-partners\"><tr><th>partner</th><th>postbacks</th>"
-             "<th>delivered</th><th>failed</th><th>success</th><th>top failure</th>"
+             "<th>delivered</th><th>failed</th><th>failure rate</th><th>top failure</th>"
              "<th>circuit</th><th>failed postbacks</th></tr>" + "".join(rows) + "</table>")
     if not partners:
         table = '<p class="muted">No postbacks in this range.</p>'
-    return f'<div class="card"><h2>Worst partners</h2>{bars}{table}</div>'
+    note = ('<p class="muted">Failure rate = failed (dead-lettered) / (delivered + failed), '
+            "for the postbacks created in the range; the bars and the column show the same "
+            "figure.</p>")
+    return f'<div class="card"><h2>Worst partners</h2>{bars}{table}{note}</div>'
 
 
 def _queues(data: dict[str, Any]) -> str:
@@ -282,11 +291,17 @@ def _lost(rows: list[dict[str, Any]]) -> str:
             f"<th>capped</th><th>IP not allowed</th></tr>{body}</table></div>")
 
 
+FAILED_HEADINGS = {"created_at": "created", "partner_id": "partner", "postback_id": "postback",
+                   "conversion_id": "conversion", "transaction_id": "transaction",
+                   "offer_id": "offer", "last_status": "last status",
+                   "last_class": "last class", "url": "URL (secrets masked)"}
+
+
 def failed_html(rows: list[dict[str, Any]], title: str) -> str:
     """A plain HTML list of failed postbacks (the dashboard's per-partner drill-down)."""
-    cols = ("created_at", "postback_id", "conversion_id", "transaction_id", "offer_id",
-            "last_status", "last_class", "attempts", "error")
-    head = "".join(f"<th>{c}</th>" for c in cols)
+    cols = ("created_at", "partner_id", "postback_id", "conversion_id", "transaction_id",
+            "offer_id", "last_status", "last_class", "attempts", "error", "url")
+    head = "".join(f"<th>{FAILED_HEADINGS.get(c, c)}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(_cell(r.get(c)))}</td>" for c in cols) + "</tr>"
         for r in rows)
