@@ -11,7 +11,8 @@ per event to make retries of the same call idempotent. Calls from many threads s
 commits (group commit), so one-event calls from a busy service stay cheap.
 
 `Producer(settings, durable=False)` publishes whole events to Redis instead (the pre-journal
-behaviour): faster for the caller, but events still in Redis are lost if Redis loses data.
+behaviour): the caller does not wait for a commit (gain not measured), but events still in Redis
+are lost if Redis loses data.
 """
 
 from __future__ import annotations
