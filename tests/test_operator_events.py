@@ -20,6 +20,7 @@ import pytest
 import redis
 import requests
 from click.testing import CliRunner
+from conftest import wait_until
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.helpers import Clock, add_click, add_offer, add_partner, conversion, messages
 from support.partner import PartnerServer, ReceivedRequest
@@ -412,3 +413,47 @@ def test_egress_guard_applies_to_the_receiver(settings: Settings, store: Store,
     [row] = store.list_operator_events()
     assert "loopback" in row["last_error"] and hooks(receiver) == []
     sender.close()
+
+
+# -- real processes --------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_worker_and_beat_send_dead_letters_and_the_circuit_opening(
+        ev_settings: Settings, store: Store, partner: PartnerServer, receiver: PartnerServer,
+        celery_procs: Callable[..., Any]) -> None:
+    """A worker dead-letters six postbacks of a partner answering 503 and opens its circuit;
+    beat's relay sends one batch with the six ids and one circuit_opened, each once."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url, max_attempts=1)
+    partner.set_response(503)
+    txs = [f"tx-e{i}" for i in range(6)]
+    for tx in txs:
+        add_click(store, tx)
+    overrides = {"events_url": ev_settings.events.url, "events_secret": SECRET,
+                 "events_interval": 0.5, "events_batch_window": 1.0,
+                 "breaker_min_attempts": 3, "breaker_cooldown": 60.0}
+    celery_procs("worker", **overrides)
+    celery_procs("beat", **overrides)
+    from postback_worker.producer import Producer
+
+    ids = Producer(ev_settings).send_conversions([{"transaction_id": tx} for tx in txs])
+
+    def sent() -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in hooks(receiver):
+            body = verified(r)
+            out.setdefault(body["type"], []).append(body["data"])
+        return out
+
+    def complete() -> bool:
+        got = sent()
+        return (sum(d["count"] for d in got.get(oe.DEAD_LETTERED, [])) >= 6
+                and len(got.get(oe.CIRCUIT_OPENED, [])) >= 1)
+
+    wait_until(complete, 90, message="the dead letters and the circuit opening to be sent")
+    got = sent()
+    pb_ids = sorted(p["id"] for i in ids for p in store.postbacks_for(i))
+    assert sorted(x for d in got[oe.DEAD_LETTERED] for x in d["postback_ids"]) == pb_ids
+    assert len(got[oe.CIRCUIT_OPENED]) == 1 and got[oe.CIRCUIT_OPENED][0]["partner_id"] == "p1"
+    webhook_ids = [r.header("webhook-id") for r in hooks(receiver)]
+    assert len(webhook_ids) == len(set(webhook_ids))

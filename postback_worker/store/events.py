@@ -18,25 +18,10 @@ from sqlalchemy import Connection, delete, func, insert, select, text, update
 
 from postback_worker.domain import operator_events as oe
 from postback_worker.store import schema as t
-from postback_worker.store.sql import StoreBase, chunks
+from postback_worker.store.sql import StoreBase, chunks, insert_ignore
 
 EV, DV = t.operator_events.c, t.operator_deliveries.c
 ADVISORY_LOCK = 0x70627765  # "pbwe": one relay plans at a time
-
-
-def _insert_ignore(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        conn.execute(pg_insert(t.operator_events).on_conflict_do_nothing(
-            index_elements=["id"]), list(rows))
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        conn.execute(sqlite_insert(t.operator_events).on_conflict_do_nothing(
-            index_elements=["id"]), list(rows))
 
 
 def event_row(type_: str, occurred_at: datetime, data: Mapping[str, Any], *,
@@ -49,7 +34,7 @@ def event_row(type_: str, occurred_at: datetime, data: Mapping[str, Any], *,
 
 def add_events(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Record events in the caller's transaction (an id already recorded is kept once)."""
-    _insert_ignore(conn, rows)
+    insert_ignore(conn, t.operator_events, rows, ["id"])
 
 
 def dead_letter_events(conn: Connection, dead_letters: Sequence[Mapping[str, Any]], *,
