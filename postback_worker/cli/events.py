@@ -52,6 +52,8 @@ def _summary(row: dict[str, Any]) -> str:
         return str(d.get("reason"))
     if row["type"] == oe.CIRCUIT_CLOSED:
         return f"by {d.get('closed_by')}"
+    if row["type"] == oe.RESUMED:
+        return f"was paused by {d.get('paused_by')}"
     return str(d.get("message", ""))
 
 

@@ -21,15 +21,17 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from postback_worker.delivery import signing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.delivery.signing import STANDARD, SigningKeys
 from postback_worker.domain import operator_events as oe
 from postback_worker.domain.retry import RetryPolicy
+from postback_worker.errors import InvalidInput
 from postback_worker.pipeline.guardrails import EVENTS_KEY
 from postback_worker.settings import EventSettings, Settings
 from postback_worker.store.events import event_row
@@ -201,8 +203,6 @@ def send_test(settings: Settings, store: Store, sender: Sender, now: datetime,
     other); returns the delivery row after the attempt."""
     settings.events.check()
     if not settings.events.url:
-        from postback_worker.errors import InvalidInput
-
         raise InvalidInput("POSTBACK_EVENTS_URL is not set: there is nowhere to send a test "
                            "event")
     row = event_row(oe.TEST, now, {"message": note or "test event from postback-worker",
@@ -237,10 +237,5 @@ def check_filters(type_: str | None, state: str | None) -> list[tuple[str, str]]
 
 
 def new_secret() -> str:
-    from postback_worker.delivery.signing import new_secret as make
-
-    return make(STANDARD)
-
-
-__all__: Sequence[str] = ["Relay", "RunResult", "check_filters", "list_events", "new_secret",
-                          "send_test", "signing_keys"]
+    """A new Standard Webhooks secret for POSTBACK_EVENTS_SECRET."""
+    return signing.new_secret(STANDARD)
