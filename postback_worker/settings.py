@@ -221,6 +221,74 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class EventSettings:
+    """Operator events (docs/operator-events.md): a signed webhook for dead letters, circuit
+    and pause changes, and alerts, so an on-call system can react without polling."""
+
+    PREFIX: ClassVar[str] = "POSTBACK_EVENTS_"
+    # Receiver URL (http or https; the egress guard and proxy apply). Empty: events are only
+    # logged and listed.
+    url: str = ""
+    # Standard Webhooks secret ("whsec_" + base64 of at least 24 random bytes); required with
+    # a URL. `postback-worker events secret` makes one.
+    secret: str = ""
+    # While rotating: the old secret also signs (two signatures) as long as this is set.
+    previous_secret: str = ""
+    # Types sent (comma-separated); empty: all. Others are logged and listed only.
+    types: tuple[str, ...] = ()
+    # Seconds a partner's dead letters wait to share one delivery (a full batch goes at once).
+    batch_window: float = 30.0
+    max_batch: int = 500
+    # Seconds between relay runs (beat).
+    interval: float = 2.0
+    timeout: float = 5.0
+    # Attempts per delivery before it is given up, with capped, jittered exponential backoff.
+    max_attempts: int = 15
+    retry_base_delay: float = 5.0
+    retry_max_delay: float = 900.0
+    # Days finished deliveries (and their events) are kept.
+    retention_days: int = 30
+
+    def problems(self) -> list[str]:
+        """What makes these settings unusable, one line each naming the variable."""
+        from postback_worker.delivery.signing import standard_key
+        from postback_worker.domain.operator_events import check_types
+
+        out: list[str] = []
+        unknown = check_types(self.types)
+        if unknown:
+            out.append(f"POSTBACK_EVENTS_TYPES: unknown event type(s) {', '.join(unknown)}")
+        if self.url:
+            scheme, _, rest = self.url.partition("://")
+            if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+                out.append("POSTBACK_EVENTS_URL: must be an http:// or https:// URL")
+            for name, value in (("SECRET", self.secret), ("PREVIOUS_SECRET",
+                                                          self.previous_secret)):
+                if name == "SECRET" and not value:
+                    out.append("POSTBACK_EVENTS_SECRET: required when POSTBACK_EVENTS_URL is "
+                               "set (make one with: postback-worker events secret)")
+                elif value and (not value.startswith("whsec_")
+                                or len(standard_key(value)) < 24):
+                    out.append(f"POSTBACK_EVENTS_{name}: must be whsec_ followed by the base64 "
+                               "of at least 24 random bytes")
+        for name in ("batch_window", "timeout", "retry_base_delay", "retry_max_delay",
+                     "interval"):
+            if getattr(self, name) < 0 or (name in ("timeout", "interval")
+                                           and getattr(self, name) == 0):
+                out.append(f"POSTBACK_EVENTS_{name.upper()}: must be a positive number")
+        if self.max_batch < 1 or self.max_attempts < 1:
+            out.append("POSTBACK_EVENTS_MAX_BATCH and POSTBACK_EVENTS_MAX_ATTEMPTS: must be at "
+                       "least 1")
+        return out
+
+    def check(self) -> None:
+        """Raise SettingsError listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+
+@dataclass(frozen=True)
 class FlowerSettings:
     """Basic auth "user:password" pairs, or OAuth (Flower's auth provider class, a regex of
     allowed e-mails, client key/secret and redirect URI). Outside development one of the two
@@ -259,7 +327,7 @@ GROUPS: dict[str, type] = {
     "delivery": DeliverySettings, "retry": RetryPolicy, "sweep": SweepSettings,
     "security": SecuritySettings, "audit": AuditSettings, "retention": RetentionSettings,
     "metrics": MetricsSettings, "alerts": AlertSettings, "flower": FlowerSettings,
-    "breaker": BreakerSettings, "oncall": OnCallSettings,
+    "breaker": BreakerSettings, "oncall": OnCallSettings, "events": EventSettings,
 }
 _PREFIXES = {"retry": "POSTBACK_RETRY_"}
 
@@ -328,6 +396,7 @@ class Settings:
     flower: FlowerSettings = field(default_factory=FlowerSettings)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
     oncall: OnCallSettings = field(default_factory=OnCallSettings)
+    events: EventSettings = field(default_factory=EventSettings)
 
     @property
     def is_sqlite(self) -> bool:

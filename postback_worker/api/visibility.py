@@ -24,6 +24,7 @@ from postback_worker.ops.visibility import dashboard as dash
 from postback_worker.ops.visibility import dashboard_auth as da
 from postback_worker.ops.visibility import metrics, reports
 from postback_worker.ops.visibility.alerts import list_alerts
+from postback_worker.ops.visibility.operator_events import check_filters, list_events
 from postback_worker.ops.visibility.timerange import RangeError, parse_range
 
 MAX_JSON_ROWS = 10_000
@@ -177,6 +178,22 @@ class Visibility:
                                 limit=int(limit_text)))
         return json_response({"alerts": rows})
 
+    async def operator_events(self, request: Request) -> Response:
+        self.viewer(request)
+        q = request.query_params
+        errors = [FieldError(k, "unknown parameter") for k in q
+                  if k not in {"type", "partner", "state", "limit"}]
+        errors += [FieldError(f, m) for f, m in check_filters(q.get("type"), q.get("state"))]
+        limit_text = q.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            errors.append(FieldError("limit", "must be 1..1000"))
+        if errors:
+            return self._bad(errors)
+        rows = await run_in_threadpool(lambda: list_events(
+            self.api.store, type_=q.get("type") or None, partner_id=q.get("partner") or None,
+            state=q.get("state") or None, limit=int(limit_text)))
+        return json_response({"events": rows})
+
     async def dashboard(self, request: Request) -> Response:
 
         try:
@@ -238,6 +255,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route("/v1/reports/delivery", v.delivery, methods=["GET"]),
         Route("/v1/reports/failed", v.failed, methods=["GET"]),
         Route("/v1/alerts", v.alerts, methods=["GET"]),
+        Route("/v1/operator-events", v.operator_events, methods=["GET"]),
         Route("/dashboard", v.dashboard, methods=["GET"]),
         Route("/dashboard/session", v.session, methods=["GET"]),
         Route("/v1/dashboard/link", v.link, methods=["POST"]),

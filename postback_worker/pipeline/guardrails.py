@@ -7,6 +7,9 @@ Redis keys (all per partner id):
 - ``pbw:circuit:{pid}:window``   hash: t:{bucket} attempts, f:{bucket} retryable failures
 - ``pbw:rate:{pid}``             hash: tokens, at (token bucket)
 - ``pbw:inflight:{pid}``         sorted set: postback id -> expiry (concurrency slots)
+- ``pbw:events``                 list: circuit opened/closed operator events (JSON), pushed in
+                                 the transaction that changes the circuit, so exactly once;
+                                 the operator-event relay moves them to PostgreSQL
 
 Times stored are epoch seconds from the caller's clock. The state machine and bucket maths are
 the pure functions of `domain.guards`; this module only loads, applies and saves them.
@@ -14,12 +17,14 @@ the pure functions of `domain.guards`; this module only loads, applies and saves
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from postback_worker.domain import guards as g
+from postback_worker.domain.operator_events import circuit_transition
 from postback_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,9 @@ def rate_key(partner_id: str) -> str:
 
 def inflight_key(partner_id: str) -> str:
     return f"{PREFIX}:inflight:{partner_id}"
+
+
+EVENTS_KEY = f"{PREFIX}:events"
 
 
 def _text(value: Any) -> str:
@@ -141,8 +149,10 @@ class Guardrails:
 
     # -- circuit --------------------------------------------------------------------------
 
-    def _update_circuit(self, partner_id: str, change: Any, now: float) -> Any:
-        """Apply change(circuit) -> (circuit, result) atomically (optimistic WATCH)."""
+    def _update_circuit(self, partner_id: str, change: Any, now: float,
+                        by: str = "probe") -> Any:
+        """Apply change(circuit) -> (circuit, result) atomically (optimistic WATCH); an
+        opening or closing also queues its operator event in the same transaction."""
         from redis.exceptions import WatchError
 
         key = circuit_key(partner_id)
@@ -155,6 +165,12 @@ class Guardrails:
                     pipe.multi()
                     if after != before:
                         pipe.hset(key, mapping=dump_circuit(after, now))
+                    event = circuit_transition(
+                        partner_id, before.state, after.state, reason=after.reason,
+                        opened_at=before.opened_at or after.opened_at, retry_at=after.retry_at,
+                        now=now, by=by)
+                    if event is not None:
+                        pipe.rpush(EVENTS_KEY, json.dumps(event))
                     pipe.execute()
                     return before, after, result
                 except WatchError:
@@ -171,7 +187,7 @@ class Guardrails:
         """Close the circuit by hand (an operator resumed the partner)."""
         self.redis.delete(window_key(partner_id))
         _, after, _ = self._update_circuit(
-            partner_id, lambda c: (g.Circuit(hold_until=c.hold_until), None), now)
+            partner_id, lambda c: (g.Circuit(hold_until=c.hold_until), None), now, "operator")
         return after  # type: ignore[no-any-return]
 
     # -- admission ------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, text, update
 
+from postback_worker.domain import operator_events as oe
 from postback_worker.store import schema as t
+from postback_worker.store.events import add_events, event_row
 from postback_worker.store.repo import Store
 
 ADVISORY_LOCK = 0x70627761  # "pbwa"
@@ -39,6 +41,12 @@ class AlertTx:
         self.conn.execute(update(t.alerts).where(AL.id == alert_id).values(
             state="resolved", resolved_at=now, last_evaluated_at=now,
             details=json.dumps(details)))
+
+    def event(self, type_: str, now: datetime, data: dict[str, Any],
+              partner_id: str | None) -> None:
+        """An `alert.fired` / `resolved` operator event, in this evaluation's transaction."""
+        add_events(self.conn, [event_row(type_, now, data, partner_id=partner_id,
+                                         id_=oe.event_id(type_, data["alert_id"]))])
 
     def touch(self, alert_id: int, details: dict[str, Any], now: datetime) -> None:
         self.conn.execute(update(t.alerts).where(AL.id == alert_id).values(

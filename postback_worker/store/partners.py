@@ -7,10 +7,12 @@ from typing import Any
 
 from sqlalchemy import and_, case, func, select, update
 
+from postback_worker.domain import operator_events as oe
 from postback_worker.domain.attribution import ConversionState
 from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.postback import OPEN_STATES, PostbackState
 from postback_worker.store import schema as t
+from postback_worker.store.events import add_events, event_row
 from postback_worker.store.sql import StoreBase
 
 
@@ -23,7 +25,30 @@ class PartnerRecords(StoreBase):
                 update(t.partners).where(p.id == partner_id, p.paused.is_(False))
                 .values(paused=True, paused_at=now, paused_reason=reason, paused_by="gone",
                         updated_at=now))
+            if res.rowcount:
+                add_events(conn, [_pause_event(partner_id, True, reason, "gone", now)])
             return bool(res.rowcount)
+
+    def set_paused(self, partner_id: str, paused: bool, *, reason: str | None, by: str | None,
+                   now: datetime) -> bool | None:
+        """Pause or resume a partner; a `partner.paused` / `resumed` operator event is recorded
+        in the same transaction when the state changes. None when there is no such partner,
+        else whether it was paused before."""
+        p = t.partners.c
+        with self.engine.begin() as conn:
+            row = conn.execute(select(p.paused, p.paused_reason, p.paused_by)
+                               .where(p.id == partner_id).with_for_update()).first()
+            if row is None:
+                return None
+            conn.execute(update(t.partners).where(p.id == partner_id).values(
+                paused=paused, paused_at=now if paused else None,
+                paused_reason=reason if paused else None, paused_by=by if paused else None,
+                updated_at=now))
+            if bool(row.paused) != paused:
+                add_events(conn, [_pause_event(
+                    partner_id, paused, reason if paused else row.paused_reason,
+                    by if paused else row.paused_by, now)])
+            return bool(row.paused)
 
     def set_partner_fields(self, partner_id: str, **values: Any) -> bool:
         """Update some columns of one partner; False when there is no such partner."""
@@ -84,3 +109,12 @@ class PartnerRecords(StoreBase):
                 .order_by(h.changed_at)).mappings()]
         return {"postbacks": postbacks, "expired": expired, "attempts": attempts,
                 "history": history}
+
+
+def _pause_event(partner_id: str, paused: bool, reason: str | None, by: str | None,
+                 now: datetime) -> dict[str, Any]:
+    if paused:
+        return event_row(oe.PAUSED, now, {"partner_id": partner_id, "reason": reason,
+                                          "paused_by": by}, partner_id=partner_id)
+    return event_row(oe.RESUMED, now, {"partner_id": partner_id, "paused_reason": reason,
+                                       "paused_by": by}, partner_id=partner_id)

@@ -19,6 +19,7 @@ from postback_worker.domain.postback import WAITING_PREFIX, PostbackState
 from postback_worker.store import schema as t
 from postback_worker.store.conversions import clicks_by_transaction, conversions_by_id
 from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
+from postback_worker.store.events import dead_letter_events
 from postback_worker.store.sql import StoreBase, chunks
 
 S = PostbackState
@@ -88,6 +89,7 @@ class PostbackRecords(StoreBase):
                 index_elements=["postback_id"]
             )
             conn.execute(stmt, list(rows))
+            dead_letter_events(conn, rows, at_intake=True)  # operator events, same transaction
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -149,6 +151,7 @@ class PostbackRecords(StoreBase):
                     },
                 )
                 conn.execute(stmt_dl, list(dead_letters))
+                dead_letter_events(conn, dead_letters)  # operator events, in this transaction
         return changed
 
     def extend_leases(self, ids: Sequence[str], token: str, until: datetime) -> int:

@@ -361,6 +361,41 @@ api_keys = Table(
 )
 
 
+# Operator events (store/events.py): an outbox written in the transaction of the change each
+# describes, and the webhook deliveries the relay makes of them (dead letters batched).
+operator_events = Table(
+    "operator_events",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("type", String(40), nullable=False),
+    Column("partner_id", String(64)),
+    Column("occurred_at", UTCDateTime, nullable=False),
+    Column("data", Text, nullable=False),
+    # The delivery carrying it; None until the relay has planned it.
+    Column("delivery_id", String(64)),
+    Index(None, "occurred_at"),
+    Index(None, "delivery_id"),
+)
+operator_deliveries = Table(
+    "operator_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),  # webhook-id: the same on every retry
+    Column("type", String(40), nullable=False),
+    Column("partner_id", String(64)),
+    Column("state", String(10), nullable=False),  # pending, delivered, failed, skipped
+    Column("payload", Text, nullable=False),
+    Column("event_count", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "created_at"),
+)
+
+
 # -- rollups (store/rollups.py): counts kept exact by PostgreSQL triggers ---------------------
 # Each row is a delta (compacted = false, appended by a trigger) or the sum of folded deltas
 # (compacted = true, one per key). Readers sum both. Unused on SQLite (figures come from rows).

@@ -71,18 +71,8 @@ class StoreBase:
 
     def insert_ignore(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
                       keys: Sequence[str]) -> None:
-        """INSERT ... ON CONFLICT (keys) DO NOTHING: one multi-row statement per chunk on
-        PostgreSQL, an executemany elsewhere."""
-        if not rows:
-            return
-        if self.dialect != "postgresql":
-            stmt = self._insert(table).on_conflict_do_nothing(index_elements=list(keys))
-            conn.execute(stmt, list(rows))
-            return
-        cols = list(rows[0])
-        sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
-               f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
-        _execute_values(conn, sql, [tuple(r[c] for c in cols) for r in rows])
+        """INSERT ... ON CONFLICT (keys) DO NOTHING (see `insert_ignore`)."""
+        insert_ignore(conn, table, rows, keys)
 
     def bulk_update(self, conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
                     match: Mapping[str, str], assign: Mapping[str, Any]) -> int:
@@ -126,6 +116,22 @@ class StoreBase:
         returned = _execute_values(conn, sql, [tuple(r[k] for k in keys) for r in rows],
                                    template=template, fetch=True)
         return len(returned)
+
+
+def insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
+                  keys: Sequence[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING in the caller's transaction: one multi-row
+    statement per chunk on PostgreSQL, an executemany elsewhere."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+        conn.execute(stmt, list(rows))
+        return
+    cols = list(rows[0])
+    sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
+           f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
+    _execute_values(conn, sql, [tuple(r[c] for c in cols) for r in rows])
 
 
 def _cast_type(sql_type: str) -> str:

@@ -32,10 +32,15 @@ log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    from postback_worker.worker import tasks_oncall, tasks_retention, tasks_visibility
+    from postback_worker.worker import (
+        tasks_events,
+        tasks_oncall,
+        tasks_retention,
+        tasks_visibility,
+    )
 
     extra_beat: dict[str, dict[str, Any]] = {}
-    for module in (tasks_oncall, tasks_visibility, tasks_retention):
+    for module in (tasks_oncall, tasks_visibility, tasks_retention, tasks_events):
         extra_beat.update(module.beat_schedule(settings))
     return {
         "broker_url": settings.redis.effective_broker_url,
@@ -142,6 +147,7 @@ def check_settings(settings: Settings) -> None:
     problem = lease_problem(settings, timeouts)
     if problem:
         raise SettingsError(problem)
+    settings.events.check()
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -163,9 +169,15 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.postback_settings = settings  # type: ignore[attr-defined]
     app.postback_services = Services(settings)  # type: ignore[attr-defined]
-    from postback_worker.worker import tasks, tasks_oncall, tasks_retention, tasks_visibility
+    from postback_worker.worker import (
+        tasks,
+        tasks_events,
+        tasks_oncall,
+        tasks_retention,
+        tasks_visibility,
+    )
 
-    for module in (tasks, tasks_oncall, tasks_visibility, tasks_retention):
+    for module in (tasks, tasks_oncall, tasks_visibility, tasks_retention, tasks_events):
         module.register(app)
     return app
 

@@ -68,8 +68,8 @@ def _set(store: Store, partner_id: str, **values: Any) -> None:
 
 def pause(store: Store, partner_id: str, reason: str | None, now: datetime) -> None:
     """Stop firing to the partner; its postbacks wait (no attempts spent) until resumed."""
-    _set(store, partner_id, paused=True, paused_at=now, paused_reason=reason,
-         paused_by="operator", updated_at=now)
+    if store.set_paused(partner_id, True, reason=reason, by="operator", now=now) is None:
+        raise UnknownPartner(partner_id)
 
 
 def resume(store: Store, settings: Settings, redis_client: Any | None, partner_id: str,
@@ -82,8 +82,8 @@ def resume(store: Store, settings: Settings, redis_client: Any | None, partner_i
     Returns how many waiting postbacks were released.
     """
     row = store.get_partner(partner_id)
-    _set(store, partner_id, paused=False, paused_at=None, paused_reason=None, paused_by=None,
-         updated_at=now)
+    if store.set_paused(partner_id, False, reason=None, by=None, now=now) is None:
+        raise UnknownPartner(partner_id)
     if row is not None and row.get("paused_by") == "gone":
         rerender_waiting(store, partner_id, now)
     if redis_client is not None:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from postback_worker.domain import operator_events as oe
 from postback_worker.domain.failures import NOT_THE_PARTNERS
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alert_rules import (
@@ -189,6 +190,10 @@ def _fire(tx: alert_store.AlertTx, c: Condition, now: datetime) -> AlertEvent:
     details = {**_jsonable(c.details), "summary": c.summary}
     alert_id = tx.fire(key=c.key, kind=c.kind, partner_id=c.partner_id, severity=c.severity,
                        message=c.message, details=details, now=now)
+    tx.event(oe.ALERT_FIRED, now, {
+        "alert_id": alert_id, "key": c.key, "kind": c.kind, "severity": c.severity,
+        "partner_id": c.partner_id, "message": c.message, "summary": c.summary,
+        "started_at": oe.iso(now)}, c.partner_id)
     return AlertEvent("fire", alert_id, c.key, c.kind, c.severity, c.partner_id, _fire_text(c))
 
 
@@ -200,6 +205,12 @@ def _resolve(tx: alert_store.AlertTx, row: dict[str, Any], c: Condition | None,
     if c is not None:
         details["latest"] = _jsonable(c.details)
     tx.resolve(row["id"], details, now)
+    started = fg.utc(row["started_at"])
+    tx.event(oe.ALERT_RESOLVED, now, {
+        "alert_id": int(row["id"]), "key": row["key"], "kind": row["kind"],
+        "severity": row["severity"], "partner_id": row["partner_id"], "message": text_,
+        "started_at": oe.iso(started) if started else None, "resolved_at": oe.iso(now)},
+        row["partner_id"])
     return AlertEvent("resolve", int(row["id"]), row["key"], row["kind"], row["severity"],
                       row["partner_id"], text_)
 

@@ -68,6 +68,8 @@ METRIC_NAMES = (
     "postback_backlog_age_seconds",
     "postback_circuit_state",
     "postback_alerts_open",
+    "postback_operator_events_undelivered",
+    "postback_operator_events_oldest_undelivered_seconds",
     "postback_metrics_window_seconds",
     "postback_scrape_error",
 )
@@ -159,6 +161,7 @@ class VisibilityCollector(Collector):
             self._dead_letters(figs),
             *self._backlog(figs, now),
             self._alerts(figs),
+            *self._operator_events(now),
         ]
 
     def _postbacks(self, figs: RawFigures) -> list[Metric]:
@@ -266,6 +269,19 @@ class VisibilityCollector(Collector):
         for kind, n in sorted(figs.open_alerts_by_kind().items()):
             fam.add_metric([kind], n)
         return fam
+
+    def _operator_events(self, now: datetime) -> list[Metric]:
+        n, oldest = self.store.undelivered_events()
+        count = GaugeMetricFamily(
+            "postback_operator_events_undelivered",
+            "Operator events not yet received by the webhook (not planned yet, or in a "
+            "delivery still being retried)")
+        count.add_metric([], n)
+        age = GaugeMetricFamily(
+            "postback_operator_events_oldest_undelivered_seconds",
+            "Seconds since the oldest undelivered operator event happened (0 when none)")
+        age.add_metric([], backlog_age_seconds(oldest, now) if oldest is not None else 0.0)
+        return [count, age]
 
     # -- Redis ----------------------------------------------------------------------------
 
