@@ -95,8 +95,6 @@ class StoreBase:
         if not rows:
             return 0
         keys = list(match) + sorted({v for v in assign.values() if isinstance(v, str)})
-        types = {k: table.c[c].type for k, c in match.items()}
-        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
         if self.dialect != "postgresql":
             stmt = (
                 update(table)
@@ -109,8 +107,7 @@ class StoreBase:
         # One statement per page: UPDATE ... FROM (VALUES ...) with each value cast to its
         # column's type, built by psycopg2 (compiling 500-row statements in SQLAlchemy costs
         # more than running them).
-        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
-        template = "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
+        template = self.values_template(conn, table, keys, match, assign)
         sets = []
         for col, x in assign.items():
             if isinstance(x, str):
@@ -127,10 +124,29 @@ class StoreBase:
                                    template=template, fetch=True)
         return len(returned)
 
+    @staticmethod
+    def values_template(conn: Connection, table: Table, keys: Sequence[str],
+                        match: Mapping[str, str], assign: Mapping[str, Any]) -> str:
+        """A VALUES row template for psycopg2 with each key cast to its column's type (keys
+        named in `match` or as a str value of `assign`)."""
+        types = {k: table.c[c].type for k, c in match.items()}
+        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
+        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
+        return "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
+
 
 def _cast_type(sql_type: str) -> str:
     # VARCHAR(n) casts truncate silently; TEXT lets the column itself refuse a long value.
     return "TEXT" if sql_type.startswith("VARCHAR") else sql_type
+
+
+def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]]) -> str:
+    """`template` filled with each row by psycopg2, joined by commas (a VALUES list)."""
+    cursor = conn.connection.cursor()
+    try:
+        return b",".join(cursor.mogrify(template, row) for row in rows).decode()
+    finally:
+        cursor.close()
 
 
 def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
