@@ -425,6 +425,48 @@ def test_answers_are_saved_in_small_groups_as_they_arrive(
     assert saved() == 12 and partner.count() == 12
 
 
+def test_answers_already_received_join_the_save(
+    settings: Settings, store: Store, partner: PartnerServer,
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """A save takes every answer that has already come with it: when 12 answers are in by the
+    time the first is handled, groups of 4 make one save of 12, not three (a slow database
+    gets fewer, larger transactions; no answer waits for a later save)."""
+    from concurrent.futures import Future
+
+    from postback_worker.delivery.sender import Answers
+
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    events = [conversion(f"tx{i}") for i in range(12)]
+    for i in range(12):
+        add_click(store, f"tx{i}")
+    pipeline = make_pipeline(settings.with_overrides(record_batch=4, record_wait_ms=60_000))
+    real = pipeline.dispatch.sender
+
+    class AllIn:
+        def send_iter(self, reqs: list[object]) -> Answers:
+            futures = []
+            for outcome in real.send_many(reqs):  # type: ignore[arg-type]
+                f: Future[object] = Future()
+                f.set_result(outcome)
+                futures.append(f)
+            return Answers(futures)  # type: ignore[arg-type]
+
+    saves: list[int] = []
+    finish = store.finish
+
+    def counting(**kw: object) -> int:
+        saves.append(len(kw["updates"]))  # type: ignore[arg-type]
+        return finish(**kw)  # type: ignore[arg-type]
+
+    pipeline.dispatch.sender = AllIn()  # type: ignore[assignment]
+    store.finish = counting  # type: ignore[method-assign]
+    result = pipeline.process_conversions(messages(*events))
+    assert saves == [12]
+    assert result.postbacks == {"delivered": 12} and partner.count() == 12
+
+
 @pytest.mark.parametrize(
     ("lease", "default_timeout", "partners", "problem"),
     [
