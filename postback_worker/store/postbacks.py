@@ -184,25 +184,28 @@ class PostbackRecords(StoreBase):
         template = self.values_template(conn, t.postbacks, keys, _FINISH_MATCH, _FINISH_ASSIGN)
         values = mogrify_rows(conn, template, [tuple(u[k] for k in keys) for u in updates])
         sets = ", ".join(f"{c} = v.{k}" for c, k in _FINISH_ASSIGN.items())
-        done = ", ".join(f"'{s}'" for s in sorted(_DONE))
         sql = (f"WITH v ({', '.join(keys)}) AS (VALUES {values}), "
                f"done AS (UPDATE postbacks SET {sets}, attempts = postbacks.attempts + 1, "
                "lease_until = NULL, lease_token = NULL FROM v "
                "WHERE postbacks.id = v.id AND postbacks.lease_token = v.token "
-               "RETURNING postbacks.id, postbacks.conversion_id, postbacks.partner_id, "
-               "postbacks.event_seq, postbacks.state, v.updated_at), "
-               "woke AS (UPDATE postbacks l SET next_attempt_at = d.updated_at, "
-               "updated_at = d.updated_at FROM done d "
-               f"WHERE d.state IN ({done}) AND l.conversion_id = d.conversion_id "
-               "AND l.partner_id = d.partner_id AND l.event_seq > d.event_seq "
-               f"AND l.state = '{S.RETRY_SCHEDULED.value}' "
-               f"AND l.reason LIKE '{ORDER_PREFIX}%' RETURNING 1)")
+               "RETURNING postbacks.id)")
+        finished = [u["id"] for u in updates if u["state"] in _DONE]
+        if finished:
+            # Driven by the primary key of the finished ones, so the later events are found
+            # by the (conversion, partner, event_seq) index whatever the table's statistics.
+            ids = mogrify_rows(conn, "%s", [(finished,)])
+            now = mogrify_rows(conn, "%s", [(max(u["updated_at"] for u in updates),)])
+            sql += (f", woke AS (UPDATE postbacks l SET next_attempt_at = {now}, "
+                    f"updated_at = {now} FROM postbacks d WHERE d.id = ANY({ids}) "
+                    "AND l.conversion_id = d.conversion_id AND l.partner_id = d.partner_id "
+                    f"AND l.event_seq > d.event_seq AND l.state = '{S.RETRY_SCHEDULED.value}' "
+                    f"AND l.reason LIKE '{ORDER_PREFIX}%')")
         if attempts:
             cols = list(attempts[0])
             rows = mogrify_rows(conn, "(" + ", ".join(["%s"] * len(cols)) + ")",
                                 [tuple(a[c] for c in cols) for a in attempts])
             sql += f", a AS (INSERT INTO attempts ({', '.join(cols)}) VALUES {rows})"
-        sql += " SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM woke)"
+        sql += " SELECT count(*) FROM done"
         cursor = conn.connection.cursor()
         try:
             cursor.execute(sql)  # no parameters: '%' is literal
