@@ -21,7 +21,7 @@ from postback_worker.store import schema as t
 from postback_worker.store.conversions import clicks_by_transaction, conversions_by_id
 from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
 from postback_worker.store.lifecycle import wake_successors
-from postback_worker.store.sql import StoreBase, chunks, mogrify_rows
+from postback_worker.store.sql import StoreBase, chunks, mogrify_rows, tuples
 
 S = PostbackState
 _DONE = frozenset(str(s) for s in DONE_STATES)
@@ -182,7 +182,7 @@ class PostbackRecords(StoreBase):
         the wake-up of their successors (one round trip, one trigger run per table)."""
         keys = list(_FINISH_MATCH) + sorted(set(_FINISH_ASSIGN.values()))
         template = self.values_template(conn, t.postbacks, keys, _FINISH_MATCH, _FINISH_ASSIGN)
-        values = mogrify_rows(conn, template, [tuple(u[k] for k in keys) for u in updates])
+        values = mogrify_rows(conn, template, tuples(updates, keys))
         sets = ", ".join(f"{c} = v.{k}" for c, k in _FINISH_ASSIGN.items())
         sql = (f"WITH v ({', '.join(keys)}) AS (VALUES {values}), "
                f"done AS (UPDATE postbacks SET {sets}, attempts = postbacks.attempts + 1, "
@@ -203,7 +203,7 @@ class PostbackRecords(StoreBase):
         if attempts:
             cols = list(attempts[0])
             rows = mogrify_rows(conn, "(" + ", ".join(["%s"] * len(cols)) + ")",
-                                [tuple(a[c] for c in cols) for a in attempts])
+                                tuples(attempts, cols))
             sql += f", a AS (INSERT INTO attempts ({', '.join(cols)}) VALUES {rows})"
         sql += " SELECT count(*) FROM done"
         cursor = conn.connection.cursor()
