@@ -124,6 +124,7 @@ class Dispatch:
         started = self.clock()
         keeper = LeaseKeeper(self.store, claimed[0].token, [c.id for c, _ in sendable],
                              delivery.lease_seconds, self.clock)
+
         def handle(index: int, outcome: Outcome) -> None:
             c, p = sendable[index]
             state = self._record(unsaved, c, p, outcome, started, c.id in probes)
