@@ -103,8 +103,8 @@ class DeliverySettings:
     # Seconds a worker's claim on a postback lasts (renewed every third of it while the batch
     # is in flight). A worker refuses to start unless it is at least twice the longest timeout.
     lease_seconds: int = 120
-    # Answers are saved in groups as they arrive: a group is saved once it holds this many
-    # answers or its oldest answer is record_wait_ms old, whichever comes first.
+    # Answers are saved as they arrive: a save starts once this many answers wait or the
+    # oldest is record_wait_ms old, and takes every answer already received with it.
     record_batch: int = 32
     record_wait_ms: float = 20.0
     user_agent: str = "postback-worker/0.1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from support.helpers import NOW, Clock, add_click, add_offer, add_partner, conversion, messages
@@ -394,18 +395,24 @@ def test_leases_are_renewed_while_no_answer_comes(
     assert (pb["state"], pb["attempts"], partner.count()) == ("delivered", 1, 1)
 
 
+def _twelve_in_groups_of_four(store: Store, partner: PartnerServer, settings: Settings,
+                              make_pipeline: Callable[..., Pipeline]) -> tuple[list[Any], Pipeline]:
+    """12 attributable conversions and a pipeline saving answers in groups of 4."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    events = [conversion(f"tx{i}") for i in range(12)]
+    for i in range(12):
+        add_click(store, f"tx{i}")
+    return events, make_pipeline(settings.with_overrides(record_batch=4, record_wait_ms=60_000))
+
+
 def test_answers_are_saved_in_small_groups_as_they_arrive(
     settings: Settings, store: Store, partner: PartnerServer,
     make_pipeline: Callable[..., Pipeline],
 ) -> None:
     """With groups of 4, answers are saved while the batch is still firing (not once at the
     end): before each answer is handled, every complete group before it is saved."""
-    add_offer(store, "o1")
-    add_partner(store, "p1", partner.url)
-    events = [conversion(f"tx{i}") for i in range(12)]
-    for i in range(12):
-        add_click(store, f"tx{i}")
-    pipeline = make_pipeline(settings.with_overrides(record_batch=4, record_wait_ms=60_000))
+    events, pipeline = _twelve_in_groups_of_four(store, partner, settings, make_pipeline)
     real = pipeline.dispatch.sender
     saved_before: list[int] = []
 
@@ -423,6 +430,43 @@ def test_answers_are_saved_in_small_groups_as_they_arrive(
     pipeline.process_conversions(messages(*events))
     assert saved_before == [k - k % 4 for k in range(12)]
     assert saved() == 12 and partner.count() == 12
+
+
+def test_answers_already_received_join_the_save(
+    settings: Settings, store: Store, partner: PartnerServer,
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """A save takes every answer that has already come with it: when 12 answers are in by the
+    time the first is handled, groups of 4 make one save of 12, not three (a slow database
+    gets fewer, larger transactions; no answer waits for a later save)."""
+    from concurrent.futures import Future
+
+    from postback_worker.delivery.sender import Answers
+
+    events, pipeline = _twelve_in_groups_of_four(store, partner, settings, make_pipeline)
+    real = pipeline.dispatch.sender
+
+    class AllIn:
+        def send_iter(self, reqs: list[object]) -> Answers:
+            futures = []
+            for outcome in real.send_many(reqs):  # type: ignore[arg-type]
+                f: Future[object] = Future()
+                f.set_result(outcome)
+                futures.append(f)
+            return Answers(futures)  # type: ignore[arg-type]
+
+    saves: list[int] = []
+    finish = store.finish
+
+    def counting(**kw: object) -> int:
+        saves.append(len(kw["updates"]))  # type: ignore[arg-type]
+        return finish(**kw)  # type: ignore[arg-type]
+
+    pipeline.dispatch.sender = AllIn()  # type: ignore[assignment]
+    store.finish = counting  # type: ignore[method-assign]
+    result = pipeline.process_conversions(messages(*events))
+    assert saves == [12]
+    assert result.postbacks == {"delivered": 12} and partner.count() == 12
 
 
 @pytest.mark.parametrize(

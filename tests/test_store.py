@@ -103,3 +103,68 @@ def test_finish_only_under_our_lease_and_says_how_many(store: Store) -> None:
     (pb,) = store.postbacks_for(event.id)
     assert (pb["state"], pb["attempts"], pb["lease_token"], pb["last_status"]) == (
         "delivered", 1, None, 200)
+
+
+@pytest.mark.parametrize("db", ["postgresql", "sqlite"])
+def test_finish_saves_answers_and_wakes_later_events_in_one_call(
+        db: str, store: Store, sqlite_store: Store) -> None:
+    """`finish` records the attempts, moves the claimed postbacks on (under their lease), puts
+    hand-backs back to wait, and makes due the postbacks waiting behind one now delivered
+    (same conversion and partner, later event); not those of another partner, nor those
+    behind a postback that failed."""
+    from postback_worker.domain.lifecycle import ORDER_PREFIX
+    from postback_worker.store.schema import conversions, postbacks
+
+    s = store if db == "postgresql" else sqlite_store
+    later = NOW + timedelta(hours=1)
+    with s.engine.begin() as conn:
+        for cid in ("c1", "c2"):
+            conn.execute(conversions.insert().values(
+                id=cid, transaction_id=cid, goal_id="", status="approved",
+                occurred_at=NOW, received_at=NOW, state="attributed"))
+
+        def pb(pid: str, cid: str, partner: str, seq: int, state: str, reason: str | None,
+               ) -> None:
+            conn.execute(postbacks.insert().values(
+                id=pid, conversion_id=cid, partner_id=partner, url="http://x/", method="GET",
+                state=state, reason=reason, attempts=0, received_at=NOW, created_at=NOW,
+                updated_at=NOW, event_seq=seq,
+                next_attempt_at=later if state == "retry_scheduled" else None))
+
+        pb("a1", "c1", "p1", 1, "pending", None)
+        pb("a2", "c1", "p1", 2, "retry_scheduled", f"{ORDER_PREFIX}a1 (approved) is in flight")
+        pb("b2", "c1", "p2", 2, "retry_scheduled", f"{ORDER_PREFIX}b1 (approved) is in flight")
+        pb("f1", "c2", "p1", 1, "pending", None)
+        pb("f2", "c2", "p1", 2, "retry_scheduled", f"{ORDER_PREFIX}f1 (approved) is in flight")
+        pb("h1", "c2", "p2", 1, "pending", None)
+    claimed = {c.id: c for c in s.claim(now=NOW, lease_until=later, token="mine",
+                                        ids=["a1", "f1", "h1"])}
+    assert {c.id: c.event_seq for c in claimed.values()} == {"a1": 1, "f1": 1, "h1": 1}
+
+    def update(pid: str, state: str) -> dict[str, object]:
+        return {"id": pid, "token": "mine", "state": state, "reason": None,
+                "next_attempt_at": None, "last_status": 200 if state == "delivered" else 500,
+                "last_class": "delivered" if state == "delivered" else "partner_5xx",
+                "delivered_at": NOW if state == "delivered" else None, "updated_at": NOW}
+
+    def attempt(pid: str, status: int) -> dict[str, object]:
+        return {"postback_id": pid, "attempt_no": 1, "started_at": NOW, "duration_ms": 1.5,
+                "url": "http://x/", "status_code": status,
+                "failure_class": "delivered" if status == 200 else "partner_5xx",
+                "error": None, "response_excerpt": "", "worker": "w", "is_test": False}
+
+    released = [{"id": "h1", "token": "mine", "next_attempt_at": later,
+                 "reason": "waiting: partner paused", "updated_at": NOW}]
+    saved = s.finish(updates=[update("a1", "delivered"), update("f1", "dead_lettered")],
+                     attempts=[attempt("a1", 200), attempt("f1", 500)], dead_letters=[],
+                     released=released)
+    assert saved == 2
+    rows = {p["id"]: p for cid in ("c1", "c2") for p in s.postbacks_for(cid)}
+    due = {pid: rows[pid]["next_attempt_at"].replace(tzinfo=None) for pid in ("a2", "b2", "f2")}
+    assert due == {"a2": NOW.replace(tzinfo=None), "b2": later.replace(tzinfo=None),
+                   "f2": later.replace(tzinfo=None)}
+    assert (rows["a1"]["state"], rows["a1"]["attempts"], rows["f1"]["state"]) == (
+        "delivered", 1, "dead_lettered")
+    assert (rows["h1"]["state"], rows["h1"]["attempts"], rows["h1"]["lease_token"]) == (
+        "retry_scheduled", 0, None)
+    assert [a["status_code"] for a in s.attempts_for(["a1", "f1"])] == [200, 500]

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import http.client
 import ipaddress
+import queue
 import re
 import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, as_completed
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -194,6 +195,27 @@ def _proxy_for(partner_proxy: str | None, default: str) -> Proxy | None:
         raise ProxyFailed(f"unusable egress proxy address: {exc}") from None
 
 
+class Answers(Iterator[tuple[int, Outcome]]):
+    """(index, outcome) of concurrent requests in the order they complete; `ready()` says how
+    many have completed and not been taken yet (to take them without waiting)."""
+
+    def __init__(self, futures: Sequence[Future[Outcome]]) -> None:
+        self._left = len(futures)
+        self._done: queue.SimpleQueue[tuple[int, Future[Outcome]]] = queue.SimpleQueue()
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: self._done.put((i, f)))  # type: ignore[misc]
+
+    def __next__(self) -> tuple[int, Outcome]:
+        if self._left == 0:
+            raise StopIteration
+        self._left -= 1
+        index, future = self._done.get()
+        return index, future.result()
+
+    def ready(self) -> int:
+        return min(self._done.qsize(), self._left)
+
+
 class Sender:
     """Sends postbacks over pooled keep-alive connections; see module docstring."""
 
@@ -249,11 +271,9 @@ class Sender:
     def _submit(self, req: PostbackRequest) -> Future[Outcome]:
         return self.transport.submit(lambda: self._send(req))
 
-    def send_iter(self, reqs: Sequence[PostbackRequest]) -> Iterator[tuple[int, Outcome]]:
-        """Send concurrently; yield (index, outcome) as each completes."""
-        futures = {self._submit(r): i for i, r in enumerate(reqs)}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+    def send_iter(self, reqs: Sequence[PostbackRequest]) -> Answers:
+        """Send concurrently; iterate (index, outcome) as each completes."""
+        return Answers([self._submit(r) for r in reqs])
 
     def send(self, req: PostbackRequest) -> Outcome:
         """Send one request; never raises."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from postback_worker.domain.masking import mask_url
-from postback_worker.store.lifecycle import timeline
 from postback_worker.store.repo import Store
 
 _TIMELINE_POSTBACK = ("id", "partner_id", "event", "state", "attempts", "reason")
@@ -40,8 +39,7 @@ def conversion_detail(store: Store, conversion_id: str) -> dict[str, Any] | None
             for a in by_postback.get(p["id"], [])
         ]
         out_postbacks.append(item)
-    with store.engine.connect() as conn:
-        events = timeline(conn, conversion_id)
+    events = store.conversion_timeline(conversion_id)
     if not events:  # stored before conversions had a history
         events = [{"seq": 1, "kind": "created", "summary": f"created {conv['status']}",
                    "event_id": conv["id"], "status": conv["status"], "previous_status": None,

@@ -18,7 +18,6 @@ from typing import Any
 
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.failures import FailureClass
-from postback_worker.domain.lifecycle import DONE_STATES
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import WAITING_PREFIX, PostbackState, Settlement, settle
 from postback_worker.domain.retry import Outcome
@@ -27,7 +26,6 @@ from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.leases import LeaseKeeper
 from postback_worker.pipeline.lifecycle import Lifecycle
 from postback_worker.settings import Settings
-from postback_worker.store.lifecycle import wake_successors
 from postback_worker.store.postbacks import Claimed, dead_letter_row, release_row, update_row
 from postback_worker.store.repo import Store
 
@@ -126,12 +124,23 @@ class Dispatch:
         started = self.clock()
         keeper = LeaseKeeper(self.store, claimed[0].token, [c.id for c, _ in sendable],
                              delivery.lease_seconds, self.clock)
+
+        def handle(index: int, outcome: Outcome) -> None:
+            c, p = sendable[index]
+            state = self._record(unsaved, c, p, outcome, started, c.id in probes)
+            result.count(result.postbacks, state)
+
         with keeper:
-            for index, outcome in self.sender.send_iter(requests):
-                c, p = sendable[index]
-                state = self._record(unsaved, c, p, outcome, started, c.id in probes)
-                result.count(result.postbacks, state)
+            answers = self.sender.send_iter(requests)
+            ready: Callable[[], int] = getattr(answers, "ready", lambda: 0)
+            for index, outcome in answers:
+                handle(index, outcome)
                 if unsaved.due(delivery.record_batch, delivery.record_wait_ms):
+                    # Answers that have already come join this save: when saving is slower
+                    # than answers arrive, saves get fewer and larger, and no answer waits
+                    # for a later one.
+                    for _ in range(ready()):
+                        handle(*next(answers))
                     with keeper.lock:
                         keeper.saved(self._flush(unsaved))
                 keeper.tick()
@@ -144,8 +153,11 @@ class Dispatch:
         the others are skipped (partner gone or disabled) or put back to wait (behind an
         earlier event of the same conversion and partner, paused, circuit open, limits)."""
         now = self.clock()
-        with self.store.engine.connect() as conn:
-            behind = self.lifecycle.order(conn, [c.id for c in claimed], now)
+        behind: dict[str, tuple[datetime | None, str]] = {}
+        later = [c.id for c in claimed if c.event_seq > 1]  # a first event waits for none
+        if later:
+            with self.store.transaction() as conn:
+                behind = self.lifecycle.order(conn, later, now)
         groups: dict[str, tuple[Partner, list[Claimed]]] = {}
         for c in claimed:
             if c.id in behind:
@@ -210,24 +222,19 @@ class Dispatch:
             if self.store.pause_gone(partner_id, why, self.clock()):
                 log.warning("partner %s paused: %s", partner_id, why)
         unsaved.gone = {}
-        if unsaved.released:
-            self.store.release(unsaved.released)
-            unsaved.released = []
-        if unsaved.updates or unsaved.attempts:
+        if unsaved.updates or unsaved.released:
             if unsaved.dead:
                 offers = self.store.conversion_offers(sorted(set(
                     unsaved.dead_conversions.values())))
                 for row in unsaved.dead:
                     row["offer_id"] = offers.get(unsaved.dead_conversions[row["postback_id"]])
+            # One transaction: answers, dead letters, hand-backs, successors woken.
             saved = self.store.finish(updates=unsaved.updates, attempts=unsaved.attempts,
-                                      dead_letters=unsaved.dead)
-            done = [u["id"] for u in unsaved.updates if u["state"] in DONE_STATES]
-            if done:  # later events of the same conversion and partner may go now
-                with self.store.engine.begin() as conn:
-                    wake_successors(conn, done, self.clock())
+                                      dead_letters=unsaved.dead, released=unsaved.released)
             if saved < len(unsaved.updates):
                 log.warning("%d postback lease(s) expired before their result was saved",
                             len(unsaved.updates) - saved)
+            unsaved.released = []
             unsaved.saved()
         # The breaker hears results about as often as before groups got small.
         if last or unsaved.observed >= self.settings.delivery.concurrency:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import aliased
 from postback_worker.domain.lifecycle import HELD_PREFIX, ORDER_PREFIX, REVERSAL_STATUSES
 from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
+from postback_worker.store.sql import StoreBase
 
 _CHUNK = 900
 RETRY_SCHEDULED = PostbackState.RETRY_SCHEDULED.value
@@ -98,10 +99,15 @@ def cancel_held(conn: Connection, ids: Sequence[str], reason: str, now: datetime
     return done
 
 
+# Two views of postbacks for the self-joins below (built once: an alias's columns cost more
+# to set up than the query costs to run).
+_LATER, _EARLIER = aliased(t.postbacks, name="later"), aliased(t.postbacks, name="earlier")
+
+
 def predecessors(conn: Connection, ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
     """For each postback in `ids`, the earlier postbacks of its conversion and partner (lower
     event_seq), in event order. Postbacks with none are absent."""
-    later, earlier = aliased(t.postbacks), aliased(t.postbacks)
+    later, earlier = _LATER, _EARLIER
     out: dict[str, list[dict[str, Any]]] = {}
     for part in _chunks(list(ids)):
         rows = conn.execute(
@@ -122,7 +128,7 @@ def wake_successors(conn: Connection, ids: Sequence[str], now: datetime) -> int:
     become due now; call when those are delivered or skipped. Uses the (conversion, partner,
     event_seq) index: the cost follows `ids`, not the retry backlog."""
     pb = t.postbacks.c
-    done, later = aliased(t.postbacks), aliased(t.postbacks)
+    done, later = _EARLIER, _LATER
     woke = 0
     for part in _chunks(list(ids)):
         waiting = list(conn.execute(
@@ -196,3 +202,20 @@ def held_counts(conn: Connection) -> dict[str, dict[str, int]]:
                 .where(pb.state == RETRY_SCHEDULED, cond).group_by(pb.partner_id)):
             out.setdefault(partner_id, {"held": 0, "blocked": 0})[label] = int(n)
     return out
+
+
+class LifecycleReads(StoreBase):
+    """The reads above, each in its own connection (for on-call and visibility)."""
+
+    def conversion_timeline(self, conversion_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return timeline(conn, conversion_id)
+
+    def conversion_history(self, conversion_ids: Sequence[str],
+                           ) -> dict[tuple[str, int], dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return event_history(conn, conversion_ids)
+
+    def held_by_partner(self) -> dict[str, dict[str, int]]:
+        with self.engine.connect() as conn:
+            return held_counts(conn)

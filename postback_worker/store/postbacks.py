@@ -15,14 +15,24 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, delete, func, insert, literal, or_, select, update
 
 from postback_worker.domain.deadletters import Filter
+from postback_worker.domain.lifecycle import DONE_STATES, ORDER_PREFIX
 from postback_worker.domain.postback import WAITING_PREFIX, PostbackState
 from postback_worker.store import schema as t
 from postback_worker.store.conversions import clicks_by_transaction, conversions_by_id
 from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
 from postback_worker.store.events import dead_letter_events
-from postback_worker.store.sql import StoreBase, chunks
+from postback_worker.store.lifecycle import wake_successors
+from postback_worker.store.sql import StoreBase, chunks, mogrify_rows, tuples
 
 S = PostbackState
+_DONE = frozenset(str(s) for s in DONE_STATES)
+# What `finish` sets from each answer (column -> row key), matched on id and lease token.
+_FINISH_MATCH = {"id": "id", "token": "lease_token"}
+_FINISH_ASSIGN = {
+    "state": "state", "reason": "reason", "next_attempt_at": "next_attempt_at",
+    "last_status": "last_status", "last_class": "last_class",
+    "delivered_at": "delivered_at", "updated_at": "updated_at",
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class Claimed:
     token: str
     # Attempts made before the current round (a replay starts a new round of the policy).
     round_start_attempts: int = 0
+    # The event of its conversion it reports (1: the first; only later ones wait in order).
+    event_seq: int = 1
 
 
 def update_row(c: Claimed, state: PostbackState, reason: str | None, now: datetime, *,
@@ -115,29 +127,29 @@ class PostbackRecords(StoreBase):
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
                                    pb.body,
                                    pb.attempts, pb.first_attempt_at, pb.received_at,
-                                   pb.round_start_attempts)
+                                   pb.round_start_attempts, pb.event_seq)
                     )
                     claimed.extend(Claimed(**r, token=token)
                                    for r in conn.execute(stmt).mappings())
         return claimed
 
     def finish(self, *, updates: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]],
-               dead_letters: Sequence[Mapping[str, Any]]) -> int:
-        """Record attempts and move claimed postbacks to their next state (only under our lease).
+               dead_letters: Sequence[Mapping[str, Any]],
+               released: Sequence[Mapping[str, Any]] = ()) -> int:
+        """Save a group of answers in one transaction: record the attempts, move the claimed
+        postbacks to their next state (only under our lease), write the dead letters, put the
+        `released` ones back to wait (see `release`), and make due the postbacks that wait
+        behind one now delivered or skipped (same conversion and partner, later event).
 
         Returns how many postback rows were updated (fewer if a lease was lost).
         """
-        pb = t.postbacks.c
         with self.engine.begin() as conn:
-            if attempts:
-                conn.execute(insert(t.attempts), list(attempts))
-            changed = self.bulk_update(conn, t.postbacks, updates,
-                                       match={"id": "id", "token": "lease_token"}, assign={
-                "state": "state", "reason": "reason", "attempts": pb.attempts + 1,
-                "next_attempt_at": "next_attempt_at", "lease_until": None, "lease_token": None,
-                "last_status": "last_status", "last_class": "last_class",
-                "delivered_at": "delivered_at", "updated_at": "updated_at",
-            })
+            if released:
+                self._release(conn, released)
+            if self.dialect == "postgresql" and updates:
+                changed = self._finish_pg(conn, updates, attempts)
+            else:
+                changed = self._finish_generic(conn, updates, attempts)
             if dead_letters:
                 stmt_dl = self._insert(t.dead_letters)
                 stmt_dl = stmt_dl.on_conflict_do_update(
@@ -153,6 +165,57 @@ class PostbackRecords(StoreBase):
                 conn.execute(stmt_dl, list(dead_letters))
                 dead_letter_events(conn, dead_letters)  # operator events, in this transaction
         return changed
+
+    def _finish_generic(self, conn: Connection, updates: Sequence[Mapping[str, Any]],
+                        attempts: Sequence[Mapping[str, Any]]) -> int:
+        pb = t.postbacks.c
+        if attempts:
+            conn.execute(insert(t.attempts), list(attempts))
+        changed = self.bulk_update(conn, t.postbacks, updates, match=_FINISH_MATCH, assign={
+            **_FINISH_ASSIGN, "attempts": pb.attempts + 1, "lease_until": None,
+            "lease_token": None})
+        done = [u["id"] for u in updates if u["state"] in _DONE]
+        if done:
+            wake_successors(conn, done, max(u["updated_at"] for u in updates))
+        return changed
+
+    def _finish_pg(self, conn: Connection, updates: Sequence[Mapping[str, Any]],
+                   attempts: Sequence[Mapping[str, Any]]) -> int:
+        """`_finish_generic` as one statement: the attempts, the postbacks' new states and
+        the wake-up of their successors (one round trip, one trigger run per table)."""
+        keys = list(_FINISH_MATCH) + sorted(set(_FINISH_ASSIGN.values()))
+        template = self.values_template(conn, t.postbacks, keys, _FINISH_MATCH, _FINISH_ASSIGN)
+        values = mogrify_rows(conn, template, tuples(updates, keys))
+        sets = ", ".join(f"{c} = v.{k}" for c, k in _FINISH_ASSIGN.items())
+        sql = (f"WITH v ({', '.join(keys)}) AS (VALUES {values}), "
+               f"done AS (UPDATE postbacks SET {sets}, attempts = postbacks.attempts + 1, "
+               "lease_until = NULL, lease_token = NULL FROM v "
+               "WHERE postbacks.id = v.id AND postbacks.lease_token = v.token "
+               "RETURNING postbacks.id)")
+        finished = [u["id"] for u in updates if u["state"] in _DONE]
+        if finished:
+            # Driven by the primary key of the finished ones, so the later events are found
+            # by the (conversion, partner, event_seq) index whatever the table's statistics.
+            ids = mogrify_rows(conn, "%s", [(finished,)])
+            now = mogrify_rows(conn, "%s", [(max(u["updated_at"] for u in updates),)])
+            sql += (f", woke AS (UPDATE postbacks l SET next_attempt_at = {now}, "
+                    f"updated_at = {now} FROM postbacks d WHERE d.id = ANY({ids}) "
+                    "AND l.conversion_id = d.conversion_id AND l.partner_id = d.partner_id "
+                    f"AND l.event_seq > d.event_seq AND l.state = '{S.RETRY_SCHEDULED.value}' "
+                    f"AND l.reason LIKE '{ORDER_PREFIX}%')")
+        if attempts:
+            cols = list(attempts[0])
+            rows = mogrify_rows(conn, "(" + ", ".join(["%s"] * len(cols)) + ")",
+                                tuples(attempts, cols))
+            sql += f", a AS (INSERT INTO attempts ({', '.join(cols)}) VALUES {rows})"
+        sql += " SELECT count(*) FROM done"
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(sql)  # no parameters: '%' is literal
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return int(row[0]) if row else 0
 
     def extend_leases(self, ids: Sequence[str], token: str, until: datetime) -> int:
         """Keep a batch's unanswered postbacks ours (no sweeper re-fires them meanwhile);
@@ -177,15 +240,18 @@ class PostbackRecords(StoreBase):
         """
         if not rows:
             return 0
-        pb = t.postbacks.c
         with self.engine.begin() as conn:
-            return self.bulk_update(conn, t.postbacks, rows,
-                                    match={"id": "id", "token": "lease_token"}, assign={
-                "state": literal(S.RETRY_SCHEDULED.value), "reason": "reason",
-                "next_attempt_at": "next_attempt_at", "updated_at": "updated_at",
-                "lease_until": None, "lease_token": None,
-                "first_attempt_at": case((pb.attempts == 0, None), else_=pb.first_attempt_at),
-            })
+            return self._release(conn, rows)
+
+    def _release(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        pb = t.postbacks.c
+        return self.bulk_update(conn, t.postbacks, rows,
+                                match={"id": "id", "token": "lease_token"}, assign={
+            "state": literal(S.RETRY_SCHEDULED.value), "reason": "reason",
+            "next_attempt_at": "next_attempt_at", "updated_at": "updated_at",
+            "lease_until": None, "lease_token": None,
+            "first_attempt_at": case((pb.attempts == 0, None), else_=pb.first_attempt_at),
+        })
 
     # -- beat, on-call --------------------------------------------------------------------
 

@@ -5,6 +5,7 @@
 - store/deadletters.py  dead-letter reads for on-call
 - store/partners.py     partner health counts, pause and limits, support-bundle evidence
 - store/runs.py         replay and re-attribution runs
+- store/lifecycle.py    conversion event history, holds and ordering of postbacks
 - store/events.py       operator events: the outbox and its webhook deliveries
 - here                  offers and partners (configuration, with its history), click retention
 """
@@ -24,13 +25,14 @@ from postback_worker.store.conversions import ConversionRecords
 from postback_worker.store.db import current_revision
 from postback_worker.store.deadletters import DeadLetterReads
 from postback_worker.store.events import EventRecords
+from postback_worker.store.lifecycle import LifecycleReads
 from postback_worker.store.partners import PartnerRecords
 from postback_worker.store.postbacks import PostbackRecords
 from postback_worker.store.runs import RunRecords
 
 
 class Store(ConversionRecords, PostbackRecords, DeadLetterReads, PartnerRecords, RunRecords,
-            EventRecords):
+            EventRecords, LifecycleReads):
     """Data access over one engine; methods that take `conn` batch in the caller's
     transaction."""
 

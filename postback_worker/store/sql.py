@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Any, Self
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
@@ -85,8 +86,6 @@ class StoreBase:
         if not rows:
             return 0
         keys = list(match) + sorted({v for v in assign.values() if isinstance(v, str)})
-        types = {k: table.c[c].type for k, c in match.items()}
-        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
         if self.dialect != "postgresql":
             stmt = (
                 update(table)
@@ -99,8 +98,7 @@ class StoreBase:
         # One statement per page: UPDATE ... FROM (VALUES ...) with each value cast to its
         # column's type, built by psycopg2 (compiling 500-row statements in SQLAlchemy costs
         # more than running them).
-        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
-        template = "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
+        template = self.values_template(conn, table, keys, match, assign)
         sets = []
         for col, x in assign.items():
             if isinstance(x, str):
@@ -113,9 +111,19 @@ class StoreBase:
         first = next(iter(match.values()))
         sql = (f"UPDATE {table.name} SET {', '.join(sets)} FROM (VALUES %s) AS v"
                f"({', '.join(keys)}) WHERE {where} RETURNING {table.name}.{first}")
-        returned = _execute_values(conn, sql, [tuple(r[k] for k in keys) for r in rows],
+        returned = _execute_values(conn, sql, tuples(rows, keys),
                                    template=template, fetch=True)
         return len(returned)
+
+    @staticmethod
+    def values_template(conn: Connection, table: Table, keys: Sequence[str],
+                        match: Mapping[str, str], assign: Mapping[str, Any]) -> str:
+        """A VALUES row template for psycopg2 with each key cast to its column's type (keys
+        named in `match` or as a str value of `assign`)."""
+        types = {k: table.c[c].type for k, c in match.items()}
+        types.update({v: table.c[c].type for c, v in assign.items() if isinstance(v, str)})
+        sql_types = {k: _cast_type(t.compile(dialect=conn.dialect)) for k, t in types.items()}
+        return "(" + ", ".join(f"%s::{sql_types[k]}" for k in keys) + ")"
 
 
 def insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]],
@@ -131,12 +139,29 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, An
     cols = list(rows[0])
     sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
            f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
-    _execute_values(conn, sql, [tuple(r[c] for c in cols) for r in rows])
+    _execute_values(conn, sql, tuples(rows, cols))
 
 
 def _cast_type(sql_type: str) -> str:
     # VARCHAR(n) casts truncate silently; TEXT lets the column itself refuse a long value.
     return "TEXT" if sql_type.startswith("VARCHAR") else sql_type
+
+
+def tuples(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Each row's values for `keys`, in that order (itemgetter: no Python loop per value)."""
+    get = itemgetter(*keys)
+    if len(keys) == 1:
+        return [(get(r),) for r in rows]
+    return [get(r) for r in rows]
+
+
+def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]]) -> str:
+    """`template` filled with each row by psycopg2, joined by commas (a VALUES list)."""
+    cursor = conn.connection.cursor()
+    try:
+        return b",".join(cursor.mogrify(template, row) for row in rows).decode()
+    finally:
+        cursor.close()
 
 
 def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],

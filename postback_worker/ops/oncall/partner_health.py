@@ -11,7 +11,6 @@ from postback_worker.ops.oncall.replay import rerender_waiting
 from postback_worker.pipeline.guardrails import Guardrails
 from postback_worker.settings import Settings
 from postback_worker.store.figures import figures_for
-from postback_worker.store.lifecycle import held_counts
 from postback_worker.store.repo import Store
 
 
@@ -23,8 +22,7 @@ def health(store: Store, settings: Settings, redis_client: Any | None,
            now: datetime) -> list[dict[str, Any]]:
     """One row per partner: pause, circuit, limits, in flight, waiting, dead letters, last hour."""
     waiting, dead, recent = store.partner_counts(now - timedelta(hours=1))
-    with store.engine.connect() as conn:
-        held = held_counts(conn)
+    held = store.held_by_partner()
     guard = Guardrails(redis_client, settings) if redis_client is not None else None
     backlog = figures_for(store).backlog_by_partner()
     rows = []

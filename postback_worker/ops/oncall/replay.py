@@ -23,7 +23,6 @@ from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import PostbackState
 from postback_worker.pipeline.lifecycle import rerender
 from postback_worker.settings import Settings
-from postback_worker.store.lifecycle import event_history
 from postback_worker.store.repo import Store
 from postback_worker.store.runs import marker
 
@@ -80,8 +79,7 @@ def _candidates(store: Store, rows: list[dict[str, Any]], convs: dict[str, dict[
                 clicks: dict[str, dict[str, Any]], now: datetime) -> list[Candidate]:
     """Render postbacks (rows: postback_id, partner_id, failure_class, url, conversion_id)
     again from their stored conversion and click with the partners' current templates."""
-    with store.engine.connect() as conn:
-        history = event_history(conn, list(convs))
+    history = store.conversion_history(list(convs))
     partners = {p["id"]: p for p in store.list_partners()}
     offers = {o["id"]: o for o in store.list_offers()}
     out: list[Candidate] = []

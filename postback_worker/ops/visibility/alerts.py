@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import requests
 
 from postback_worker.domain import operator_events as oe
-from postback_worker.domain.failures import NOT_THE_PARTNERS
+from postback_worker.domain.failures import NOT_THE_PARTNERS, FailureClass
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alert_rules import (
     Condition,
@@ -108,7 +108,7 @@ def snapshot(figures: RawFigures, redis_client: Any, now: datetime,
             continue  # our egress proxy failed: not the partner's failure rate
         p = partners.setdefault(pid, {"attempts": 0, "failed": 0, "codes": {}, "classes": {}})
         p["attempts"] += n
-        if cls != "delivered":
+        if cls != FailureClass.DELIVERED:
             p["failed"] += n
             code = "none" if status is None else str(status)
             p["codes"][code] = p["codes"].get(code, 0) + n

@@ -11,6 +11,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+from postback_worker.domain.failures import FailureClass
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.alerts import list_alerts
 from postback_worker.ops.visibility.charts import hbars, line_chart, stacked_bars
@@ -59,7 +60,7 @@ def attempt_series(store: Store, scope: Scope, step: int,
                                                      scope.partner_id).items():
         i = min(max(int((minute - since).total_seconds() // step), 0), n - 1)
         totals[i] += count
-        if cls == "delivered":
+        if cls == FailureClass.DELIVERED:
             delivered[i] += count
         else:
             failures.setdefault(cls, [0] * n)[i] += count
@@ -200,8 +201,9 @@ def _worst_partners(data: dict[str, Any], link: Callable[..., str], since: str,
                  text_w=100)
     rows = []
     for p in partners:
-        top_class = max(((c, n) for c, n in p["failure_classes"].items() if c != "delivered"),
-                        key=lambda cn: cn[1], default=("-", 0))[0]
+        failures = ((c, n) for c, n in p["failure_classes"].items()
+                    if c != FailureClass.DELIVERED)
+        top_class = max(failures, key=lambda cn: cn[1], default=("-", 0))[0]
         circuit = data["circuits"].get(p["partner_id"], "closed")
         rows.append(
             f'<tr class="partner" data-partner="{escape(p["partner_id"])}">'

@@ -8,14 +8,16 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from postback_worker.domain.attribution import ConversionState
 from postback_worker.store.figures import FAILED_POSTBACK, RawFigures, utc
 
 __all__ = ["FAILED_POSTBACK", "LOST_STATES", "bucket_quantile", "lost_window", "nearest_rank",
            "rate", "utc"]
 
-LOST_STATES = ("expired_click", "unknown_click")
-# Refused by an offer's inbound rules (domain.attribution.INBOUND_REFUSED).
-INBOUND_STATES = ("too_soon", "too_late", "capped", "ip_not_allowed")
+LOST_STATES = (ConversionState.EXPIRED_CLICK, ConversionState.UNKNOWN_CLICK)
+# Refused by an offer's inbound rules.
+INBOUND_STATES = (ConversionState.TOO_SOON, ConversionState.TOO_LATE, ConversionState.CAPPED,
+                  ConversionState.IP_NOT_ALLOWED)
 
 
 def rate(part: int, whole: int) -> float | None:

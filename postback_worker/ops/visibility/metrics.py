@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from postback_worker.domain.attribution import ConversionState
+from postback_worker.domain.postback import PostbackState
 from postback_worker.settings import Settings
 from postback_worker.store.figures import TOTAL, RawFigures, figures_for
 from postback_worker.store.repo import Store
@@ -172,7 +173,7 @@ class VisibilityCollector(Collector):
             "Postbacks that failed for good (dead-lettered), by partner and failure class",
             labels=["partner", "failure_class"])
         for (partner, bucket, cls), n in sorted(figs.postback_outcomes().items()):
-            if bucket == "delivered":
+            if bucket == PostbackState.DELIVERED:
                 delivered.add_metric([partner], n)
             else:
                 failed.add_metric([partner, cls], n)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from postback_worker.domain.failures import FailureClass
 from postback_worker.ops.visibility import figures as fg
 from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.store.figures import RawFigures, figures_for
@@ -80,7 +81,7 @@ def delivery_report(store: Store, scope: Scope,
         code_key = "none" if code is None else str(code)
         for row in (total, p):
             row["attempts"] += n
-            row["failed_attempts"] += n if cls != "delivered" else 0
+            row["failed_attempts"] += n if cls != FailureClass.DELIVERED else 0
         for counts in (status_codes, p["status_codes"]):
             counts[code_key] = counts.get(code_key, 0) + n
         for counts in (classes, p["failure_classes"]):
