@@ -20,9 +20,11 @@ from typing import Any
 from sqlalchemy import Connection, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from postback_worker.domain.deadletters import Filter
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
-from postback_worker.store.lifecycle import event_counts
+from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
+from postback_worker.store.lifecycle import event_counts, event_kinds
 from postback_worker.store.repo import Store
 from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 
@@ -37,6 +39,9 @@ BACKLOG_STATES = ("pending", "queued", "in_flight", "retry_scheduled")
 BUCKETS = {"delivered": "delivered", FAILED_POSTBACK: "failed", "skipped": "skipped"}
 HOUR = 3600
 MINUTE = 60
+# Bounds of an open-ended time range (whole hours, so they read rollups only).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 # Key of a histogram's total (microseconds) beside its per-bound counts.
 TOTAL = -1.0
 
@@ -348,16 +353,51 @@ class RawFigures:
     def report_lifecycle(self, since: datetime, until: datetime, partner_id: str | None = None,
                          offer_id: str | None = None) -> dict[str, Any]:
         """Conversion events recorded in [since, until) (status changes, reversals,
-        adjustments, repeats) and postbacks created in range per event. From rows (no
-        rollup keeps them)."""
-        with self.connect() as conn:
-            out: dict[str, Any] = dict(event_counts(conn, since, until))
-            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
-            out["postbacks_by_event"] = {
-                event: int(n) for event, n in conn.execute(
-                    select(P.event, func.count()).where(*where, P.event.is_not(None))
-                    .group_by(P.event))}
+        adjustments, repeats) and postbacks created in range per event."""
+        out: dict[str, Any] = event_counts(self.lifecycle_events(since, until))
+        out["postbacks_by_event"] = self.postbacks_by_event(since, until, partner_id, offer_id)
         return out
+
+    def lifecycle_events(self, since: datetime, until: datetime
+                         ) -> dict[tuple[str, str, str], int]:
+        """(kind, status, previous status or "") -> conversion events (not `created`)
+        recorded in [since, until)."""
+        with self.connect() as conn:
+            return event_kinds(conn, since, until)
+
+    def postbacks_by_event(self, since: datetime, until: datetime,
+                           partner_id: str | None = None, offer_id: str | None = None
+                           ) -> dict[str, int]:
+        """Event -> postbacks created in [since, until) that carry one."""
+        with self.connect() as conn:
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            return {event: int(n) for event, n in conn.execute(
+                select(P.event, func.count()).where(*where, P.event.is_not(None))
+                .group_by(P.event))}
+
+    # -- dead letters (`dlq list`) ----------------------------------------------------------
+
+    def dead_letter_total(self, filt: Filter) -> int:
+        """Dead letters matching `filt` whose postback is still dead-lettered."""
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            return int(conn.execute(
+                select(func.count()).select_from(DEAD_JOIN)
+                .where(filter_clause(filt), ex.real_postback(D.postback_id))).scalar() or 0)
+
+    def dead_letters_by_key(self, since: datetime, until: datetime, partner_id: str | None,
+                            offer_id: str | None, failure_class: str | None,
+                            last_status: int | None) -> dict[tuple[()], int]:
+        """The same count over [since, until), keyed by () (the shape hybrids add up)."""
+        filt = Filter(partner_id=partner_id, offer_id=offer_id, failure_class=failure_class,
+                      since=since, last_status=last_status)
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            n = conn.execute(
+                select(func.count()).select_from(DEAD_JOIN)
+                .where(filter_clause(filt), D.created_at < until,
+                       ex.real_postback(D.postback_id))).scalar()
+        return {(): int(n)} if n else {}
 
     def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,
                         offer_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
@@ -512,8 +552,10 @@ class RollupFigures(RawFigures):
         return self._net(out, "dead_letters")
 
     def _hybrid(self, method: str, step: int, since: datetime, until: datetime,
-                extra: tuple[Any, ...], inner_rows: Any) -> dict[Any, int]:
-        """Rows for the partial steps at either end, rollups (less test fires) between."""
+                extra: tuple[Any, ...], inner_rows: Any, *, net: bool = True
+                ) -> dict[Any, int]:
+        """Rows for the partial steps at either end, rollups (less test fires, unless `net`
+        is false: what test fires never add to) between."""
         inner, edges = split(since, until, step)
         out: dict[Any, int] = {}
         raw = getattr(RawFigures, method)
@@ -524,7 +566,7 @@ class RollupFigures(RawFigures):
             part: dict[Any, int] = {}
             for key, n in inner_rows(*inner):
                 _add(part, key, n)
-            for key, n in self._net(part, method, *inner, *extra).items():
+            for key, n in (self._net(part, method, *inner, *extra) if net else part).items():
                 _add(out, key, n)
         return {k: n for k, n in out.items() if n}
 
@@ -588,6 +630,44 @@ class RollupFigures(RawFigures):
         return self._report("report_durations", t.rollup_durations, ("partner_id", "bucket_ms"),
                             since, until, partner_id, offer_id,
                             lambda k: (k[0], float(k[1])))
+
+    def lifecycle_events(self, since: datetime, until: datetime
+                         ) -> dict[tuple[str, str, str], int]:
+        r = t.rollup_conversion_events
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            for kind, status, previous, n in self._sum(
+                    r, ("kind", "status", "previous_status"), r.c.hour >= a, r.c.hour < b):
+                yield (kind, status, previous), int(n)
+
+        # Test fires record no conversion events: nothing to subtract.
+        return self._hybrid("lifecycle_events", HOUR, since, until, (), rows, net=False)
+
+    def postbacks_by_event(self, since: datetime, until: datetime,
+                           partner_id: str | None = None, offer_id: str | None = None
+                           ) -> dict[str, int]:
+        return self._report("postbacks_by_event", t.rollup_postback_events, ("event",), since,
+                            until, partner_id, offer_id, lambda k: k[0])
+
+    def dead_letter_total(self, filt: Filter) -> int:
+        r = t.rollup_dead_letter_hours
+        keys = (filt.partner_id, filt.offer_id, filt.failure_class, filt.last_status)
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            where = [r.c.hour >= a, r.c.hour < b]
+            for column, value in zip(("partner_id", "offer_id", "failure_class",
+                                      "last_status"), keys, strict=True):
+                if value is not None:
+                    where.append(r.c[column] == value)
+            with self.connect() as conn:
+                n = conn.execute(select(func.sum(r.c.n)).where(*where)).scalar()
+            yield (), int(n or 0)
+
+        since = filt.since or EARLIEST
+        until = filt.until + timedelta(microseconds=1) if filt.until else LATEST
+        if since >= until:
+            return 0
+        return self._hybrid("dead_letters_by_key", HOUR, since, until, keys, rows).get((), 0)
 
     def _histogram(self, method: str, table: Any, since: datetime, until: datetime
                    ) -> dict[tuple[str, float], int]:

@@ -237,6 +237,7 @@ conversion_events = Table(
     Column("recorded_at", UTCDateTime, nullable=False),
     UniqueConstraint("conversion_id", "seq"),
     Index(None, "kind", "recorded_at"),
+    Index(None, "recorded_at"),  # retention
 )
 
 postbacks = Table(
@@ -309,6 +310,7 @@ dead_letters = Table(
     Column("replay_count", Integer, nullable=False, default=0),
     Index(None, "partner_id", "created_at"),
     Index(None, "failure_class", "created_at"),
+    Index(None, "partner_id", "failure_class", "created_at"),  # `dlq list` pages
 )
 
 # One row per replay run (dead-letter replay or re-attribution), with its tally.
@@ -411,6 +413,20 @@ rollup_conversions = _rollup(
 rollup_dead_letters = _rollup(
     "rollup_dead_letters", None, Column("partner_id", String(64), nullable=False),
     Column("failure_class", String(20), nullable=False))
+rollup_dead_letter_hours = _rollup(
+    "rollup_dead_letter_hours", "hour", Column("partner_id", String(64), nullable=False),
+    Column("offer_id", String(64), nullable=False),  # '' for none
+    Column("failure_class", String(20), nullable=False),
+    Column("last_status", Integer, nullable=False))  # -1: no HTTP status
+# Lifecycle (migration 0012): postbacks per event they carry, by creation hour; conversion
+# events other than `created`, by the hour recorded.
+rollup_postback_events = _rollup(
+    "rollup_postback_events", "hour", Column("partner_id", String(64), nullable=False),
+    Column("event", String(20), nullable=False))
+rollup_conversion_events = _rollup(
+    "rollup_conversion_events", "hour", Column("kind", String(20), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("previous_status", String(32), nullable=False))  # '' for none
 
 # Raw-row figures that must not scan history (migration 0005).
 _BACKLOG = postbacks.c.state.in_(["pending", "queued", "in_flight", "retry_scheduled"])
