@@ -34,7 +34,8 @@ DEAD_FILTERS = ({}, {"partner_id": "p-down"}, {"failure_class": "blocked"},
 
 
 def ranges(now: datetime) -> list[tuple[datetime, datetime]]:
-    """Whole hours and minutes, partial ones at either end, inside one minute, 30 days."""
+    """Whole hours and minutes, partial ones at either end, inside one minute, whole days
+    (day tables) around partial ones, 30 days."""
     h = NOW.replace(minute=0, second=0)
     return [
         (h - timedelta(hours=1), h + timedelta(hours=5)),
@@ -43,6 +44,7 @@ def ranges(now: datetime) -> list[tuple[datetime, datetime]]:
         (NOW - timedelta(seconds=1), NOW + timedelta(hours=2, minutes=11, seconds=7)),
         (NOW + timedelta(minutes=30), now + timedelta(hours=1)),
         (now - timedelta(days=30), now + timedelta(microseconds=1)),
+        (h - timedelta(days=2, minutes=1), now + timedelta(days=3, seconds=5)),
     ]
 
 

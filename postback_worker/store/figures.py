@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, literal, select
+from sqlalchemy import Connection, func, literal, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
 from postback_worker.domain.deadletters import Filter
@@ -38,6 +38,7 @@ BACKLOG_STATES = ("pending", "queued", "in_flight", "retry_scheduled")
 # Report buckets of postback counts: every postback, and those in each final state.
 BUCKETS = {"delivered": "delivered", FAILED_POSTBACK: "failed", "skipped": "skipped"}
 HOUR = 3600
+DAY = 86400
 MINUTE = 60
 # Bounds of an open-ended time range (whole hours, so they read rollups only).
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
@@ -523,6 +524,29 @@ class RollupFigures(RawFigures):
                 select(*cols, func.sum(table.c.n)).where(*where).group_by(*cols)
                 .having(func.sum(table.c.n) != 0)).all()
 
+    def _sum_hours(self, table: Any, keys: Sequence[str], since: datetime, until: datetime,
+                   cond: Callable[[Any], list[Any]] = lambda tb: []) -> list[Any]:
+        """`_sum` over the whole hours [since, until) of an hourly rollup: whole days from its
+        day table plus the deltas not folded into it yet, the hours around them from the
+        hourly table. `cond(table)`: further conditions, for either table."""
+        days = t.DAYS[table.name]
+        inner, edges = split(since, until, DAY)
+
+        def part(tb: Any, column: str, lo: datetime, hi: datetime, *extra: Any) -> Any:
+            return select(*[tb.c[k] for k in keys], tb.c.n).where(
+                tb.c[column] >= lo, tb.c[column] < hi, *extra, *cond(tb))
+
+        parts = [part(table, "hour", a, b) for a, b in edges]
+        if inner:
+            parts += [part(days, "day", *inner),
+                      part(table, "hour", *inner, table.c.compacted.is_(False))]
+        both = union_all(*parts).subquery()
+        cols = [both.c[k] for k in keys]
+        with self.connect() as conn:
+            return conn.execute(
+                select(*cols, func.sum(both.c.n)).group_by(*cols)
+                .having(func.sum(both.c.n) != 0)).all()
+
     def _net(self, out: dict[Any, int], method: str, *args: Any) -> dict[Any, int]:
         """`out` less the test fires' share of it (what `method` counts for them)."""
         tests = self.tests()
@@ -533,17 +557,20 @@ class RollupFigures(RawFigures):
 
     def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
         r = t.rollup_postbacks
-        out = {(p, b, c): int(n) for p, b, c, n in self._sum(
-            r, ("partner_id", "bucket", "last_class"), r.c.bucket.in_(["delivered", "failed"]))}
+        out = {(p, b, c): int(n) for p, b, c, n in self._sum_hours(
+            r, ("partner_id", "bucket", "last_class"), EARLIEST, LATEST,
+            lambda tb: [tb.c.bucket.in_(["delivered", "failed"])])}
         return self._net(out, "postback_outcomes")
 
     def attempt_totals(self) -> dict[tuple[str, str], int]:
         r = t.rollup_attempts
-        out = {(p, c): int(n) for p, c, n in self._sum(r, ("partner_id", "failure_class"))}
+        out = {(p, c): int(n) for p, c, n in self._sum_hours(
+            r, ("partner_id", "failure_class"), EARLIEST, LATEST)}
         return self._net(out, "attempt_totals")
 
     def conversion_states(self) -> dict[str, int]:
-        out = {s: int(n) for s, n in self._sum(t.rollup_conversions, ("state",))}
+        out = {s: int(n) for s, n in self._sum_hours(t.rollup_conversions, ("state",),
+                                                      EARLIEST, LATEST)}
         return self._net(out, "conversion_states")
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
@@ -588,11 +615,11 @@ class RollupFigures(RawFigures):
                     ) -> dict[tuple[str | None, str], int]:
         r = t.rollup_conversions
 
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c.state != "received"] + ([tb.c.offer_id == offer_id] if offer_id else [])
+
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            where = [r.c.hour >= a, r.c.hour < b, r.c.state != "received"]
-            if offer_id:
-                where.append(r.c.offer_id == offer_id)
-            for offer, state, n in self._sum(r, ("offer_id", "state"), *where):
+            for offer, state, n in self._sum_hours(r, ("offer_id", "state"), a, b, cond):
                 yield (offer or None, state), int(n)
 
         return self._hybrid("lost_counts", HOUR, since, until, (offer_id,), rows)
@@ -604,11 +631,11 @@ class RollupFigures(RawFigures):
             return getattr(RawFigures, method)(  # type: ignore[no-any-return]
                 self, since, until, partner_id, offer_id)
 
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c.partner_id == partner_id] if partner_id else []
+
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            where = [table.c.hour >= a, table.c.hour < b]
-            if partner_id:
-                where.append(table.c.partner_id == partner_id)
-            for row in self._sum(table, keys, *where):
+            for row in self._sum_hours(table, keys, a, b, cond):
                 yield convert(tuple(row[:-1])), int(row[-1])
 
         return self._hybrid(method, HOUR, since, until, (partner_id,), rows)
@@ -636,8 +663,8 @@ class RollupFigures(RawFigures):
         r = t.rollup_conversion_events
 
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            for kind, status, previous, n in self._sum(
-                    r, ("kind", "status", "previous_status"), r.c.hour >= a, r.c.hour < b):
+            for kind, status, previous, n in self._sum_hours(
+                    r, ("kind", "status", "previous_status"), a, b):
                 yield (kind, status, previous), int(n)
 
         # Test fires record no conversion events: nothing to subtract.
@@ -653,15 +680,14 @@ class RollupFigures(RawFigures):
         r = t.rollup_dead_letter_hours
         keys = (filt.partner_id, filt.offer_id, filt.failure_class, filt.last_status)
 
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c[column] == value for column, value in zip(
+                ("partner_id", "offer_id", "failure_class", "last_status"), keys, strict=True)
+                if value is not None]
+
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            where = [r.c.hour >= a, r.c.hour < b]
-            for column, value in zip(("partner_id", "offer_id", "failure_class",
-                                      "last_status"), keys, strict=True):
-                if value is not None:
-                    where.append(r.c[column] == value)
-            with self.connect() as conn:
-                n = conn.execute(select(func.sum(r.c.n)).where(*where)).scalar()
-            yield (), int(n or 0)
+            for (n,) in self._sum_hours(r, (), a, b, cond):
+                yield (), int(n)
 
         since = filt.since or EARLIEST
         until = filt.until + timedelta(microseconds=1) if filt.until else LATEST

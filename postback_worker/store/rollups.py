@@ -249,13 +249,30 @@ def uninstall_statements() -> list[str]:
     return stmts
 
 
+# Hourly rollups with a day table (`<name>_days`, kept by `compact`).
+DAYS = ("rollup_postbacks", "rollup_attempts", "rollup_durations", "rollup_conversions",
+        "rollup_dead_letter_hours", "rollup_postback_events", "rollup_conversion_events")
 # Fed from both sides of the dead_letters-postbacks join: the backfill counts each pair once.
 DEAD_LETTER_ROLLUPS = ("rollup_dead_letters", "rollup_dead_letter_hours")
 
 
-def backfill_statements(tables: Sequence[str] = TABLES) -> list[str]:
-    """Rebuild these rollups from the raw rows (after the tables were locked against
-    writes)."""
+def days_statements(tables: Sequence[str]) -> list[str]:
+    """Rebuild the day tables of these hourly rollups from their rows (all compacted)."""
+    stmts = []
+    for table in tables:
+        if table not in DAYS:
+            continue
+        rollup = next(r for r in ROLLUPS if r.table == table)
+        other = ", ".join(rollup.keys[1:])
+        stmts += [f"DELETE FROM {table}_days",
+                  f"INSERT INTO {table}_days (day, {other}, n) SELECT date_trunc('day', hour, "
+                  f"'UTC'), {other}, sum(n) FROM {table} WHERE compacted GROUP BY 1, {other}"]
+    return stmts
+
+
+def backfill_statements(tables: Sequence[str] = TABLES, *, days: bool = True) -> list[str]:
+    """Rebuild these rollups (and their day tables) from the raw rows (after the tables were
+    locked against writes)."""
     stmts = [f"DELETE FROM {t}" for t in tables]
     for r in ROLLUPS:
         if r.table not in tables:
@@ -267,23 +284,25 @@ def backfill_statements(tables: Sequence[str] = TABLES) -> list[str]:
         select = r.select.format(rel=_rel(r.source, r.source), sign="1")
         stmts.append(f"INSERT INTO {r.table} ({keys}, {values}, compacted) SELECT {keys}, "
                      f"{sums}, true FROM ({select}) AS d({keys}, {values}) GROUP BY {keys}")
-    return stmts
+    return stmts + (days_statements(tables) if days else [])
 
 
 def install(conn: Connection, *, backfill: bool, tables: Sequence[str] = TABLES,
-            without: Sequence[str] = ()) -> None:
+            without: Sequence[str] = (), days: bool = True) -> None:
     """Install the triggers (PostgreSQL only); with `backfill`, count what is already there
-    into `tables` (default: every rollup). `without`: rollups a migration before them skips."""
+    into `tables` (default: every rollup) and, with `days`, their day tables. `without`:
+    rollups a migration before them skips."""
     if conn.dialect.name != "postgresql":
         return
     chosen = [r for r in ROLLUPS if r.table not in without]
     if backfill:
         sources = sorted({r.source for r in chosen})
         conn.execute(text("LOCK TABLE " + ", ".join(sources) + " IN SHARE MODE"))
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": COMPACT_LOCK})
     for stmt in install_statements(without):
         conn.execute(text(stmt))
     if backfill:
-        for stmt in backfill_statements([t for t in tables if t not in without]):
+        for stmt in backfill_statements([t for t in tables if t not in without], days=days):
             conn.execute(text(stmt))
 
 
@@ -306,9 +325,17 @@ def compact(conn: Connection, tables: Sequence[str] = TABLES) -> int:
         keys, values = ", ".join(rollup.keys), ", ".join(rollup.values)
         sums = ", ".join(f"sum({v})" for v in rollup.values)
         add = ", ".join(f"{v} = t.{v} + excluded.{v}" for v in rollup.values)
+        days = ""
+        if table in DAYS:  # the same deltas into the day table, in the same statement
+            day_keys = ", ".join(("day", *rollup.keys[1:]))
+            other = ", ".join(rollup.keys[1:])
+            days = (f" days AS (INSERT INTO {table}_days AS t ({day_keys}, n) "
+                    f"SELECT date_trunc('day', hour, 'UTC'), {other}, sum(n) FROM gone "
+                    f"GROUP BY 1, {other} ON CONFLICT ({day_keys}) DO UPDATE SET "
+                    "n = t.n + excluded.n RETURNING 1),")
         res = conn.execute(text(
             f"WITH gone AS (DELETE FROM {table} WHERE NOT compacted RETURNING {keys}, {values}),"
-            f" merged AS (INSERT INTO {table} AS t ({keys}, {values}, compacted) "
+            f"{days} merged AS (INSERT INTO {table} AS t ({keys}, {values}, compacted) "
             f"SELECT {keys}, {sums}, true FROM gone GROUP BY {keys} "
             f"ON CONFLICT ({keys}) WHERE compacted DO UPDATE SET {add} "
             "RETURNING 1) SELECT (SELECT count(*) FROM gone)"))

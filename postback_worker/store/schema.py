@@ -380,6 +380,20 @@ def _rollup(name: str, time_column: str | None, *columns: Column[Any],
           postgresql_where=table.c.compacted, sqlite_where=table.c.compacted)
     if time_column:
         Index(f"ix_{name}_{time_column}", table.c[time_column])
+    if time_column == "hour":  # deltas not yet folded into the day table (migration 0012)
+        Index(f"ix_{name}_deltas", table.c.hour, postgresql_where=~table.c.compacted,
+              sqlite_where=~table.c.compacted)
+    return table
+
+
+def _days(hourly: Table) -> Table:
+    """Per-day sums of an hourly rollup's compacted rows, kept by the compaction (read for
+    whole days, so long ranges and history-wide totals read 24 times fewer rows)."""
+    keys = [c for c in hourly.c if c.name not in ("hour", "n", "compacted")]
+    table = Table(f"{hourly.name}_days", metadata, Column("day", UTCDateTime, nullable=False),
+                  *[Column(c.name, c.type, nullable=False) for c in keys],
+                  Column("n", BigInteger, nullable=False))
+    Index(f"uq_{table.name}_key", table.c.day, *[table.c[c.name] for c in keys], unique=True)
     return table
 
 
@@ -427,6 +441,10 @@ rollup_conversion_events = _rollup(
     "rollup_conversion_events", "hour", Column("kind", String(20), nullable=False),
     Column("status", String(32), nullable=False),
     Column("previous_status", String(32), nullable=False))  # '' for none
+# Day tables of the hourly rollups (migration 0012), by hourly table name.
+DAYS = {h.name: _days(h) for h in (
+    rollup_postbacks, rollup_attempts, rollup_durations, rollup_conversions,
+    rollup_dead_letter_hours, rollup_postback_events, rollup_conversion_events)}
 
 # Raw-row figures that must not scan history (migration 0005).
 _BACKLOG = postbacks.c.state.in_(["pending", "queued", "in_flight", "retry_scheduled"])

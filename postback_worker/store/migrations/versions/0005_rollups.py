@@ -63,7 +63,7 @@ def upgrade() -> None:
                     postgresql_where=sa.text("state = 'dead_lettered'"),
                     sqlite_where=sa.text("state = 'dead_lettered'"))
     op.create_index("ix_dead_letters_created_at", "dead_letters", ["created_at"])
-    rollups.install(op.get_bind(), backfill=True, without=LATER)
+    rollups.install(op.get_bind(), backfill=True, without=LATER, days=False)
 
 
 def downgrade() -> None:
