@@ -502,8 +502,8 @@ class RollupFigures(RawFigures):
         """Rows are read only for the partial hour or minute at each end of a range: few, so
         they are probed through indexes (PostgreSQL would otherwise hash-join whole tables)."""
         with self.store.engine.begin() as conn:
-            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
-            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off; "
+                                 "SET LOCAL enable_mergejoin = off")
             yield conn
 
     def tests(self) -> RawFigures | None:
