@@ -53,7 +53,11 @@ class DeadLetterReads(StoreBase):
                               < tuple_(after.created_at, after.postback_id))
         elif offset:
             stmt = stmt.offset(offset)
-        with self.engine.connect() as conn:
+        with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # A page of rows: parallel workers only tempt the planner off the index that
+                # matches the filter (measured: 30 ms instead of 0.1 ms on 500k dead letters).
+                conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
     def dead_letter_counts(self, filt: Filter) -> list[tuple[str, str, int | None, int]]:

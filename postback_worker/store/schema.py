@@ -310,7 +310,7 @@ dead_letters = Table(
     Column("replay_count", Integer, nullable=False, default=0),
     Index(None, "partner_id", "created_at"),
     Index(None, "failure_class", "created_at"),
-    Index(None, "partner_id", "failure_class", "created_at"),  # `dlq list` pages
+    Index(None, "partner_id", "failure_class", "created_at", "postback_id"),  # `dlq list` pages
 )
 
 # One row per replay run (dead-letter replay or re-attribution), with its tally.

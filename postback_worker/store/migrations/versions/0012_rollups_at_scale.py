@@ -29,8 +29,8 @@ TABLES: dict[str, list[tuple[str, sa.types.TypeEngine[Any]]]] = {
 # Retention of conversion events by time; dead-letter pages by (filter, time, id).
 INDEXES = {
     "ix_conversion_events_recorded_at": ("conversion_events", ["recorded_at"]),
-    "ix_dead_letters_partner_id_failure_class_created_at": (
-        "dead_letters", ["partner_id", "failure_class", "created_at"]),
+    "ix_dead_letters_partner_id_failure_class_created_at_postback_id": (
+        "dead_letters", ["partner_id", "failure_class", "created_at", "postback_id"]),
 }
 
 
