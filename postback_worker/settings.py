@@ -176,6 +176,12 @@ class RetentionSettings:
     attempt_days: int = field(default=90, metadata=env("POSTBACK_ATTEMPT_RETENTION_DAYS"))
     # Days delivered postbacks (and their attempts) are kept after delivery.
     delivered_days: int = field(default=90, metadata=env("POSTBACK_DELIVERED_RETENTION_DAYS"))
+    # Days conversion events are kept once a later event of their conversion superseded them
+    # (the last event of each conversion and those a waiting or dead postback carries stay).
+    event_days: int = field(default=90, metadata=env("POSTBACK_EVENT_RETENTION_DAYS"))
+    # How far before that horizon each run looks (events superseded later than this are kept).
+    event_lookback_days: int = field(default=7,
+                                     metadata=env("POSTBACK_EVENT_RETENTION_LOOKBACK_DAYS"))
     # Rows deleted per statement (each its own short transaction) and statements per table per
     # run; what is left is purged by the next run.
     batch: int = 1000
