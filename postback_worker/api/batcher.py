@@ -1,7 +1,8 @@
-"""Group commit for single-event requests: many requests, one Redis message.
+"""Group commit for single-event requests: many requests, one journal commit.
 
-Each request still gets its answer only after its own event is in Redis; requests that arrive
-within `max_wait` seconds of each other (or until `max_events`) share one publish.
+Each request still gets its answer only after its own event is committed in the database;
+requests that arrive within `max_wait` seconds of each other (or until `max_events`) share one
+commit and one Redis wake-up.
 """
 
 from __future__ import annotations
