@@ -52,6 +52,9 @@ _RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.2,
 # After a failed wake-up, skip waking for this many seconds (the events are committed; the
 # next wake-up after that, or beat's sweep, takes everything that waits).
 BROKER_BACKOFF = 5.0
+# A wake-up names at most this many of the events that prompted it (for Flower; the woken
+# worker takes whatever waits).
+WAKE_IDS = 1000
 
 
 class EnqueueError(Unavailable):
@@ -140,6 +143,63 @@ class GroupCommit:
                 log.exception("after-commit step failed")
 
 
+class _Waker:
+    """A thread that sends the wake-ups: callers hand over the ids they committed and return;
+    ids handed over while a wake-up is being sent share the next one."""
+
+    def __init__(self, send: Callable[[list[str]], None]) -> None:
+        self.send = send
+        self._ids: list[str] = []
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def wake(self, ids: list[str]) -> None:
+        with self._cond:
+            self._ids.extend(ids)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pbw-producer-waker",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ids and not self._closed:
+                    self._cond.wait()
+                if not self._ids:
+                    return
+                ids, self._ids = self._ids, []
+                self._busy = True
+            try:
+                self.send(ids)
+            except Exception:  # the events are committed; beat's sweep finds them
+                log.exception("wake-up failed")
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every handed-over wake-up was sent (or `timeout`)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._ids or self._busy) and self._thread is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+
 class Producer:
     """Stores conversion events durably and wakes the workers."""
 
@@ -163,6 +223,7 @@ class Producer:
                                   max_events=settings.ingest.enqueue_chunk_size)
         self._broker_down_until = 0.0
         self._redis = settings.redis.client(timeout=2.0)
+        self._waker = _Waker(self._send_wake)
 
     @classmethod
     def from_env(cls) -> Producer:
@@ -212,22 +273,23 @@ class Producer:
         self.journal.record(events)
 
     def wake(self, events: Sequence[ConversionEvent]) -> None:
-        """Tell a worker that these committed events wait (best effort: beat's sweep finds
-        them if this message is lost)."""
+        """Have a worker woken for these committed events, from the waker thread: the caller
+        does not wait for Redis (best effort: beat's sweep finds them if the wake-up is lost)."""
+        self._waker.wake([e.id for e in events])
+
+    def _send_wake(self, ids: list[str]) -> None:
+        """One wake-up, unless one already waits in the queue (it will take these events too)."""
         if time.monotonic() < self._broker_down_until:
-            return  # Redis failed moments ago: do not make every caller wait for it again
-        size = self.settings.ingest.enqueue_chunk_size
+            return  # Redis failed moments ago: do not retry it on every commit
         try:
             if not self._redis.set(INTAKE_WOKEN_KEY, "1", nx=True, px=INTAKE_WOKEN_MS):
-                return  # a wake-up already waits; it will take these events too
-            for i in range(0, len(events), size):
-                self._celery.send_task(
-                    TASK_INTAKE, args=([e.id for e in events[i : i + size]],),
-                    queue=CONVERSIONS, retry=True, retry_policy=_RETRY_POLICY)
+                return
+            self._celery.send_task(TASK_INTAKE, args=(ids[:WAKE_IDS],), queue=CONVERSIONS,
+                                   retry=True, retry_policy=_RETRY_POLICY)
         except (KombuOperationalError, RedisError, OSError) as exc:
             self._broker_down_until = time.monotonic() + BROKER_BACKOFF
             log.warning("%d events are stored but no worker was woken (%s); the next "
-                        "wake-up or beat's sweep hands them to a worker", len(events), exc)
+                        "wake-up or beat's sweep hands them to a worker", len(ids), exc)
 
     def publish_events(self, events: Sequence[ConversionEvent]) -> list[str]:
         """durable=False: publish whole events to Redis in chunks (Redis holds the only copy
@@ -248,8 +310,15 @@ class Producer:
         """Validate and store; returns the accepted conversion ids once they are committed."""
         return self.enqueue(self.validate(events))
 
+    def flush(self) -> None:
+        """Wait until the wake-ups of the events sent so far went to Redis."""
+        self._waker.flush()
+
     def close(self) -> None:
+        self._waker.close()
         self._celery.close()
         self._redis.close()
-        if self._own_store and self.journal is not None:
-            self.journal.store.dispose()
+        if self.journal is not None:
+            self.journal.close()
+            if self._own_store:
+                self.journal.store.dispose()

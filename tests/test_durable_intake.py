@@ -51,6 +51,7 @@ def test_producer_returns_only_after_the_commit(settings: Settings, store: Store
                                          {"id": "mine-1", "transaction_id": "tx2"}])
         assert ids[1] == "mine-1"
         assert stored(store) == {ids[0]: "received", "mine-1": "received"}
+        producer.flush()  # the wake-up goes out from the producer's waker thread
         assert messages(redis_client) == [(TASK_INTAKE, ids)]
         # Idempotent: the same id again stores nothing new.
         assert producer.send_conversions([{"id": "mine-1", "transaction_id": "tx9"}]) == [
@@ -68,13 +69,16 @@ def test_one_wake_up_waits_at_a_time(settings: Settings, store: Store,
     producer = Producer(settings)
     try:
         first = producer.send_conversions([{"transaction_id": "tx1"}])
+        producer.flush()
         assert 0 < redis_client.pttl(INTAKE_WOKEN_KEY) <= INTAKE_WOKEN_MS
         redis_client.pexpire(INTAKE_WOKEN_KEY, 60_000)  # (a slow machine must not expire it)
         more = [producer.send_conversions([{"transaction_id": f"tx{i}"}])[0]
                 for i in range(2, 6)]
+        producer.flush()
         assert messages(redis_client) == [(TASK_INTAKE, first)]
         redis_client.delete(INTAKE_WOKEN_KEY)  # what a woken worker does before claiming
         last = producer.send_conversions([{"transaction_id": "tx9"}])
+        producer.flush()
         assert sorted(messages(redis_client)) == sorted([(TASK_INTAKE, first),
                                                          (TASK_INTAKE, last)])
     finally:

@@ -8,6 +8,8 @@ Redis only tells workers that there is work.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -23,6 +25,8 @@ from postback_worker.store.repo import Store
 from postback_worker.store.sql import chunks
 
 RECEIVED = ConversionState.RECEIVED.value
+# Up to this many events are one multi-row INSERT (store/sql.py pages execute_values by it).
+ONE_STATEMENT = 1000
 
 
 class JournalUnavailable(Unavailable):
@@ -45,25 +49,57 @@ class Journal:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # PostgreSQL: one connection kept open in autocommit mode, so recording a group of
+        # events is one INSERT, one round trip (no pool check-out, BEGIN or COMMIT); callers
+        # take turns (the producer's group commit runs one commit at a time anyway).
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
 
     @classmethod
     def over(cls, engine: Engine) -> Journal:
         return cls(Store(engine))
 
     def record(self, events: Sequence[ConversionEvent]) -> None:
-        """Commit the events (one transaction; ids already stored are left as they are).
+        """Commit the events (all or none; ids already stored are left as they are).
 
         Raises JournalUnavailable when the database cannot commit them.
         """
         if not events:
             return
+        rows = [conversion_row(e) for e in events]
         try:
-            with self.store.engine.begin() as conn:
-                self.store.insert_conversions(conn, [conversion_row(e) for e in events])
+            if self.store.dialect != "postgresql" or len(rows) > ONE_STATEMENT:
+                with self.store.engine.begin() as conn:
+                    self.store.insert_conversions(conn, rows)
+                return
+            with self._lock:
+                self._insert(rows)
         except DBAPIError as exc:
             raise JournalUnavailable(
                 f"the database did not store the events ({type(exc.orig).__name__}); "
                 "nothing was accepted, retry later") from exc
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = self.store.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT")
+            try:
+                self.store.insert_conversions(self._conn, rows)  # one statement: atomic
+                return
+            except DBAPIError as exc:
+                self.close()
+                # A connection lost since the last call (database restarted): once more on a
+                # new one; the insert is idempotent if the lost one had committed it.
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+
+    def close(self) -> None:
+        """Return the kept connection to the pool."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(DBAPIError):
+                conn.close()
 
     def claim(self, conn: Connection, limit: int,
               reattributed_before: datetime) -> list[dict[str, Any]]:

@@ -47,10 +47,12 @@ def register(app: Celery) -> None:
     def process_conversions(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:
         return services.pipeline.process_conversions(events).as_dict()
 
-    # Acknowledged on receipt: a wake-up carries no state. If the worker dies, the events
-    # are still `received` in the journal and the next wake-up (a starting worker, beat's
-    # sweep) takes them; claimed postbacks come back through the sweep.
-    @app.task(name=TASK_INTAKE, bind=True, acks_late=False, **DB_RETRY)
+    # A wake-up carries no state: if the worker dies, the events are still `received` in the
+    # journal and the next wake-up (this one redelivered, a starting worker, beat's sweep)
+    # takes them; claimed postbacks come back through the sweep. Acknowledged after the run
+    # (as every task here): a busy worker then holds no other wake-up in reserve, so the one
+    # waiting in the queue goes to an idle worker and a burst is shared.
+    @app.task(name=TASK_INTAKE, bind=True, **DB_RETRY)
     def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
         # A wake-up: events wait in the journal. The ids only say what prompted it; the
         # worker takes whatever waits, oldest first, in batches.
