@@ -757,6 +757,10 @@ def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: 
         for p in procs:
             p.stop()
     errors_in_logs = [p.name for p in procs if "Traceback" in p.tail(10_000)]
+    for p in procs:
+        tail = p.tail(10_000)
+        if "Traceback" in tail:
+            log(f"{p.name}: {tail[tail.rindex('Traceback'):][-1500:]}")
     checks = {
         "attempts_rows == N": fig["attempts_rows"] == system.n,
         "partner_requests == N": partner_count == system.n,

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 import requests
-from conftest import ADMIN
+from conftest import ADMIN, wait_until
 from sqlalchemy import select
 from support.helpers import add_click, add_offer, add_partner
 from support.partner import PartnerServer
@@ -45,7 +45,9 @@ def stored_events(store: Store) -> list[dict[str, object]]:
 
 
 def woken_ids(client: redis.Redis) -> list[str]:
-    """Conversion ids named by the wake-up messages in the Redis `conversions` queue."""
+    """Conversion ids named by the wake-up messages in the Redis `conversions` queue (sent
+    from the producer's waker thread just after the answer: waits for the first)."""
+    wait_until(lambda: client.llen("conversions") > 0, timeout=10)
     ids: list[str] = []
     for raw in client.lrange("conversions", 0, -1):
         message = json.loads(raw)
@@ -151,8 +153,8 @@ def test_conversion_batch_is_all_or_nothing(api: str, redis_client: redis.Redis,
     good = [{"transaction_id": f"tx{i}", "payout": 2} for i in range(3)]
     r = admin.post(f"{api}/v1/conversions", json=good)
     assert r.status_code == 202 and r.json()["accepted"] == 3
-    assert len(redis_client.lrange("conversions", 0, -1)) == 1  # one wake-up for the batch
     assert sorted(woken_ids(redis_client)) == sorted(r.json()["ids"])
+    assert len(redis_client.lrange("conversions", 0, -1)) == 1  # one wake-up for the batch
     mixed = [{"transaction_id": "a"}, {"transaction_id": "b", "payout": "abc"},
              {"payout": 1, "ip": "999.1.1.1"}, {"transaction_id": {"x": 1}}]
     r = admin.post(f"{api}/v1/conversions", json={"events": mixed})
@@ -258,5 +260,5 @@ def test_concurrent_single_events_share_commits_and_none_is_lost(
     assert sorted(e["transaction_id"] for e in stored) == sorted(  # type: ignore[type-var]
         f"tx{i}" for i in range(60))
     # Fewer commits than requests, and one wake-up at a time (test_durable_intake.py).
-    assert 1 <= redis_client.llen("conversions") < 60
     assert set(woken_ids(redis_client)) <= set(ids)
+    assert 1 <= redis_client.llen("conversions") < 60

@@ -67,36 +67,44 @@ class Journal:
         if not events:
             return
         rows = [conversion_row(e) for e in events]
+        # Raw driver errors too: the multi-row INSERT runs on the driver's cursor.
+        errors = (DBAPIError, self.store.engine.dialect.loaded_dbapi.Error)
         try:
             if self.store.dialect != "postgresql" or len(rows) > ONE_STATEMENT:
                 with self.store.engine.begin() as conn:
                     self.store.insert_conversions(conn, rows)
                 return
             with self._lock:
-                self._insert(rows)
-        except DBAPIError as exc:
+                for attempt in (1, 2):
+                    try:
+                        self._insert(rows)
+                        return
+                    except errors:
+                        self._drop()
+                        # Perhaps a connection lost since the last call (the database
+                        # restarted): once more on a new one. The insert is idempotent.
+                        if attempt == 2:
+                            raise
+        except errors as exc:
             raise JournalUnavailable(
-                f"the database did not store the events ({type(exc.orig).__name__}); "
+                f"the database did not store the events ({type(exc).__name__}); "
                 "nothing was accepted, retry later") from exc
 
     def _insert(self, rows: list[dict[str, Any]]) -> None:
-        for attempt in (1, 2):
-            if self._conn is None:
-                self._conn = self.store.engine.connect().execution_options(
-                    isolation_level="AUTOCOMMIT")
-            try:
-                self.store.insert_conversions(self._conn, rows)  # one statement: atomic
-                return
-            except DBAPIError as exc:
-                self.close()
-                # A connection lost since the last call (database restarted): once more on a
-                # new one; the insert is idempotent if the lost one had committed it.
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
+        if self._conn is None:
+            self._conn = self.store.engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT")
+        self.store.insert_conversions(self._conn, rows)  # one statement: atomic
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.invalidate()
 
     def close(self) -> None:
         """Return the kept connection to the pool."""
-        conn, self._conn = self._conn, None
+        with self._lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(DBAPIError):
                 conn.close()

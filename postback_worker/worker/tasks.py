@@ -47,12 +47,12 @@ def register(app: Celery) -> None:
     def process_conversions(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:
         return services.pipeline.process_conversions(events).as_dict()
 
-    # A wake-up carries no state: if the worker dies, the events are still `received` in the
-    # journal and the next wake-up (this one redelivered, a starting worker, beat's sweep)
-    # takes them; claimed postbacks come back through the sweep. Acknowledged after the run
-    # (as every task here): a busy worker then holds no other wake-up in reserve, so the one
-    # waiting in the queue goes to an idle worker and a burst is shared.
-    @app.task(name=TASK_INTAKE, bind=True, **DB_RETRY)
+    # Acknowledged on receipt: a wake-up carries no state. If the worker dies, the events
+    # are still `received` in the journal and the next wake-up (a starting worker, beat's
+    # sweep) takes them; claimed postbacks come back through the sweep. (Acknowledged late,
+    # a wake-up running while the broker connection drops makes kombu's restore of
+    # unacknowledged messages kill the worker: tests/test_faults_redis.py.)
+    @app.task(name=TASK_INTAKE, bind=True, acks_late=False, **DB_RETRY)
     def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
         # A wake-up: events wait in the journal. The ids only say what prompted it; the
         # worker takes whatever waits, oldest first, in batches.
@@ -65,10 +65,11 @@ def register(app: Celery) -> None:
                                                 on_backlog=wake_another).as_dict()
 
     def wake_another() -> None:
-        """A full batch: more waits. Wake one more worker to share it (one at a time)."""
+        """A full batch: more waits. Always wake one more worker to share it (a wake-up the
+        producers left may sit in this busy worker's own reserve)."""
         try:
-            if services.redis.set(INTAKE_WOKEN_KEY, "1", nx=True, px=INTAKE_WOKEN_MS):
-                intake.apply_async(([],), queue=CONVERSIONS)
+            services.redis.set(INTAKE_WOKEN_KEY, "1", px=INTAKE_WOKEN_MS)
+            intake.apply_async(([],), queue=CONVERSIONS)
         except (RedisError, OSError) as exc:
             log.warning("could not wake another worker for the backlog: %s", exc)
 
