@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -248,8 +248,11 @@ class Producer:
                 errors.append(FieldError(prefix.rstrip(".") or "events", "must be an object"))
                 continue
             try:
+                # Each event of a call is received 1 us after the one before it: workers take
+                # waiting events by time received, so one call's events keep their order.
                 parsed.append(parse_conversion(
-                    item, now=now, max_field_length=self.settings.ingest.max_field_length,
+                    item, now=now + timedelta(microseconds=i),
+                    max_field_length=self.settings.ingest.max_field_length,
                     allow_unknown=allow_unknown, prefix=prefix,
                 ))
             except ValidationError as exc:

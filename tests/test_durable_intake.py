@@ -7,6 +7,7 @@ import base64
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -17,6 +18,7 @@ from postback_worker.errors import Unavailable
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
+from postback_worker.store.journal import Journal
 from postback_worker.store.repo import Store
 from postback_worker.worker.queues import (
     INTAKE_WOKEN_KEY,
@@ -141,3 +143,18 @@ def test_fast_mode_is_explicit_and_keeps_events_in_redis(settings: Settings, sto
     assert stored(store) == {}
     ((task, events),) = messages(redis_client)
     assert task == TASK_PROCESS and [e["id"] for e in events] == [cid]  # type: ignore[index]
+
+
+def test_one_calls_events_are_taken_in_the_order_sent(settings: Settings, store: Store) -> None:
+    """Workers take waiting events by time received; the events of one call (e.g. a
+    conversion's pending and approved) keep the order they were sent in."""
+    producer = Producer(settings)
+    try:
+        ids = producer.send_conversions(
+            [{"transaction_id": f"tx{i % 3}", "status": ("pending", "approved")[i % 2]}
+             for i in range(50)])
+    finally:
+        producer.close()
+    with store.engine.begin() as conn:
+        taken = Journal(store).claim(conn, 100, reattributed_before=datetime.now(UTC))
+    assert [r["id"] for r in taken] == ids
