@@ -5,14 +5,16 @@
     ids = producer.send_conversions([{"transaction_id": "tx_...", "payout": "12.50"}])
 
 `send_conversions` returns once every event is committed in the database (the intake journal,
-store/journal.py); a worker is then woken through Redis. Redis is never the only copy: if the
-wake-up is lost, beat's sweep finds the events. It never waits for partners. Pass your own `id`
+store/journal.py: one INSERT on a connection kept open); a worker is then woken through Redis
+from a background thread, so the caller does not wait for Redis. Redis is never the only copy:
+if the wake-up is lost, beat's sweep finds the events. Call `close()` when done (it sends the
+last wake-up). It never waits for partners. Pass your own `id`
 per event to make retries of the same call idempotent. Calls from many threads share database
 commits (group commit), so one-event calls from a busy service stay cheap.
 
 `Producer(settings, durable=False)` publishes whole events to Redis instead (the pre-journal
-behaviour): the caller does not wait for a commit (gain not measured), but events still in Redis
-are lost if Redis loses data.
+behaviour): the caller does not wait for a commit (no measurable gain for one-event calls, see
+README), but events still in Redis are lost if Redis loses data.
 """
 
 from __future__ import annotations

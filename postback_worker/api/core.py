@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from postback_worker.api.batcher import Batcher
 from postback_worker.api.http import HttpError, bearer, error_response, json_response, unavailable
 from postback_worker.api.openapi import document
 from postback_worker.domain.events import (
@@ -65,6 +66,9 @@ class Api:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store, settings.security.api_key_cache_seconds,
                                clock=self.clock)
+        # Single-event requests share commits without a thread each (api/batcher.py).
+        self.batcher = Batcher(self.producer.enqueue,
+                               max_events=settings.ingest.enqueue_chunk_size)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
 
     async def _offer_token_hash(self, offer_id: str) -> str | None:
@@ -217,7 +221,12 @@ class Api:
         if advertiser and request.client is not None:
             # Checked against the offer's advertiser networks (allowed_ips) by attribution.
             events = [replace(e, source_ip=request.client.host) for e in events]
-        return await self._enqueue(events, 200)
+        try:
+            await self.batcher.submit(events)
+        except Unavailable as exc:
+            log.error("event not stored: %s", exc)
+            return unavailable("the database")
+        return json_response({"accepted": 1, "ids": [events[0].id]})
 
     async def conversions(self, request: Request) -> Response:
         self.require(request, "ingest")
