@@ -69,6 +69,19 @@ def test_only_the_store_touches_the_database() -> None:
     assert problems == []
 
 
+def test_intake_leaves_sql_to_the_store() -> None:
+    """Intake, the lifecycle steps and the producer reach the database through store/."""
+    paths = [ROOT / "postback_worker" / "pipeline" / name
+             for name in ("intake.py", "lifecycle.py", "processing.py")]
+    for path in [*paths, ROOT / "postback_worker" / "producer.py"]:
+        text = path.read_text()
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] != "sqlalchemy", f"{path.name}: {line}"
+        assert ".engine" not in text, path.name
+
+
 def test_every_setting_is_in_the_example_env() -> None:
     from postback_worker.settings import Settings
 

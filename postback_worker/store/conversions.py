@@ -128,17 +128,6 @@ class ConversionRecords(StoreBase):
                     select(c.id, c.offer_id).where(c.id.in_(part)))})
         return out
 
-    def stuck_conversions(self, older_than: datetime, limit: int) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(t.conversions)
-                .where(t.conversions.c.state == RECEIVED,
-                       t.conversions.c.received_at < older_than)
-                .order_by(t.conversions.c.received_at)
-                .limit(limit)
-            ).mappings().all()
-        return [dict(r) for r in rows]
-
     # -- re-attribution -------------------------------------------------------------------
 
     def expired_conversions(self, offer_id: str, since: datetime | None,
