@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from postback_worker import tracing
 from postback_worker.domain.events import (
     ConversionEvent,
     FieldError,
@@ -42,6 +43,7 @@ class Producer:
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] | None = None):
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
+        tracing.configure("postback-worker-producer")
         self._celery = Celery("postback_worker_producer",
                               broker=settings.redis.effective_broker_url)
         self._celery.conf.update(
@@ -81,7 +83,7 @@ class Producer:
                 errors.extend(exc.errors)
         if errors:
             raise ValidationError(errors)
-        return parsed
+        return tracing.stamp(parsed)  # each event joins the caller's trace (tracing on)
 
     def enqueue(self, events: Sequence[ConversionEvent]) -> list[str]:
         """Publish validated events in chunks; returns their ids."""
@@ -91,7 +93,7 @@ class Producer:
             for i in range(0, len(events), size):
                 chunk = [e.to_message() for e in events[i : i + size]]
                 self._celery.send_task(
-                    TASK_PROCESS, args=(chunk,), queue=CONVERSIONS,
+                    TASK_PROCESS, args=(chunk,), queue=CONVERSIONS, headers=tracing.headers(),
                     retry=True, retry_policy={"max_retries": 3, "interval_start": 0.1,
                                               "interval_step": 0.2, "interval_max": 1.0},
                 )
@@ -102,7 +104,8 @@ class Producer:
 
     def send_conversions(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
         """Validate and enqueue; returns the accepted conversion ids."""
-        return self.enqueue(self.validate(events))
+        with tracing.span("postback_worker.send_conversions", kind="producer"):
+            return self.enqueue(self.validate(events))
 
     def close(self) -> None:
         self._celery.close()

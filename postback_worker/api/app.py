@@ -6,6 +6,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from postback_worker import tracing
 from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
 from postback_worker.api.http import db_error, project_error
@@ -42,6 +43,11 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api
+    if tracing.configure("postback-worker-api"):
+        # A server span per request (continuing the caller's traceparent header).
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        app.add_middleware(OpenTelemetryMiddleware, exclude_spans=["receive", "send"])
     return app
 
 

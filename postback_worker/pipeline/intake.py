@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from postback_worker import tracing
 from postback_worker.domain.attribution import (
     ClickFacts,
     ConversionFacts,
@@ -71,7 +72,8 @@ class Intake:
         now = self.clock()
         rows = [conversion_row(e) for e in events]
         ids = [r["id"] for r in rows]
-        with self.store.transaction() as conn:
+        with tracing.items("conversion.intake", rows) as traced, \
+                self.store.transaction() as conn:
             self.store.insert_conversions(conn, rows)
             todo = self.store.unprocessed_conversions(conn, ids)
             clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
@@ -95,6 +97,10 @@ class Intake:
             self.lifecycle.write(conn, self.store, folded)
             self.store.insert_postbacks(conn, postbacks)
             self.store.dead_letter_now(conn, dead)
+            if tracing.on():
+                for d in decided:
+                    traced.set(d.conv["id"], "postback.conversion.state", d.state)
+                    traced.set(d.conv["id"], "postback.conversion.reason", d.reason)
         states: dict[str, int] = {}
         for d in decided:
             states[d.state] = states.get(d.state, 0) + 1
@@ -105,16 +111,18 @@ class Intake:
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
         offer = self.catalog.offer(offer_id)
-        decision = attribute(
-            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
-                            conv.get("source_ip")),
-            None if click is None else ClickFacts(
-                click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
-            ),
-            None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
-                                                  offer.min_seconds, offer.max_seconds,
-                                                  offer.allowed_networks),
-        )
+        with tracing.span("conversion.attribute", item=conv["id"]) as traced:
+            decision = attribute(
+                ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
+                                conv.get("source_ip")),
+                None if click is None else ClickFacts(
+                    click["transaction_id"], click["offer_id"], click["aff_id"],
+                    click["clicked_at"]),
+                None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
+                                                      offer.min_seconds, offer.max_seconds,
+                                                      offer.allowed_networks),
+            )
+            traced.set_attribute("postback.attribution.state", decision.state.value)
         return _Decided(
             conv=conv,
             state=decision.state.value,
@@ -167,7 +175,7 @@ def conversion_row(e: ConversionEvent) -> dict[str, Any]:
         "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
         "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
         "source_ip": e.source_ip, "state": ConversionState.RECEIVED.value, "reason": None,
-        "processed_at": None,
+        "processed_at": None, "trace_context": e.trace_context,
     }
 
 
@@ -179,5 +187,6 @@ def conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
         currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
         device_id=row["device_id"], occurred_at=row["occurred_at"],
         received_at=row["received_at"], source_ip=row.get("source_ip"),
+        trace_context=row.get("trace_context"),
     )
     return dict(event.to_message())

@@ -40,6 +40,8 @@ class Claimed:
     token: str
     # Attempts made before the current round (a replay starts a new round of the policy).
     round_start_attempts: int = 0
+    # W3C traceparent of the event it carries (tracing on): its spans join that trace.
+    trace_context: str | None = None
 
 
 def update_row(c: Claimed, state: PostbackState, reason: str | None, now: datetime, *,
@@ -113,7 +115,7 @@ class PostbackRecords(StoreBase):
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
                                    pb.body,
                                    pb.attempts, pb.first_attempt_at, pb.received_at,
-                                   pb.round_start_attempts)
+                                   pb.round_start_attempts, pb.trace_context)
                     )
                     claimed.extend(Claimed(**r, token=token)
                                    for r in conn.execute(stmt).mappings())
