@@ -125,6 +125,28 @@ def enable(provider: Any = None, *, instrument_celery: bool = False) -> None:
         instrumentor = CeleryInstrumentor()
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=provider)
+        _instrument_extras(provider)
+
+
+def _instrument_extras(provider: Any) -> None:
+    """Span per SQL statement / Redis command, only when POSTBACK_OTEL_INSTRUMENT names them
+    (`sqlalchemy`, `redis`): measured too costly to be on by default (docs/tracing.md)."""
+    wanted = {w.strip().lower() for w in
+              os.environ.get("POSTBACK_OTEL_INSTRUMENT", "").split(",") if w.strip()}
+    unknown = wanted - {"sqlalchemy", "redis"}
+    if unknown:
+        log.warning("POSTBACK_OTEL_INSTRUMENT: unknown %s (known: sqlalchemy, redis)",
+                    ", ".join(sorted(unknown)))
+    if "sqlalchemy" in wanted:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+        if not SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry:
+            SQLAlchemyInstrumentor().instrument(tracer_provider=provider)
+    if "redis" in wanted:
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+        if not RedisInstrumentor().is_instrumented_by_opentelemetry:
+            RedisInstrumentor().instrument(tracer_provider=provider)
 
 
 def disable() -> None:
