@@ -211,13 +211,27 @@ def headers() -> dict[str, str]:
     return carrier
 
 
+_contexts: dict[str, Any] = {}
+
+
 def _context(parent: str | None) -> Any:
     """An OpenTelemetry Context whose parent is the span a traceparent names (None: current)."""
     if not parent:
         return None
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    ctx = _contexts.get(parent)
+    if ctx is None:
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    return TraceContextTextMapPropagator().extract({"traceparent": parent})
+        if len(_contexts) >= 4096:
+            _contexts.clear()
+        ctx = _contexts[parent] = TraceContextTextMapPropagator().extract(
+            {"traceparent": parent})
+    return ctx
+
+
+def _unsampled(parent: str | None) -> bool:
+    """A stored traceparent whose trace was not sampled: its spans are skipped outright."""
+    return parent is not None and parent.endswith("-00")
 
 
 # -- spans ----------------------------------------------------------------------------------
@@ -251,23 +265,38 @@ def span(name: str, attributes: Attributes | None = None, *, parent: str | None 
     current span. Yields an object with `set_attribute`."""
     if _tracer is None:
         return NOOP
-    return _span(name, attributes, parent, item, kind)
-
-
-@contextmanager
-def _span(name: str, attributes: Attributes | None, parent: str | None, item: str | None,
-          kind: str) -> Iterator[Any]:
     from opentelemetry import trace
 
-    ctx = None
-    opened = _open_items.get()
-    if item is not None and opened is not None and item in opened:
-        ctx = trace.set_span_in_context(opened[item])
-    elif parent:
-        ctx = _context(parent)
-    with _tracer.start_as_current_span(name, context=ctx, attributes=attributes,
-                                       kind=getattr(trace.SpanKind, kind.upper())) as s:
-        yield s
+    if item is not None:  # a step of one conversion of the batch `items` has open
+        opened = _open_items.get()
+        if opened is None or item not in opened:
+            return NOOP  # that conversion is not traced (its trace was not sampled)
+        return _Leaf(_tracer.start_span(name, context=trace.set_span_in_context(opened[item]),
+                                        attributes=attributes))
+    if _unsampled(parent):
+        return NOOP
+    return _tracer.start_as_current_span(name, context=_context(parent), attributes=attributes,
+                                         kind=getattr(trace.SpanKind, kind.upper()))
+
+
+class _Leaf:
+    """A span with no children: not made current (cheaper), ended on exit."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def __enter__(self) -> Any:
+        return self.span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            from opentelemetry.trace import StatusCode
+
+            self.span.record_exception(exc)
+            self.span.set_status(StatusCode.ERROR, str(exc))
+        self.span.end()
 
 
 def items(name: str, rows: Sequence[Mapping[str, Any]],
@@ -278,7 +307,9 @@ def items(name: str, rows: Sequence[Mapping[str, Any]],
     traces. Yields an object with `set(item, key, value)`; a no-op when off."""
     if _tracer is None or not rows:
         return NOOP
-    return _items(name, {r["id"]: r.get("trace_context") for r in rows}, attributes)
+    parents = {r["id"]: r.get("trace_context") for r in rows
+               if not _unsampled(r.get("trace_context"))}
+    return _items(name, parents, attributes) if parents else NOOP
 
 
 class _Items:
@@ -328,9 +359,10 @@ ITEM_KEY = "postback.conversion.id"
 def each(name: str, parents: Sequence[tuple[str | None, Attributes]]) -> Any:
     """One span per (traceparent, attributes), all open for the block (e.g. recording a group
     of answers in one transaction); a no-op when off."""
-    if _tracer is None or not parents:
+    if _tracer is None:
         return NOOP
-    return _each(name, parents)
+    parents = [(p, a) for p, a in parents if not _unsampled(p)]
+    return _each(name, parents) if parents else NOOP
 
 
 @contextmanager
@@ -359,7 +391,7 @@ def finished(name: str, parent: str | None, start_ns: int, end_ns: int,
              attributes: Attributes, *, error: str | None = None,
              kind: str = "client") -> None:
     """A span for something already over (an HTTP attempt timed by the sender)."""
-    if _tracer is None:
+    if _tracer is None or _unsampled(parent):
         return
     from opentelemetry import trace
 
