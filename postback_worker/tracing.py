@@ -141,7 +141,8 @@ def _instrument_extras(provider: Any) -> None:
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
         if not SQLAlchemyInstrumentor().is_instrumented_by_opentelemetry:
-            SQLAlchemyInstrumentor().instrument(tracer_provider=provider)
+            # Its declared range (< 2.1) excludes the SQLAlchemy installed here; it works.
+            SQLAlchemyInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
     if "redis" in wanted:
         from opentelemetry.instrumentation.redis import RedisInstrumentor
 

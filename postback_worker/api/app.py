@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                producer: Producer | None = None) -> Starlette:
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
+    traced = tracing.configure("postback-worker-api")  # before the producer names the service
     store = store or Store.from_url(settings.database.url)
     producer = producer or Producer(settings)
     api = Api(settings, store, producer)
@@ -43,7 +44,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api
-    if tracing.configure("postback-worker-api"):
+    if traced:
         # A server span per request (continuing the caller's traceparent header).
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
