@@ -6,8 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy
-from sqlalchemy import Engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from tenacity import (
@@ -47,7 +46,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        engine = sqlalchemy.create_engine(url, **kwargs)
+        engine = create_engine(url, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -62,8 +61,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
     if url.startswith("postgresql"):
         kwargs["connect_args"] = {"connect_timeout": 5}
-    # Looked up at call time: opentelemetry-instrumentation-sqlalchemy wraps it (opt-in).
-    return sqlalchemy.create_engine(url, **kwargs)
+    return create_engine(url, **kwargs)
 
 
 def alembic_config(url: str) -> Any:
