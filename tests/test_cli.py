@@ -97,7 +97,7 @@ def test_db_upgrade_on_a_fresh_sqlite_file(tmp_path: Path,
     r = runner.invoke(main, ["db", "upgrade"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["db", "current"])
-    assert r.output.strip() == "0009"
+    assert r.output.strip() == "0012"
     tables = set(inspect(make_engine(url)).get_table_names())
     assert {"offers", "partners", "clicks", "conversions", "postbacks", "attempts",
             "dead_letters", "conversion_keys"} <= tables

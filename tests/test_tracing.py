@@ -181,6 +181,36 @@ def test_untraced_conversions_are_processed_as_before(
     assert [p["state"] for p in store.postbacks_for("c_plain")] == ["delivered"]
 
 
+def test_an_unsampled_conversion_makes_no_spans(
+        pipeline: Pipeline, store: Store, partner: PartnerServer,
+        spans: InMemorySpanExporter) -> None:
+    """A traceparent whose sampled flag is off (the caller sampled it out): the worker skips
+    that conversion's spans, and traces its sampled neighbour in the same batch."""
+    add_offer(store)
+    add_partner(store, "p1", partner.url)
+    add_click(store, "tx1")
+    add_click(store, "tx2")
+    msgs = messages(conversion("tx1", id="c_out"), conversion("tx2", id="c_in"))
+    msgs[0]["trace_context"] = OTHER[:-2] + "00"
+    msgs[1]["trace_context"] = CALLER
+    pipeline.process_conversions(msgs)
+    assert {p["state"] for c in ("c_out", "c_in") for p in store.postbacks_for(c)} == \
+        {"delivered"}
+    traces = {hex_trace(s) for s in spans.get_finished_spans()}
+    assert traces == {TRACE_ID}
+    assert len(named(spans, "postback.attempt")) == 1
+    assert len(named(spans, "conversion.intake")) == 1
+
+
+def test_an_unknown_exporter_leaves_tracing_off(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "no_such_exporter")
+    assert tracing.configure("postback-worker") is False
+    assert not tracing.on()
+    assert "no traces exporter 'no_such_exporter' is installed" in caplog.text
+    tracing.disable()
+
+
 # -- across processes: the API here, a real Celery worker there -------------------------------
 
 def test_one_trace_spans_the_api_and_a_worker_process(
