@@ -30,6 +30,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from postback_worker import tracing
 from postback_worker.domain.events import (
     ConversionEvent,
     FieldError,
@@ -210,6 +211,7 @@ class Producer:
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
         self.durable = durable
+        tracing.configure("postback-worker-producer")
         self._celery = Celery("postback_worker_producer",
                               broker=settings.redis.effective_broker_url)
         self._celery.conf.update(
@@ -261,7 +263,7 @@ class Producer:
                 errors.extend(exc.errors)
         if errors:
             raise ValidationError(errors)
-        return parsed
+        return tracing.stamp(parsed)  # each event joins the caller's trace (tracing on)
 
     def enqueue(self, events: Sequence[ConversionEvent]) -> list[str]:
         """Commit validated events to the journal (shared with concurrent callers), then wake
@@ -305,6 +307,7 @@ class Producer:
             for i in range(0, len(events), size):
                 chunk = [e.to_message() for e in events[i : i + size]]
                 self._celery.send_task(TASK_PROCESS, args=(chunk,), queue=CONVERSIONS,
+                                       headers=tracing.headers(),
                                        retry=True, retry_policy=_RETRY_POLICY)
                 queued.extend(e.id for e in events[i : i + size])
         except (KombuOperationalError, OSError) as exc:
@@ -313,7 +316,8 @@ class Producer:
 
     def send_conversions(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
         """Validate and store; returns the accepted conversion ids once they are committed."""
-        return self.enqueue(self.validate(events))
+        with tracing.span("postback_worker.send_conversions", kind="producer"):
+            return self.enqueue(self.validate(events))
 
     def flush(self) -> None:
         """Wait until the wake-ups of the events sent so far went to Redis."""

@@ -6,6 +6,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from postback_worker import tracing
 from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
 from postback_worker.api.http import db_error, project_error
@@ -19,6 +20,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
                producer: Producer | None = None) -> Starlette:
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
+    traced = tracing.configure("postback-worker-api")  # before the producer names the service
     store = store or Store.from_url(settings.database.url)
     producer = producer or Producer(settings, store=store)
     api = Api(settings, store, producer)
@@ -42,6 +44,11 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api
+    if traced:
+        # A server span per request (continuing the caller's traceparent header).
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        app.add_middleware(OpenTelemetryMiddleware, exclude_spans=["receive", "send"])
     return app
 
 

@@ -306,13 +306,17 @@ class ConversionEvent:
     received_at: datetime
     # The address that reported it by GET /postback with the offer's token (else None).
     source_ip: str | None = None
+    # W3C traceparent of the request that accepted it (tracing on), stored with it.
+    trace_context: str | None = None
 
     def to_message(self) -> dict[str, str | None]:
-        """JSON-safe dict; datetimes as ISO 8601 with ``Z``."""
+        """JSON-safe dict; datetimes as ISO 8601 with ``Z`` (no trace_context when None)."""
         out: dict[str, str | None] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = _iso(value) if isinstance(value, datetime) else value
+        if self.trace_context is None:
+            del out["trace_context"]
         return out
 
     @classmethod
@@ -338,6 +342,7 @@ class ConversionEvent:
             occurred_at=_utc(datetime.fromisoformat(str(d["occurred_at"]))),
             received_at=_utc(datetime.fromisoformat(str(d["received_at"]))),
             source_ip=opt("source_ip"),
+            trace_context=opt("trace_context"),
         )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from postback_worker import tracing
 from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.masking import mask_url
@@ -63,6 +64,7 @@ class _Unsaved:
     gone: dict[str, str] = field(default_factory=dict)
     first_at: float | None = None  # monotonic time of the oldest unsaved answer
     observed: int = 0  # answers not yet reported to admission
+    traced: list[tuple[str | None, dict[str, Any]]] = field(default_factory=list)  # tracing on
 
     def answer(self) -> None:
         self.observed += 1
@@ -78,6 +80,7 @@ class _Unsaved:
     def saved(self) -> None:
         self.updates, self.attempts, self.dead, self.dead_conversions = [], [], [], {}
         self.first_at = None
+        self.traced = []
 
 
 class Dispatch:
@@ -212,6 +215,8 @@ class Dispatch:
         unsaved.updates.append(update_row(
             c, settled.state, settled.reason, now, next_attempt_at=settled.next_attempt_at,
             last_status=outcome.status_code, last_class=settled.failure))
+        if tracing.on():
+            unsaved.traced.append(_trace_attempt(c, partner, attempt_no, outcome, settled))
         unsaved.answer()
         return settled.state
 
@@ -229,8 +234,9 @@ class Dispatch:
                 for row in unsaved.dead:
                     row["offer_id"] = offers.get(unsaved.dead_conversions[row["postback_id"]])
             # One transaction: answers, dead letters, hand-backs, successors woken.
-            saved = self.store.finish(updates=unsaved.updates, attempts=unsaved.attempts,
-                                      dead_letters=unsaved.dead, released=unsaved.released)
+            with tracing.each("postback.record", unsaved.traced):
+                saved = self.store.finish(updates=unsaved.updates, attempts=unsaved.attempts,
+                                          dead_letters=unsaved.dead, released=unsaved.released)
             if saved < len(unsaved.updates):
                 log.warning("%d postback lease(s) expired before their result was saved",
                             len(unsaved.updates) - saved)
@@ -263,3 +269,23 @@ def _attempt_row(c: Claimed, attempt_no: int, started: datetime, outcome: Outcom
         "worker": worker, "is_test": False,
     }
 
+
+def _trace_attempt(c: Claimed, partner: Partner, attempt_no: int, outcome: Outcome,
+                   settled: Settlement) -> tuple[str | None, dict[str, Any]]:
+    """Span the HTTP attempt just answered (timed by the sender) in its conversion's trace;
+    returns the parent and attributes of its recording's span."""
+    end = time.time_ns()
+    attrs: dict[str, Any] = {
+        "postback.id": c.id, "postback.conversion.id": c.conversion_id,
+        "postback.partner.id": partner.id, "postback.attempt": attempt_no,
+        "postback.failure_class": settled.failure.value, "http.request.method": c.method,
+        "url.full": mask_url(c.url),
+    }
+    if outcome.status_code is not None:
+        attrs["http.response.status_code"] = outcome.status_code
+    failed = settled.failure != FailureClass.DELIVERED
+    tracing.finished("postback.attempt", c.trace_context,
+                     end - int(outcome.duration_ms * 1_000_000), end, attrs,
+                     error=settled.error or settled.failure.value if failed else None)
+    return c.trace_context, {"postback.id": c.id, "postback.attempt": attempt_no,
+                             "postback.state": settled.state.value}

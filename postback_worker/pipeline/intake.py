@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from postback_worker import tracing
 from postback_worker.domain.attribution import (
     ClickFacts,
     ConversionFacts,
@@ -73,10 +74,11 @@ class Intake:
         now = self.clock()
         rows = [conversion_row(e) for e in events]
         ids = [r["id"] for r in rows]
-        with self.store.transaction() as conn:
+        with tracing.items("conversion.intake", rows) as traced, \
+                self.store.transaction() as conn:
             self.store.insert_conversions(conn, rows)
             decided, roots = self._attribute(conn, self.store.unprocessed_conversions(conn, ids),
-                                             triggered_by, now)
+                                             triggered_by, now, traced)
         return Persisted(ids + sorted(set(roots) - set(ids)), _states(decided))
 
     def take_pending(self, limit: int, reattributed_before: datetime) -> Persisted:
@@ -87,12 +89,13 @@ class Intake:
         now = self.clock()
         with self.store.transaction() as conn:
             todo = self.journal.claim(conn, limit, reattributed_before)
-            decided, roots = self._attribute(conn, todo, None, now)
+            with tracing.items("conversion.intake", todo) as traced:
+                decided, roots = self._attribute(conn, todo, None, now, traced)
         ids = [c["id"] for c in todo]
         return Persisted(ids + sorted(set(roots) - set(ids)), _states(decided))
 
     def _attribute(self, conn: Any, todo: list[dict[str, Any]], triggered_by: str | None,
-                   now: datetime) -> tuple[list[_Decided], list[str]]:
+                   now: datetime, traced: Any = tracing.NOOP) -> tuple[list[_Decided], list[str]]:
         """Attribute locked `received` events, fold them into their conversions and create
         their postbacks (in `conn`). Returns the decisions and the ids of the earlier
         conversions the batch's updates belong to (they have new postbacks to fire too)."""
@@ -117,21 +120,27 @@ class Intake:
         self.lifecycle.write(conn, self.store, folded)
         self.store.insert_postbacks(conn, postbacks)
         self.store.dead_letter_now(conn, dead)
+        if tracing.on():
+            for d in decided:
+                traced.set(d.conv["id"], "postback.conversion.state", d.state)
+                traced.set(d.conv["id"], "postback.conversion.reason", d.reason)
         return decided, [u["update_of"] for u in folded.updates]
 
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
         offer = self.catalog.offer(offer_id)
-        decision = attribute(
-            ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
-                            conv.get("source_ip")),
-            None if click is None else ClickFacts(
-                click["transaction_id"], click["offer_id"], click["aff_id"], click["clicked_at"]
-            ),
-            None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
-                                                  offer.min_seconds, offer.max_seconds,
-                                                  offer.allowed_networks),
-        )
+        with tracing.span("conversion.attribute", item=conv["id"]) as traced:
+            decision = attribute(
+                ConversionFacts(conv["transaction_id"], conv["offer_id"], conv["occurred_at"],
+                                conv.get("source_ip")),
+                None if click is None else ClickFacts(
+                    click["transaction_id"], click["offer_id"], click["aff_id"],
+                    click["clicked_at"]),
+                None if offer is None else OfferFacts(offer.id, offer.lifespan_days,
+                                                      offer.min_seconds, offer.max_seconds,
+                                                      offer.allowed_networks),
+            )
+            traced.set_attribute("postback.attribution.state", decision.state.value)
         return _Decided(
             conv=conv,
             state=decision.state.value,
@@ -192,5 +201,6 @@ def conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:
         currency=row["currency"], status=row["status"], adv_sub=row["adv_sub"], ip=row["ip"],
         device_id=row["device_id"], occurred_at=row["occurred_at"],
         received_at=row["received_at"], source_ip=row.get("source_ip"),
+        trace_context=row.get("trace_context"),
     )
     return dict(event.to_message())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from postback_worker import tracing
 from postback_worker.domain.attribution import ConversionState, dedupe_key
 from postback_worker.domain.ids import new_id
 from postback_worker.domain.lifecycle import (
@@ -283,6 +284,7 @@ class Lifecycle:
             "created_at": now, "updated_at": now, "next_attempt_at": now, "state": PENDING,
             "reason": None, "event_seq": f.seq,
             "event": trigger.value if trigger is not None else None,
+            "trace_context": f.d.conv.get("trace_context"),
         }
         if not partner.enabled:
             row.update(state=SKIPPED, reason="partner disabled", next_attempt_at=None)
@@ -301,9 +303,13 @@ class Lifecycle:
                        next_attempt_at=decision.release_at)
         conversion = {k: v for k, v in root.items() if k != "_decided"}
         try:
-            row["url"], row["body"] = render_event(
-                partner, offer, {**conversion, "offer_id": offer_id}, click, trigger,
-                f.previous.status if f.previous else None, f.current, pid, now)
+            with tracing.span("postback.render", {"postback.id": pid,
+                                                  "postback.partner.id": partner.id,
+                                                  "postback.event": trigger.value},
+                              item=f.d.conv["id"]):
+                row["url"], row["body"] = render_event(
+                    partner, offer, {**conversion, "offer_id": offer_id}, click, trigger,
+                    f.previous.status if f.previous else None, f.current, pid, now)
         except TemplateError as exc:
             row.update(url=partner.fire_rule.template(trigger, partner.postback_url),
                        state=DEAD_LETTERED, next_attempt_at=None,

@@ -41,6 +41,7 @@ def conversion_row(e: ConversionEvent) -> dict[str, Any]:
         "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
         "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
         "source_ip": e.source_ip, "state": RECEIVED, "reason": None, "processed_at": None,
+        "trace_context": e.trace_context,
     }
 
 

@@ -53,6 +53,8 @@ class Claimed:
     round_start_attempts: int = 0
     # The event of its conversion it reports (1: the first; only later ones wait in order).
     event_seq: int = 1
+    # W3C traceparent of the event it carries (tracing on): its spans join that trace.
+    trace_context: str | None = None
 
 
 def update_row(c: Claimed, state: PostbackState, reason: str | None, now: datetime, *,
@@ -127,7 +129,7 @@ class PostbackRecords(StoreBase):
                         .returning(pb.id, pb.conversion_id, pb.partner_id, pb.url, pb.method,
                                    pb.body,
                                    pb.attempts, pb.first_attempt_at, pb.received_at,
-                                   pb.round_start_attempts, pb.event_seq)
+                                   pb.round_start_attempts, pb.event_seq, pb.trace_context)
                     )
                     claimed.extend(Claimed(**r, token=token)
                                    for r in conn.execute(stmt).mappings())

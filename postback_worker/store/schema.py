@@ -203,6 +203,8 @@ conversions = Table(
     Column("reattributed_at", UTCDateTime),
     # An event that updates an earlier conversion (state 'updated'): that conversion's id.
     Column("update_of", String(64), index=True),
+    # W3C traceparent of the request that accepted the event (tracing on; see tracing.py).
+    Column("trace_context", String(64)),
     Index(None, "state", "received_at"),
     Index(None, "offer_id", "received_at"),
 )
@@ -272,6 +274,8 @@ postbacks = Table(
     # (approved, reversal, adjustment, status); per conversion and partner, lower seqs first.
     Column("event_seq", Integer, nullable=False, default=1, server_default="1"),
     Column("event", String(20)),
+    # The traceparent of the event it carries: every attempt joins that trace.
+    Column("trace_context", String(64)),
     UniqueConstraint("conversion_id", "partner_id", "event_seq"),
     Index(None, "state", "next_attempt_at"),
     Index(None, "partner_id", "created_at"),

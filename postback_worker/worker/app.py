@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from postback_worker import tracing
 from postback_worker.settings import Settings, SettingsError
 from postback_worker.worker.queues import (
     CONVERSIONS,
@@ -132,6 +133,18 @@ def quiet_beat(sender: Any = None, **_: Any) -> None:
     theirs; maintenance tasks that run every few seconds send no worker events either)."""
     if sender is not None:
         sender.app.conf.task_send_sent_event = False
+
+
+@signals.worker_init.connect
+@signals.worker_process_init.connect
+def start_tracing(**_: Any) -> None:
+    """Traces when OTEL_* ask for them (see tracing.py): task spans, per-conversion spans."""
+    tracing.configure("postback-worker", instrument_celery=True)
+
+
+@signals.worker_process_shutdown.connect
+def flush_traces(**_: Any) -> None:
+    tracing.flush()
 
 
 def check_settings(settings: Settings) -> None:
