@@ -301,10 +301,9 @@ class Lifecycle:
         if decision.plan == Plan.HOLD:
             row.update(state=RETRY_SCHEDULED, reason=decision.reason,
                        next_attempt_at=decision.release_at)
-        conversion = {k: v for k, v in root.items() if k != "_decided"}
-        try:
+        try:  # (the macros read their own keys of the conversion: "_decided" stays unread)
             row["url"], row["body"] = render_event(
-                partner, offer, {**conversion, "offer_id": offer_id}, click, trigger,
+                partner, offer, {**root, "offer_id": offer_id}, click, trigger,
                 f.previous.status if f.previous else None, f.current, pid, now)
         except TemplateError as exc:
             row.update(url=partner.fire_rule.template(trigger, partner.postback_url),
