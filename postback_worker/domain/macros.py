@@ -52,7 +52,13 @@ def _compile(template: str) -> tuple[str, ...]:
     return tuple(_MACRO.split(template))
 
 
+# What percent-encoding leaves as it is (RFC 3986 unreserved): most values (ids, amounts).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+
+
 def _url_escape(value: str) -> str:
+    if _UNRESERVED(value):
+        return value
     return quote(value, safe="", errors="replace")
 
 
