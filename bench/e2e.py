@@ -3,6 +3,7 @@ Celery baseline, on the same machine, PostgreSQL, Redis and local partner server
 
     .venv/bin/python bench/e2e.py [--conversions N] [--naive-conversions M] [--runs R]
         [--workers W] [--concurrency C] [--partner-delay-ms D] [--only ours|naive]
+        [--producer-batch K[,K...]] [--producer-threads T] [--no-ceiling]
         [--partner-method get|post-json|both] [--updates FRACTION] [--json out.json]
 
 --partner-method both measures ours twice in the same run, with a GET partner and with a
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,7 +64,7 @@ PATH_QS = "/pb?tid={transaction_id}&payout={payout}&pb={postback_id}"
 JSON_BODY = ('{"tid": "{transaction_id}", "payout": "{payout}", "pb": "{postback_id}", '
              '"currency": "{currency}", "sub": "{aff_sub}"}')
 GET, POST_JSON = "get", "post-json"
-BATCH = 500  # conversions per Producer.send_conversions call (= one Celery message)
+BATCH = 500  # default conversions per Producer.send_conversions call (--producer-batch)
 QUEUES = "conversions,retries,replay,maintenance"
 POLL_INTERVAL = 0.1
 RSS_INTERVAL = 0.1
@@ -563,27 +565,32 @@ class Config:
     ours_app: str = "postback_worker.worker.app"
     # Conversions/s offered at a steady pace (0: everything at once, as fast as possible).
     rate: float = 0.0
+    # Events per Producer.send_conversions call, one system per value.
+    producer_batches: tuple[int, ...] = (BATCH,)
+    # Threads calling send_conversions at once (1: one call after the other).
+    producer_threads: int = 1
 
 
 PACE_TICK = 0.05  # a steady producer sends what is due every 50 ms
 
 
-def paced(n: int, rate: float, send: Callable[[int, int], None]) -> None:
-    """Call send(start, stop) for consecutive slices of range(n): all at once in BATCH-sized
-    slices when rate is 0, else every PACE_TICK the slice the rate has made due since the
-    last one (a backend that batches what it produced in the last 50 ms)."""
+def paced(n: int, rate: float, send: Callable[[int, int], None], batch: int = BATCH) -> None:
+    """Call send(start, stop) for consecutive slices of range(n) of at most `batch` events:
+    all at once when rate is 0, else every PACE_TICK what the rate has made due since the
+    last tick (a backend that sends what it produced in the last 50 ms, `batch` per call)."""
     if not rate:
-        for start in range(0, n, BATCH):
-            send(start, min(n, start + BATCH))
+        for start in range(0, n, batch):
+            send(start, min(n, start + batch))
         return
     begin = time.monotonic()
     sent = 0
     tick = 0
     while sent < n:
         due = min(n, int((time.monotonic() - begin) * rate))
-        if due > sent:
-            send(sent, due)
-            sent = due
+        while due > sent:
+            stop = min(due, sent + batch)
+            send(sent, stop)
+            sent = stop
         tick += 1
         time.sleep(max(0.0, begin + tick * PACE_TICK - time.monotonic()))
 
@@ -600,7 +607,8 @@ class System:
     partner_method: str = GET
 
 
-def ours_system(cfg: Config, svc: Services, method: str = GET) -> System:
+def ours_system(cfg: Config, svc: Services, batch: int = BATCH,
+                method: str = GET) -> System:
     settings = Settings.build(database_url=svc.db_url, redis_url=svc.redis_url,
                         allow_networks=LOOPBACK)
     env = {**os.environ, **settings.to_env()}
@@ -612,13 +620,26 @@ def ours_system(cfg: Config, svc: Services, method: str = GET) -> System:
 
     def enqueue(n: int) -> None:
         producer = Producer(settings)
+
+        def send(a: int, b: int) -> None:
+            producer.send_conversions(
+                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)])
+
         try:
-            paced(n, cfg.rate, lambda a, b: producer.send_conversions(
-                [{"transaction_id": tx(i), "payout": PAYOUT} for i in range(a, b)]))
+            if cfg.producer_threads <= 1:
+                paced(n, cfg.rate, send, batch)
+                return
+            # A busy backend: calls from several threads at once (e.g. one per order).
+            with ThreadPoolExecutor(cfg.producer_threads) as pool:
+                futures: list[Future[None]] = []
+                paced(n, cfg.rate, lambda a, b: futures.append(pool.submit(send, a, b)), batch)
+                for f in futures:
+                    f.result()
         finally:
             producer.close()
 
-    label = "ours" if method == GET else f"ours-{method}"
+    label = ("ours" + ("" if len(cfg.producer_batches) == 1 else f" K={batch}")
+             + ("" if method == GET else f"-{method}"))
     return System(label, cfg.n, args, env, enqueue, partner_method=method)
 
 
@@ -679,6 +700,34 @@ def updates_system(cfg: Config, svc: Services, share: float) -> System:
                   enqueue)
 
 
+def ceiling_system(cfg: Config) -> System:
+    """The same delivery transport firing the same N requests at the same partner, in this
+    process, with no database or queue: the most the pipeline could deliver."""
+    return System("ceiling", cfg.n, lambda node: [], {}, lambda n: None)
+
+
+def run_ceiling(cfg: Config, partner: Partner, run_no: int) -> dict[str, Any]:
+    from postback_worker.delivery.sender import PostbackRequest, Sender
+
+    settings = Settings.build(allow_networks=LOOPBACK)
+    partner.reset()
+    requests = [PostbackRequest(postback_id=f"pb_{i}", url=partner.base_url + PATH_QS.format(
+        transaction_id=tx(i), payout=PAYOUT, postback_id=f"pb_{i}")) for i in range(cfg.n)]
+    with Sender(concurrency=settings.delivery.concurrency,
+                allow_networks=settings.delivery.allow_networks) as sender:
+        m0 = time.monotonic()
+        outcomes = sender.send_many(requests)
+        span = time.monotonic() - m0
+    count = partner.count()
+    ok = count == cfg.n and all(o.status_code == 200 for o in outcomes)
+    result = {"run": run_no, "n": cfg.n, "postbacks_per_s": round(cfg.n / span, 1),
+              "seconds_first_enqueue_to_last_delivery": round(span, 3),
+              "partner_requests": count, "checks": {"partner_requests == N, all 200": ok},
+              "ok": ok}
+    log(f"ceiling run {run_no}: {result['postbacks_per_s']} requests/s")
+    return result
+
+
 def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: Path,
              run_no: int) -> dict[str, Any]:
     reset_state(svc)
@@ -708,6 +757,10 @@ def run_once(system: System, cfg: Config, svc: Services, partner: Partner, tmp: 
         for p in procs:
             p.stop()
     errors_in_logs = [p.name for p in procs if "Traceback" in p.tail(10_000)]
+    for p in procs:
+        tail = p.tail(10_000)
+        if "Traceback" in tail:
+            log(f"{p.name}: {tail[tail.rindex('Traceback'):][-1500:]}")
     checks = {
         "attempts_rows == N": fig["attempts_rows"] == system.n,
         "partner_requests == N": partner_count == system.n,
@@ -767,42 +820,51 @@ def git_commit() -> str:
 
 
 def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
-    by = {s.label: s for s in systems}
     med = {s.label: medians(s.runs) for s in systems}
-    ratios: dict[str, float] = {}
-    if "ours" in med and "naive" in med:
-        for _, key, _ in FIGURES:
-            a, b = med["ours"].get(key), med["naive"].get(key)
-            if a is not None and b:
-                ratios[key] = round(a / b, 2)
+    labels = [s.label for s in systems]
+    ours = [lb for lb in labels if lb.startswith("ours")]
+    ratios: dict[str, dict[str, float]] = {}
+    if "naive" in med:
+        for lb in ours:
+            ratios[f"{lb} / naive"] = {
+                key: round(med[lb][key] / med["naive"][key], 2)
+                for _, key, _ in FIGURES
+                if med[lb].get(key) is not None and med["naive"].get(key)}
     w = 34
     lines = []
     lines.append(f"postback-worker end-to-end benchmark — commit {meta['commit']}")
     lines.append(f"machine: {meta['machine']}")
     lines.append(f"N ours = {meta['n_ours']}, N naive = {meta['n_naive']}, runs = {meta['runs']}, "
                  f"W = {meta['workers']} worker process(es) x C = {meta['concurrency']} "
-                 f"(prefork), partner: {meta['partner']}")
-    if "ours" in by and "naive" in by and by["ours"].n != by["naive"].n:
+                 f"(prefork), partner: {meta['partner']}, producer batch (events per "
+                 f"send_conversions call) = {meta['producer_batches']} from "
+                 f"{meta['producer_threads']} thread(s)")
+    ns = {s.n for s in systems if s.label != "ceiling"}
+    if len(ns) > 1:
         lines.append(
-            f"note: the two sides process different N ({by['ours'].n} vs {by['naive'].n}); "
-            "rates are comparable, latencies are not (all conversions are enqueued at once, "
-            "so latency grows with N / rate).")
+            f"note: the systems process different N ({sorted(ns)}); rates are comparable, "
+            "latencies are not (all conversions are enqueued at once, so latency grows with "
+            "N / rate).")
     lines.append("")
-    header = f"{'figure':<{w}} {'ours (median)':>15} {'naive (median)':>15} {'ratio':>8}"
+    header = f"{'figure (median)':<{w}} " + " ".join(f"{lb:>13}" for lb in labels)
     lines.append(header)
     lines.append("-" * len(header))
     for title, key, fmt in FIGURES:
-        cells = []
-        for label in ("ours", "naive"):
-            v = med.get(label, {}).get(key)
-            cells.append(fmt.format(v) if v is not None else "-")
-        ratio = ratios.get(key)
-        lines.append(f"{title:<{w}} {cells[0]:>15} {cells[1]:>15} "
-                     f"{(f'{ratio:.2f}' if ratio is not None else '-'):>8}")
+        cells = [med[lb].get(key) for lb in labels]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"{title:<{w}} " + " ".join(
+            f"{(fmt.format(c) if c is not None else '-'):>13}" for c in cells))
     lines.append("")
     for s in systems:
         lines.append(f"{s.label} per run:")
         for r in s.runs:
+            if s.label == "ceiling":
+                lines.append(f"  run {r['run']}: N={r['n']} {r['postbacks_per_s']:.0f} requests/s "
+                             f"in {r['seconds_first_enqueue_to_last_delivery']:.2f} s, partner "
+                             f"{r['partner_requests']}, checks "
+                             + ("ok" if r["ok"] else "FAILED"))
+                continue
             lines.append(
                 f"  run {r['run']}: N={r['n']} {r['postbacks_per_s']:.0f} postbacks/s, "
                 f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms, "
@@ -812,9 +874,22 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
                 f"partner {r['partner_requests']}, checks "
                 + ("ok" if r["ok"] else
                    "FAILED: " + ", ".join(k for k, v in r["checks"].items() if not v)))
-    if "postbacks_per_s" in ratios:
+    rate = {lb: med[lb].get("postbacks_per_s") for lb in labels}
+    summary = []
+    for lb in ours:
+        if rate.get("naive"):
+            summary.append(f"{lb} / naive postbacks/s: {rate[lb] / rate['naive']:.1f}x")
+        if rate.get("ceiling"):
+            share = 100 * rate[lb] / rate["ceiling"]
+            summary.append(f"{lb} as a share of the ceiling: {share:.0f}%")
+    if len(ours) > 1:
+        best = max(ours, key=lambda lb: int(lb.split("=")[1]))
+        for lb in ours:
+            if lb != best and rate[best]:
+                summary.append(f"{lb} / {best} postbacks/s: {100 * rate[lb] / rate[best]:.0f}%")
+    if summary:
         lines.append("")
-        lines.append(f"ratio ours/naive postbacks/s: {ratios['postbacks_per_s']:.1f}x")
+        lines.extend(summary)
     get, post = (med.get("ours", {}).get("postbacks_per_s"),
                  med.get(f"ours-{POST_JSON}", {}).get("postbacks_per_s"))
     if post is not None:
@@ -831,7 +906,7 @@ def report(meta: dict[str, Any], systems: list[System]) -> dict[str, Any]:
     print("\n".join(lines), flush=True)
     return {"meta": meta,
             **{s.label: {"runs": s.runs, "median": med[s.label]} for s in systems},
-            "ratio_ours_over_naive": ratios}
+            "ratios": ratios, "summary": summary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,7 +935,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="with --rate: seconds to offer load (sets --conversions)")
     ap.add_argument("--partner", choices=("auto", "python", "nginx"), default="auto",
                     help="auto: nginx if on PATH and no delay, else bench/fast_partner.py")
-    ap.add_argument("--only", choices=("ours", "naive"))
+    ap.add_argument("--only", choices=("ours", "naive", "ceiling"))
+    ap.add_argument("--producer-batch", default=str(BATCH), metavar="K[,K...]",
+                    help="events per Producer.send_conversions call for ours; a comma list "
+                         "runs ours once per value (e.g. 1,25,500); default 500")
+    ap.add_argument("--producer-threads", type=int, default=1, metavar="T",
+                    help="threads calling send_conversions at once for ours (default 1: "
+                         "one call after the other)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the ceiling (the transport alone, no database or queue)")
     ap.add_argument("--partner-method", choices=(GET, POST_JSON, "both"), default=GET,
                     help="how ours fires the partner: GET (default), POST with a JSON body, or "
                          "both in this run (prints the post-json / get ratio)")
@@ -890,6 +973,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.naive_conversions = min(args.conversions, 2000)
     if not 0 <= args.updates < 1:
         ap.error("--updates must be a fraction from 0 to below 1, e.g. 0.3")
+    try:
+        args.producer_batches = tuple(int(k) for k in args.producer_batch.split(","))
+    except ValueError:
+        ap.error("--producer-batch takes whole numbers separated by commas, e.g. 1,25,500")
+    if any(k < 1 for k in args.producer_batches):
+        ap.error("--producer-batch values must be at least 1")
     for name in ("conversions", "naive_conversions", "runs", "workers", "concurrency"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -905,7 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(n=args.conversions, naive_n=args.naive_conversions, runs=args.runs,
                  workers=args.workers, concurrency=args.concurrency,
                  delay_ms=args.partner_delay_ms, timeout=args.timeout, stall=args.stall,
-                 ours_app=args.ours_app, rate=args.rate)
+                 ours_app=args.ours_app, rate=args.rate,
+                 producer_batches=args.producer_batches,
+                 producer_threads=args.producer_threads)
     if not devservices.postgres_answers(args.pg_url):
         raise BenchError(f"PostgreSQL at {args.pg_url} does not answer")
     if not devservices.redis_answers(args.redis_url):
@@ -927,18 +1018,26 @@ def main(argv: list[str] | None = None) -> int:
         seed(svc.store, partner.base_url, n_clicks)
         stack.callback(reset_state, svc)  # leave no queued messages behind in the Redis db
         methods = [GET, POST_JSON] if args.partner_method == "both" else [args.partner_method]
-        systems = [ours_system(cfg, svc, m) for m in methods] if "ours" in wanted else []
+        systems = []
+        if "ours" in wanted:
+            systems += [ours_system(cfg, svc, k, m) for m in methods
+                        for k in cfg.producer_batches]
         if args.updates and "ours" in wanted:
             systems.insert(1, updates_system(cfg, svc, args.updates))
         if "naive" in wanted:
             systems.append(naive_system(cfg, svc))
+        if args.only == "ceiling" or ("ours" in wanted and not args.no_ceiling):
+            systems.append(ceiling_system(cfg))
         # Runs alternate between the systems (ours GET, ours post-json, naive, GET, ...), so
         # a machine that gets busier or quieter during the benchmark affects each alike.
         for run_no in range(1, cfg.runs + 1):
             for system in systems:
                 configure_partner(svc.store, partner.base_url, system.partner_method)
                 log(f"{system.label} run {run_no}/{cfg.runs}: N={system.n}")
-                system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
+                if system.label == "ceiling":
+                    system.runs.append(run_ceiling(cfg, partner, run_no))
+                else:
+                    system.runs.append(run_once(system, cfg, svc, partner, tmp, run_no))
         meta = {
             "commit": git_commit(), "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
@@ -947,7 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
             "n_naive": cfg.naive_n if "naive" in wanted else None, "runs": cfg.runs,
             "workers": cfg.workers, "concurrency": cfg.concurrency,
             "partner": partner.kind, "partner_delay_ms": cfg.delay_ms,
-            "batch_per_message_ours": BATCH, "redis_url": args.redis_url,
+            "producer_batches": ",".join(map(str, cfg.producer_batches)),
+            "producer_threads": cfg.producer_threads,
+            "redis_url": args.redis_url,
             "ours_app": cfg.ours_app,
         }
         out = report(meta, systems)

@@ -18,6 +18,8 @@ ratio. The load average of the machine is printed with the figures.
     .venv/bin/python bench/scale.py                       # both sizes, about 15 min
     .venv/bin/python bench/scale.py --sizes 1000000 --json after-1m.json
     .venv/bin/python bench/scale.py --before before.json --json after.json
+    .venv/bin/python bench/scale.py --build-only          # keep both databases; then, as often
+    .venv/bin/python bench/scale.py --database NAME1 --database NAME2 --skip-purge   # as needed
 
 Needs PostgreSQL (default postgresql://postgres@127.0.0.1:5432/postgres, or BENCH_DATABASE_URL)
 and Redis (default redis://127.0.0.1:6379/12, or BENCH_REDIS_URL). Each database is created
@@ -54,7 +56,7 @@ OFFERS = 20
 DAYS_PER_MILLION = 3
 CHUNK = 1_000_000
 FIGURES = ("metrics", "report_24h", "report_30d", "failed_export_1d", "dashboard_24h",
-           "show", "dlq_list", "retention_purge_1d")
+           "show", "dlq_list", "dlq_list_1d", "retention_purge_1d")
 
 # One row per conversion i (1..N). Outcome by i % 100: 0-87 delivered on the first attempt,
 # 88-92 dead-lettered (5xx, timeout, auth, blocked, config), 96-97 skipped; in the last hour
@@ -202,7 +204,7 @@ def timed(fn: Callable[[], Any], runs: int) -> float:
 
 
 def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
-            runs: int, purge_day: int = 0) -> dict[str, float]:
+            runs: int, purge_day: int | None = 0) -> dict[str, float]:
     settings = Settings.build(database_url=url, redis_url=redis_url)
     store = Store(make_engine(url))
     rcli = redis.Redis.from_url(redis_url)
@@ -212,6 +214,11 @@ def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
     middle = f"cv{rows // 2}"
     dlq_filter = deadletters.Filter(partner_id="p03", failure_class="partner_5xx",
                                     since=now - timedelta(days=7))
+    # The 7-day filter spans all of the 1M database's 3 days but 7 of the 10M one's 30: more
+    # matching rows. A 1-day filter matches the same number of rows at both sizes, so its
+    # ratio shows whether the cost grows with history.
+    dlq_filter_1d = deadletters.Filter(partner_id="p03", failure_class="partner_5xx",
+                                       since=now - timedelta(days=1))
     figures: dict[str, float] = {}
     jobs: list[tuple[str, Callable[[], Any]]] = [
         ("metrics", lambda: metrics.render(settings, store, rcli, lambda: now)),
@@ -222,10 +229,15 @@ def measure(url: str, redis_url: str, rows: int, start: datetime, now: datetime,
         ("dashboard_24h", lambda: dashboard.gather(store, rcli, last24, now)),
         ("show", lambda: conversion_detail(store, middle)),
         ("dlq_list", lambda: deadletters.list_dead_letters(store, dlq_filter, limit=50)),
+        ("dlq_list_1d", lambda: deadletters.list_dead_letters(store, dlq_filter_1d, limit=50)),
     ]
     for name, fn in jobs:
         figures[name] = timed(fn, runs)
         log(f"  {name}: {figures[name] * 1000:.0f} ms (load {loadavg()})")
+    if purge_day is None:  # --skip-purge: the database stays as it is, to be measured again
+        store.engine.dispose()
+        rcli.close()
+        return figures
     # The retention purge of one day (`purge_day` 0: the oldest): a clock two days after that
     # day's start, keeping one day, so exactly that day is old. Runs once (it deletes).
     purge_settings = settings.with_overrides(attempt_retention_days=1, delivered_retention_days=1,
@@ -274,7 +286,7 @@ def run_size(server: str, redis_url: str, rows: int, runs: int, keep: bool,
 
 
 def run_existing(server: str, redis_url: str, name: str, runs: int, revision: str,
-                 purge_day: int) -> dict[str, Any]:
+                 purge_day: int | None) -> dict[str, Any]:
     """Measure a database built earlier (--keep), migrated to `revision` first (timed): the
     same rows before and after a change."""
     base, _, query = server.partition("?")
@@ -341,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--purge-day", type=int, default=0,
                     help="which day the retention purge deletes (0: the oldest; use 1 on a "
                          "database measured before)")
+    ap.add_argument("--skip-purge", action="store_true",
+                    help="with --database: measure everything but the retention purge (the "
+                         "database is left as it is, to be measured again)")
     ap.add_argument("--build-only", action="store_true",
                     help="build and keep the databases, measure nothing")
     ap.add_argument("--pg-url", default=os.environ.get(
@@ -362,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.before) as fh:
             before = json.load(fh)
     if args.database:
+        purge_day = None if args.skip_purge else args.purge_day
         results = [run_existing(args.pg_url, args.redis_url, name, args.runs, args.revision,
-                                args.purge_day) for name in args.database]
+                                purge_day) for name in args.database]
     else:
         results = [run_size(args.pg_url, args.redis_url, n, args.runs,
                             args.keep or args.build_only, args.revision, args.build_only)

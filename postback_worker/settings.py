@@ -86,11 +86,10 @@ class IngestSettings:
     max_field_length: int = 255
     # Events per Celery message when a request carries many.
     enqueue_chunk_size: int = 1000
-    # Seconds a single-event request (GET /postback) may wait to share a Redis message with
-    # others arriving meanwhile (group commit); 0 publishes each one alone.
-    batch_wait: float = field(default=0.02, metadata=env("POSTBACK_INGEST_BATCH_WAIT"))
-    # ... or until this many events are waiting (then they go at once).
-    batch_events: int = field(default=16, metadata=env("POSTBACK_INGEST_BATCH_EVENTS"))
+    # A woken worker takes up to this many accepted events per transaction ...
+    claim_batch: int = field(default=100, metadata=env("POSTBACK_INGEST_CLAIM_BATCH"))
+    # ... and keeps taking batches while they come back full, at most this many times.
+    claim_rounds: int = field(default=50, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
 
 
 @dataclass(frozen=True)
@@ -133,8 +132,9 @@ class SweepSettings:
     max_per_run: int = 20000
     # A postback queued for retry but not claimed within this many seconds is queued again.
     requeue_after: int = field(default=300, metadata=env("POSTBACK_REQUEUE_AFTER"))
-    # Conversions received but not processed after this many seconds are enqueued again.
-    stuck_conversion_after: int = field(default=600,
+    # Accepted events still waiting for intake after this many seconds (their Redis wake-up
+    # was lost) make beat wake the workers again. Waking is cheap and idempotent.
+    stuck_conversion_after: int = field(default=60,
                                         metadata=env("POSTBACK_STUCK_CONVERSION_AFTER"))
 
 
@@ -176,6 +176,12 @@ class RetentionSettings:
     attempt_days: int = field(default=90, metadata=env("POSTBACK_ATTEMPT_RETENTION_DAYS"))
     # Days delivered postbacks (and their attempts) are kept after delivery.
     delivered_days: int = field(default=90, metadata=env("POSTBACK_DELIVERED_RETENTION_DAYS"))
+    # Days conversion events are kept once a later event of their conversion superseded them
+    # (the last event of each conversion and those a waiting or dead postback carries stay).
+    event_days: int = field(default=90, metadata=env("POSTBACK_EVENT_RETENTION_DAYS"))
+    # How far before that horizon each run looks (events superseded later than this are kept).
+    event_lookback_days: int = field(default=7,
+                                     metadata=env("POSTBACK_EVENT_RETENTION_LOOKBACK_DAYS"))
     # Rows deleted per statement (each its own short transaction) and statements per table per
     # run; what is left is purged by the next run.
     batch: int = 1000

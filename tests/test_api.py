@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import redis
 import requests
-from conftest import ADMIN
+from conftest import ADMIN, wait_until
+from sqlalchemy import select
 from support.helpers import add_click, add_offer, add_partner
 from support.partner import PartnerServer
 
@@ -18,7 +20,9 @@ from postback_worker.delivery.sender import Sender
 from postback_worker.dev.services import free_port
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
+from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
+from postback_worker.worker.queues import TASK_INTAKE
 
 
 @pytest.fixture()
@@ -32,16 +36,24 @@ admin = requests.Session()
 admin.headers.update(ADMIN)
 
 
-def queued_events(client: redis.Redis) -> list[dict[str, object]]:
-    """The conversion events waiting in the Redis `conversions` queue."""
-    events = []
+def stored_events(store: Store) -> list[dict[str, object]]:
+    """Accepted events: conversions committed in the journal, waiting for a worker."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(t.conversions).where(t.conversions.c.state == "received")
+                            .order_by(t.conversions.c.id)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def woken_ids(client: redis.Redis) -> list[str]:
+    """Conversion ids named by the wake-up messages in the Redis `conversions` queue (sent
+    from the producer's waker thread just after the answer: waits for the first)."""
+    wait_until(lambda: client.llen("conversions") > 0, timeout=10)
+    ids: list[str] = []
     for raw in client.lrange("conversions", 0, -1):
         message = json.loads(raw)
-        import base64
-
-        args = json.loads(base64.b64decode(message["body"]))[0]
-        events.extend(args[0])
-    return events
+        assert message["headers"]["task"] == TASK_INTAKE
+        ids.extend(json.loads(base64.b64decode(message["body"]))[0][0])
+    return ids
 
 
 def errors_by_field(response: requests.Response) -> dict[str, str]:
@@ -117,36 +129,39 @@ def test_click_batch(api: str, store: Store) -> None:
                                                            "no such offer 'zzz'"}
 
 
-def test_tune_style_get_postback_enqueues(api: str, redis_client: redis.Redis) -> None:
+def test_tune_style_get_postback_stores_before_answering(api: str, store: Store,
+                                                         redis_client: redis.Redis) -> None:
     r = admin.get(f"{api}/postback", params={"transaction_id": "tx1", "payout": "1.5",
                                              "goal_id": "g", "adv_sub": "order-9",
                                              "status": "approved", "cachebuster": "123"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["accepted"] == 1
-    (event,) = queued_events(redis_client)
+    (event,) = stored_events(store)
     assert event["id"] == body["ids"][0]
     assert (event["transaction_id"], event["payout"], event["goal_id"], event["adv_sub"]) == (
         "tx1", "1.5", "g", "order-9")
+    assert woken_ids(redis_client) == body["ids"]  # Redis carries only the wake-up
     r = admin.get(f"{api}/postback", params={"payout": "ten"})
     assert r.status_code == 422
     assert set(errors_by_field(r)) == {"transaction_id", "payout"}
-    assert len(queued_events(redis_client)) == 1
+    assert len(stored_events(store)) == 1
 
 
 def test_conversion_batch_is_all_or_nothing(api: str, redis_client: redis.Redis,
-                                            settings: Settings) -> None:
+                                            settings: Settings, store: Store) -> None:
     good = [{"transaction_id": f"tx{i}", "payout": 2} for i in range(3)]
     r = admin.post(f"{api}/v1/conversions", json=good)
     assert r.status_code == 202 and r.json()["accepted"] == 3
-    assert len(redis_client.lrange("conversions", 0, -1)) == 1  # one message for the batch
+    assert sorted(woken_ids(redis_client)) == sorted(r.json()["ids"])
+    assert len(redis_client.lrange("conversions", 0, -1)) == 1  # one wake-up for the batch
     mixed = [{"transaction_id": "a"}, {"transaction_id": "b", "payout": "abc"},
              {"payout": 1, "ip": "999.1.1.1"}, {"transaction_id": {"x": 1}}]
     r = admin.post(f"{api}/v1/conversions", json={"events": mixed})
     assert r.status_code == 422
     assert set(errors_by_field(r)) == {"events[1].payout", "events[2].transaction_id",
                                        "events[2].ip", "events[3].transaction_id"}
-    assert len(queued_events(redis_client)) == 3  # nothing of the bad request was queued
+    assert len(stored_events(store)) == 3  # nothing of the bad request was stored
     too_many = [{"transaction_id": "x"}] * (settings.ingest.max_batch_size + 1)
     r = admin.post(f"{api}/v1/conversions", json=too_many)
     assert r.status_code == 413 and "events" in errors_by_field(r)
@@ -156,18 +171,40 @@ def test_conversion_batch_is_all_or_nothing(api: str, redis_client: redis.Redis,
     r = admin.post(f"{api}/v1/conversions",
                       data=b"x" * (settings.ingest.max_request_bytes + 1))
     assert r.status_code == 413
-    assert len(queued_events(redis_client)) == 3
+    assert len(stored_events(store)) == 3
 
 
-def test_redis_down_answers_503_and_accepts_nothing(
-    serve: Callable[[Settings], str], settings: Settings, store: Store
+@pytest.mark.parametrize("path", ["/v1/conversions", "/postback"])
+def test_database_down_answers_503_and_accepts_nothing(
+    serve: Callable[[Settings], str], settings: Settings, redis_client: redis.Redis,
+    path: str
 ) -> None:
+    dead = settings.with_overrides(
+        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    api = serve(dead)
+    if path == "/postback":
+        r = admin.get(f"{api}/postback", params={"transaction_id": "t"}, timeout=30)
+    else:
+        r = admin.post(f"{api}/v1/conversions", json=[{"transaction_id": "t"}], timeout=30)
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "5"
+    assert r.json()["error"] == "the database is unavailable; nothing was accepted, retry later"
+    assert redis_client.llen("conversions") == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/conversions", "/postback"])
+def test_redis_down_still_accepts_durably(serve: Callable[[Settings], str],
+                                          settings: Settings, store: Store, path: str) -> None:
+    """Redis only wakes workers: with Redis gone the event is still committed and
+    acknowledged (beat's sweep hands it to a worker once Redis is back)."""
     dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     api = serve(dead)
-    r = admin.post(f"{api}/v1/conversions", json=[{"transaction_id": "t"}], timeout=30)
-    assert r.status_code == 503
-    assert r.headers["retry-after"] == "5"
-    assert "nothing was accepted" in r.json()["error"]
+    if path == "/postback":
+        r = admin.get(f"{api}/postback", params={"transaction_id": "t"}, timeout=60)
+    else:
+        r = admin.post(f"{api}/v1/conversions", json=[{"transaction_id": "t"}], timeout=60)
+    assert r.status_code in (200, 202), r.text
+    assert [e["id"] for e in stored_events(store)] == r.json()["ids"]
 
 
 def test_conversion_detail(api: str, store: Store, settings: Settings,
@@ -178,7 +215,9 @@ def test_conversion_detail(api: str, store: Store, settings: Settings,
     partner.set_script([503])
     r = admin.post(f"{api}/v1/conversions", json={"transaction_id": "tx1", "payout": "3"})
     cid = r.json()["ids"][0]
-    assert admin.get(f"{api}/v1/conversions/{cid}").status_code == 404
+    # Stored before the answer: visible at once, waiting for a worker.
+    waiting = admin.get(f"{api}/v1/conversions/{cid}")
+    assert waiting.status_code == 200 and waiting.json()["conversion"]["state"] == "received"
     from postback_worker.domain.events import ConversionEvent, parse_conversion
 
     event: ConversionEvent = parse_conversion({"id": cid, "transaction_id": "tx1", "payout": "3"},
@@ -202,10 +241,11 @@ def test_admin_token(serve: Callable[[Settings], str], settings: Settings, store
     assert requests.get(f"{api}/health").status_code == 200
 
 
-def test_concurrent_single_events_share_messages_and_none_is_lost(
-    api: str, redis_client: redis.Redis
+def test_concurrent_single_events_share_commits_and_none_is_lost(
+    api: str, redis_client: redis.Redis, store: Store
 ) -> None:
-    """Group commit: 60 simultaneous GET /postback, every id queued, fewer messages."""
+    """Group commit: 60 simultaneous GET /postback, every id stored, fewer commits (one
+    wake-up message per commit)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def send(i: int) -> requests.Response:
@@ -215,17 +255,10 @@ def test_concurrent_single_events_share_messages_and_none_is_lost(
         answers = list(pool.map(send, range(60)))
     assert [a.status_code for a in answers] == [200] * 60
     ids = sorted(a.json()["ids"][0] for a in answers)
-    queued = queued_events(redis_client)
-    assert sorted(e["id"] for e in queued) == ids  # type: ignore[type-var]
-    assert sorted(e["transaction_id"] for e in queued) == sorted(  # type: ignore[type-var]
+    stored = stored_events(store)
+    assert sorted(e["id"] for e in stored) == ids  # type: ignore[type-var]
+    assert sorted(e["transaction_id"] for e in stored) == sorted(  # type: ignore[type-var]
         f"tx{i}" for i in range(60))
-    assert redis_client.llen("conversions") < 60
-
-
-def test_single_event_with_redis_down_answers_503(
-    serve: Callable[[Settings], str], settings: Settings, store: Store
-) -> None:
-    dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    api = serve(dead)
-    r = admin.get(f"{api}/postback", params={"transaction_id": "t"}, timeout=30)
-    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    # Fewer commits than requests, and one wake-up at a time (test_durable_intake.py).
+    assert set(woken_ids(redis_client)) <= set(ids)
+    assert 1 <= redis_client.llen("conversions") < 60

@@ -2,8 +2,9 @@
 
 Two hosts (network namespaces); PostgreSQL, Redis and the partner on this machine, reached over
 the bridge. Host A takes the only message and starts firing; then its link goes down (packets
-dropped, no resets: as when a machine falls off the network). After the visibility timeout
-Redis hands the message to host B, which finishes the batch. Needs root and iproute2.
+dropped, no resets: as when a machine falls off the network). Host B finishes the batch from
+PostgreSQL: beat's sweep hands it the postbacks whose leases ran out (the intake wake-up A
+took carried no state). Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -92,6 +93,6 @@ def test_host_cut_off_mid_batch(network: TestNetwork, settings: Settings,
         assert twice <= from_a, twice - from_a
         assert set(sent_by(UA_B)) >= set(states) - from_a
         assert max(counts.values()) <= 2
-        # B got the batch because Redis redelivered A's unacknowledged message.
-        assert "Task postback_worker.process_conversions[" in worker_b.output()
+        # B got the batch from PostgreSQL: the sweep queued A's expired claims for delivery.
+        assert "Task postback_worker.deliver_postbacks[" in worker_b.output()
         store.engine.dispose()

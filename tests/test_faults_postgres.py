@@ -77,13 +77,20 @@ def test_postgres_restart_mid_run(cluster: Cluster, partner: PartnerServer) -> N
             "the database is unavailable; nothing was accepted, retry later")
         lookup = http.get(f"{api}/v1/conversions/cv000", timeout=30)
         assert lookup.status_code == 503
-        # Conversions only need Redis: accepted, and processed once PostgreSQL is back.
-        second = http.post(f"{api}/v1/conversions", json=events[30:], timeout=10)
-        assert second.status_code == 202, second.text
+        # Acknowledged means durable: conversions are refused too, nothing is half-accepted.
+        refused = http.post(f"{api}/v1/conversions", json=events[30:], timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "5"
+        assert refused.json()["error"] == (
+            "the database is unavailable; nothing was accepted, retry later")
         # The worker retries its task (logged, with backoff) instead of failing it.
         wait_until(lambda: "OperationalError" in worker.output() and "Retry in" in
                    worker.output(), 60, message="the worker to log a database retry")
         cluster.postgres.start()
+        # The client resends what was refused (same ids) once the API accepts again.
+        wait_until(lambda: http.post(f"{api}/v1/conversions", json=events[30:],
+                                     timeout=10).status_code == 202,
+                   60, interval=0.5, message="the API to accept conversions again")
 
         ids = [e["id"] for e in events]
         wait_until(lambda: unfinished(store.engine, ids) == 0, 120,

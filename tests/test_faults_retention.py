@@ -101,11 +101,54 @@ def test_purge_keeps_what_retention_keeps_and_deletes_the_rest(
     # Old attempts of a kept postback go too; its dead letter stays (replayable).
     assert _count(store, t.attempts, t.attempts.c.postback_id == "pb_old_dead") == 1
     assert _ids(store, t.dead_letters.c.postback_id) == {"pb_old_dead"}
-    assert result.deleted == {"clicks": 3, "delivered_postbacks": 1, "attempts": 1}
+    assert result.deleted == {"clicks": 3, "delivered_postbacks": 1, "attempts": 1,
+                              "conversion_events": 0}
     assert result.more is False
     # A second run finds nothing more.
     assert Purger(s, store, clock=lambda: NOW).run().deleted == {
-        "clicks": 0, "delivered_postbacks": 0, "attempts": 0}
+        "clicks": 0, "delivered_postbacks": 0, "attempts": 0, "conversion_events": 0}
+
+
+def _events(store: Store, conv: str, recorded: list[datetime]) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(insert(t.conversion_events), [{
+            "conversion_id": conv, "seq": i + 1, "event_id": f"{conv}-ev{i + 1}",
+            "kind": "created" if i == 0 else "adjusted", "status": "approved",
+            "previous_status": None if i == 0 else "approved", "payout": str(i),
+            "summary": "", "occurred_at": at, "received_at": at, "recorded_at": at}
+            for i, at in enumerate(recorded)])
+
+
+def _seqs(store: Store, conv: str) -> list[int]:
+    with store.engine.connect() as conn:
+        return sorted(r[0] for r in conn.execute(select(t.conversion_events.c.seq).where(
+            t.conversion_events.c.conversion_id == conv)))
+
+
+def test_conversion_events_superseded_and_old_are_purged_the_last_and_needed_stay(
+        store: Store, settings: Settings) -> None:
+    add_offer(store, "o1", "ecommerce")
+    old, older, recent = (NOW - timedelta(days=d) for d in (40, 45, 5))
+    # cv_pb_a: three old events, then a recent one; the second is carried by a postback
+    # still waiting for a retry (its replay or retry renders from it).
+    _postback(store, "pb_a", state="retry_scheduled", delivered_at=None, attempts_at=[old])
+    with store.engine.begin() as conn:
+        conn.execute(t.postbacks.update().where(t.postbacks.c.id == "pb_a").values(event_seq=2))
+    _events(store, "cv_pb_a", [older, older, old, recent])
+    # cv_pb_b: every event old; the last stays (later updates fold onto it).
+    _postback(store, "pb_b", state="delivered", delivered_at=recent, attempts_at=[recent])
+    _events(store, "cv_pb_b", [older, old])
+    # cv_pb_c: superseded long before the look-back window: left for good (documented).
+    _postback(store, "pb_c", state="delivered", delivered_at=recent, attempts_at=[recent])
+    _events(store, "cv_pb_c", [NOW - timedelta(days=80), recent])
+    s = settings.with_overrides(event_retention_days=30, event_retention_lookback_days=20,
+                                retention_batch=1)
+    result = Purger(s, store, clock=lambda: NOW).run()
+    assert result.deleted["conversion_events"] == 3
+    assert _seqs(store, "cv_pb_a") == [2, 4]
+    assert _seqs(store, "cv_pb_b") == [2]
+    assert _seqs(store, "cv_pb_c") == [1, 2]
+    assert Purger(s, store, clock=lambda: NOW).run().deleted["conversion_events"] == 0
 
 
 def test_a_run_is_bounded_and_the_next_run_goes_on(store: Store, settings: Settings) -> None:

@@ -3,13 +3,15 @@ injected clock (no Celery: see test_lifecycle_e2e.py for the workers)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from conftest import wait_until
+from sqlalchemy import select, text
 from support.helpers import NOW, Clock, add_click, add_offer, conversion, messages
 from support.partner import PartnerServer
 
@@ -21,6 +23,7 @@ from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import schema as t
 from postback_worker.store.db import make_engine, upgrade
+from postback_worker.store.journal import Journal
 from postback_worker.store.repo import Store
 
 ALL = "approved,adjustment,reversal"
@@ -305,3 +308,65 @@ def test_reattribution_folds_the_events_in_order(pipeline: Pipeline, store: Stor
     assert history(store, pending.id) == [(1, "created", "created pending"),
                                           (2, "status_changed", "pending -> approved")]
     assert received(partner, "/all") == [("approved", "approved", "3")]
+
+
+def test_two_workers_apply_one_conversions_events_in_order(settings: Settings, store: Store,
+                                                           clock: Clock,
+                                                           partner: PartnerServer) -> None:
+    """Durable intake: three events of one conversion wait in the journal; worker A takes the
+    first (and is slow), worker B takes the other two meanwhile. B waits for A's event before
+    folding its own, so nothing is reordered or lost: pending, approved, rejected."""
+    setup(store, partner)
+    events = [conversion("tx1", status=s, payout="10", now=NOW + timedelta(seconds=i))
+              for i, s in enumerate(("pending", "approved", "rejected"))]
+    Journal(store).record(events)
+    claimed, go = threading.Event(), threading.Event()
+    slow = Store(store.engine)
+    look_up = slow.clicks_by_transaction
+
+    def paused(conn: Any, txs: Any) -> Any:
+        claimed.set()  # A holds the first event's row lock from here until it commits
+        assert go.wait(30)
+        return look_up(conn, txs)
+
+    slow.clicks_by_transaction = paused  # type: ignore[method-assign]
+    sender = Sender(allow_networks=settings.delivery.allow_networks, concurrency=8)
+    workers = [Pipeline(settings, s, sender, clock=clock, rand=lambda: 0.0, worker_name=name)
+               for s, name in ((slow, "a"), (store, "b"))]
+    results: dict[str, Any] = {}
+    try:
+        a = threading.Thread(target=lambda: results.update(
+            a=workers[0].intake_pending(limit=1, max_rounds=1)))
+        a.start()
+        assert claimed.wait(30)
+        b = threading.Thread(target=lambda: results.update(
+            b=workers[1].intake_pending(limit=10, max_rounds=1)))
+        b.start()
+        wait_until(lambda: not b.is_alive() or lock_waiters(store) > 0, timeout=30)
+        assert lock_waiters(store) == 1, "worker B must wait for A's older event"
+        go.set()
+        a.join(30)
+        b.join(30)
+        assert results["a"].conversions == {"rejected_status": 1}  # pending fires nobody
+        assert results["b"].conversions == {"updated": 2}
+        drain(workers[1], clock)
+    finally:
+        go.set()
+        sender.close()
+    root = events[0].id
+    assert history(store, root) == [(1, "created", "created pending"),
+                                    (2, "status_changed", "pending -> approved"),
+                                    (3, "status_changed", "approved -> rejected")]
+    conv = store.get_conversion(root)
+    assert conv is not None and (conv["state"], conv["status"]) == ("attributed", "rejected")
+    assert received(partner, "/all") == [("approved", "approved", "10"),
+                                         ("reversal", "rejected", "10")]
+    assert received(partner, "/one") == [("approved", "approved", "10")]
+
+
+def lock_waiters(store: Store) -> int:
+    """Backends of this database waiting for a row lock."""
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")).scalar_one())

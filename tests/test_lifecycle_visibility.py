@@ -4,7 +4,6 @@ reports count reversals and adjustments; `partners health` shows held postbacks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -14,6 +13,7 @@ import redis
 import requests
 from click.testing import CliRunner
 from conftest import ADMIN
+from sqlalchemy import select
 from support.helpers import NOW, Clock, add_click, add_offer, conversion, messages
 from support.partner import PartnerServer
 
@@ -26,6 +26,7 @@ from postback_worker.ops.visibility.reports import Scope, delivery_report, repor
 from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
+from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
 
 
@@ -107,14 +108,13 @@ def test_get_conversion_returns_the_timeline(serve: Callable[[Settings], str],
         [("p1", "adjustment", "delivered")], [("p1", "reversal", "delivered")]]
 
 
-def queued(client: redis.Redis) -> list[dict[str, Any]]:
-    """Conversion events waiting in the Redis `conversions` queue."""
-    import base64
-
-    out: list[dict[str, Any]] = []
-    for raw in client.lrange("conversions", 0, -1):
-        out.extend(json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0])
-    return out
+def queued(store: Store) -> list[dict[str, Any]]:
+    """Accepted conversion events waiting for intake (the journal: state `received`)."""
+    cv = t.conversions.c
+    with store.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(cv.id, cv.transaction_id, cv.status, cv.payout, cv.received_at)
+            .where(cv.state == "received")).mappings()]
 
 
 def test_explicit_update_by_conversion_id(serve: Callable[[Settings], str], settings: Settings,
@@ -145,11 +145,11 @@ def test_explicit_update_by_conversion_id(serve: Callable[[Settings], str], sett
     assert res.output.strip() == f"accepted update upd-2 of conversion {events[1].id}"
     res = cli.invoke(main, ["conversions", "update", "cv_nope", "--status", "reversed"])
     assert res.exit_code == 3
-    sent = sorted(queued(redis_client), key=lambda m: str(m["received_at"]))
+    sent = sorted(queued(store), key=lambda m: str(m["received_at"]))
     assert [(m["transaction_id"], m["status"], m["payout"]) for m in sent] == [
         ("tx1", "approved", "11"), ("tx1", "approved", "12"), ("tx1", "reversed", None)]
     assert (sent[0]["id"], sent[2]["id"]) == ("upd-1", "upd-2")
-    pipeline.process_conversions(sent)
+    pipeline.intake_pending(limit=100, max_rounds=1)  # what a woken worker does
     for _ in range(3):  # each later postback waited for the one before
         clock.advance(2)
         pipeline.deliver(pipeline.sweep())

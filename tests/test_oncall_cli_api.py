@@ -88,6 +88,21 @@ def test_dlq_list_stats_show_and_bad_input(cli: CliRunner, seeded: dict[str, lis
     lines = r.output.strip().splitlines()
     assert lines[0].startswith("postback_id,partner_id") and len(lines) == 2
     assert ",p-down,o1,partner_5xx,503," in lines[1]
+    # Keyset pages: --after the cursor each page prints walks the same list, once each.
+    full = [d["postback_id"] for d in json.loads(cli.invoke(
+        main, ["dlq", "list", "--format", "json"]).output)["dead_letters"]]
+    walked, after = [], None
+    for _ in range(3):
+        page = json.loads(cli.invoke(main, ["dlq", "list", "--limit", "2", "--format", "json",
+                                            *(["--after", after] if after else [])]).output)
+        assert page["total"] == 5
+        walked += [d["postback_id"] for d in page["dead_letters"]]
+        after = page["next_after"]
+    assert walked == full and len(set(full)) == 5 and after is None
+    r = cli.invoke(main, ["dlq", "list", "--limit", "2"])
+    cursor = r.output.splitlines()[-1].removeprefix("next page: --after ")
+    r = cli.invoke(main, ["dlq", "list", "--limit", "2", "--after", cursor])
+    assert r.exit_code == 0 and full[2] in r.output and full[1] not in r.output
     r = cli.invoke(main, ["dlq", "stats", "--format", "json"])
     assert json.loads(r.output)["by_class"] == {"blocked": 3, "partner_5xx": 2}
     pb_id = store.postbacks_for(seeded["p-wall"][0])[0]["id"]
@@ -99,6 +114,8 @@ def test_dlq_list_stats_show_and_bad_input(cli: CliRunner, seeded: dict[str, lis
     for args, message in (
         (["dlq", "list", "--since", "yesterday"], "error: since: must be an ISO 8601 time"),
         (["dlq", "list", "--status", "abc"], "error: last_status: must be an HTTP status code"),
+        (["dlq", "list", "--after", "yesterday"],
+         "error: after: must be the next_after value of the previous page"),
         (["dlq", "replay", "--rate", "fast"], "error: --rate: must be a rate such as 10/s"),
         (["dlq", "purge"], "error: purge deletes 5 dead letter(s) (all dead letters); add --yes"),
     ):
@@ -216,12 +233,19 @@ def test_api_dead_letters_replay_purge_partners_and_bundle(
     body = r.json()
     assert (r.status_code, body["total"], len(body["dead_letters"]), body["next_offset"]) == (
         200, 3, 2, 2)
+    r = requests.get(f"{api_url}/v1/dead-letters", headers=ADMIN, timeout=10, params={
+        "partner_id": "p-wall", "limit": 2, "after": body["next_after"]})
+    rest = r.json()
+    assert (rest["total"], len(rest["dead_letters"]), rest["next_after"]) == (3, 1, None)
+    assert {d["postback_id"] for d in body["dead_letters"] + rest["dead_letters"]} == {
+        store.postbacks_for(c)[0]["id"] for c in seeded["p-wall"]}
     r = requests.get(f"{api_url}/v1/dead-letters",
-                     params={"failure_class": "nope", "since": "x", "limit": 0, "colour": "red"},
+                     params={"failure_class": "nope", "since": "x", "limit": 0, "colour": "red",
+                             "after": "x"},
                      headers=ADMIN, timeout=10)
     assert r.status_code == 422
-    assert sorted(e["field"] for e in r.json()["errors"]) == ["colour", "failure_class", "limit",
-                                                              "since"]
+    assert sorted(e["field"] for e in r.json()["errors"]) == [
+        "after", "colour", "failure_class", "limit", "since"]
     r = requests.get(f"{api_url}/v1/dead-letters/stats", headers=ADMIN, timeout=10)
     assert r.json()["by_partner"] == {"p-wall": 3, "p-down": 2}
     pb_id = store.postbacks_for(seeded["p-down"][0])[0]["id"]

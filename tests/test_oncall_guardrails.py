@@ -198,3 +198,64 @@ def test_retry_after_holds_every_postback_of_the_partner(
     clock.advance(120)
     _run_due(pipeline)
     assert [p["state"] for p in _postbacks(store, [first.id, second.id])] == ["delivered"] * 2
+
+
+def test_backlog_age_counts_postbacks_waiting_for_a_pause_limit_breaker_hold_or_retry(
+    pipeline: Pipeline, store: Store, partner: PartnerServer, clock: Clock,
+    guard_settings: Settings, redis_client: redis.Redis,
+) -> None:
+    """Each partner's oldest undelivered postback waits for something else; each is in the
+    backlog age (metric, dashboard, `partners health` and the alert all read it), and a
+    partner whose postbacks were all delivered has none."""
+    from sqlalchemy import select
+
+    from postback_worker.ops.visibility import alerts, metrics
+    from postback_worker.store import schema
+    from postback_worker.store.figures import RawFigures, figures_for
+
+    add_offer(store, "o1")
+    reasons = {"p-pause": "waiting: partner paused", "p-limit": "waiting: rate limit",
+               "p-breaker": "waiting: circuit open", "p-hold": "held: ",
+               "p-retry": "HTTP 503", "p-ok": None}
+    for pid in reasons:
+        add_partner(store, pid, partner.url, path=f"/{pid}", max_attempts=10,
+                    **({"hold_hours": 24} if pid == "p-hold" else {}))
+    partner.route("/p-breaker", 503)
+    partner.route("/p-retry", 503)
+    partner_health.pause(store, "p-pause", "maintenance", clock())
+    partner_health.set_limits(store, "p-limit", rate_limit=0.001, max_concurrency=None,
+                              now=clock())
+    sent = {"p-pause": 1, "p-limit": 3, "p-breaker": 5, "p-hold": 1, "p-retry": 1, "p-ok": 1}
+    created = clock()
+    for pid, n in sent.items():
+        events = []
+        for i in range(n):
+            add_click(store, f"tx-{pid}-{i}", aff_id=pid)
+            events.append(conversion(f"tx-{pid}-{i}"))
+        pipeline.process_conversions(messages(*events))
+    clock.advance(2)
+    _run_due(pipeline)  # p-breaker's retries find its circuit open
+    clock.advance(600)
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(schema.postbacks.c.partner_id, schema.postbacks.c.state,
+                                   schema.postbacks.c.reason)).all()
+    for pid, prefix in reasons.items():  # each waits for what its name says
+        states = {(s, str(r or "")[:len(prefix or "")]) for p, s, r in rows if p == pid}
+        assert ("retry_scheduled", prefix) in states or prefix is None, (pid, states)
+    backlog = figures_for(store).backlog_by_partner()
+    assert backlog == RawFigures(store).backlog_by_partner()
+    assert set(backlog) == set(reasons) - {"p-ok"}
+    for pid, prefix in reasons.items():
+        if prefix is None:
+            continue
+        count, oldest = backlog[pid]
+        assert oldest == created, pid
+        assert count == (sent[pid] - 1 if pid == "p-limit" else sent[pid]), pid
+    scrape = metrics.render(guard_settings, store, redis_client, clock).decode()
+    for pid in set(reasons) - {"p-ok"}:
+        assert f'postback_backlog_age_seconds{{partner="{pid}"}} 602.0' in scrape, pid
+    assert 'postback_backlog_age_seconds{partner="p-ok"}' not in scrape
+    th = guard_settings.with_overrides(alert_backlog_age_seconds=300)
+    fired = {e.key for e in alerts.evaluate(th, store, redis_client, now=clock(), sinks=[])
+             if e.kind == "backlog_age"}
+    assert fired == {f"backlog_age:{pid}" for pid in set(reasons) - {"p-ok"}}

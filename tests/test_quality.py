@@ -35,11 +35,6 @@ def test_domain_imports_no_infrastructure() -> None:
                 assert words[1].split(".")[0] not in banned, f"{path.name}: {line}"
 
 
-# pipeline/lifecycle.py takes intake's connection (a type only); the durable-intake rewrite
-# (issue 11) reshapes it. Nothing else outside store/ may name SQLAlchemy.
-DATABASE_TYPES_ALLOWED = {"postback_worker/pipeline/lifecycle.py"}
-
-
 def test_only_the_store_touches_the_database() -> None:
     """Outside store/ no module uses the engine or imports SQLAlchemy (only its exception
     classes, `sqlalchemy.exc`, which the API, CLI and tasks map to errors): queries live in
@@ -63,10 +58,22 @@ def test_only_the_store_touches_the_database() -> None:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top == "sqlalchemy" and name != "sqlalchemy.exc" \
-                        and rel not in DATABASE_TYPES_ALLOWED:
+                if top == "sqlalchemy" and name != "sqlalchemy.exc":
                     problems.append(f"{rel}:{node.lineno}: import {name}")
     assert problems == []
+
+
+def test_intake_leaves_sql_to_the_store() -> None:
+    """Intake, the lifecycle steps and the producer reach the database through store/."""
+    paths = [ROOT / "postback_worker" / "pipeline" / name
+             for name in ("intake.py", "lifecycle.py", "processing.py")]
+    for path in [*paths, ROOT / "postback_worker" / "producer.py"]:
+        text = path.read_text()
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] != "sqlalchemy", f"{path.name}: {line}"
+        assert ".engine" not in text, path.name
 
 
 def test_every_setting_is_in_the_example_env() -> None:

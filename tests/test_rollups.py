@@ -12,6 +12,8 @@ from support.helpers import NOW, Clock, add_click, conversion, messages
 from support.partner import PartnerServer
 from support.visibility_seed import seed
 
+from postback_worker.domain.deadletters import Filter
+from postback_worker.ops.config import parse_partner
 from postback_worker.ops.oncall import deadletters, replay
 from postback_worker.ops.oncall.retention import Purger
 from postback_worker.ops.visibility import dashboard
@@ -23,12 +25,17 @@ from postback_worker.store import rollups
 from postback_worker.store.figures import RawFigures, RollupFigures, figures_for
 from postback_worker.store.repo import Store
 
-PARTNERS = (None, "p-ok", "p-down")
+PARTNERS = (None, "p-ok", "p-down", "p-life")
 OFFERS = (None, "o1", "o2")
+# `dlq list` filters whose totals are compared (time bounds come from `ranges`).
+DEAD_FILTERS = ({}, {"partner_id": "p-down"}, {"failure_class": "blocked"},
+                {"partner_id": "p-blocked", "offer_id": "o1", "last_status": 403},
+                {"offer_id": "o2"}, {"last_status": 503})
 
 
 def ranges(now: datetime) -> list[tuple[datetime, datetime]]:
-    """Whole hours and minutes, partial ones at either end, inside one minute, 30 days."""
+    """Whole hours and minutes, partial ones at either end, inside one minute, whole days
+    (day tables) around partial ones, 30 days."""
     h = NOW.replace(minute=0, second=0)
     return [
         (h - timedelta(hours=1), h + timedelta(hours=5)),
@@ -37,6 +44,7 @@ def ranges(now: datetime) -> list[tuple[datetime, datetime]]:
         (NOW - timedelta(seconds=1), NOW + timedelta(hours=2, minutes=11, seconds=7)),
         (NOW + timedelta(minutes=30), now + timedelta(hours=1)),
         (now - timedelta(days=30), now + timedelta(microseconds=1)),
+        (h - timedelta(days=2, minutes=1), now + timedelta(days=3, seconds=5)),
     ]
 
 
@@ -59,10 +67,33 @@ def assert_same(store: Store, now: datetime) -> None:
                     assert got == want, (method, since, until, partner, offer)
         for offer in OFFERS:
             assert roll.lost_counts(since, until, offer) == raw.lost_counts(since, until, offer)
+            for partner in PARTNERS:
+                assert roll.postbacks_by_event(since, until, partner, offer) == (
+                    raw.postbacks_by_event(since, until, partner, offer))
+        assert roll.lifecycle_events(since, until) == raw.lifecycle_events(since, until)
+        for keys in DEAD_FILTERS:
+            for filt in (Filter(**keys), Filter(**keys, since=since),
+                         Filter(**keys, since=since, until=until), Filter(**keys, until=until)):
+                assert roll.dead_letter_total(filt) == raw.dead_letter_total(filt), filt
         assert roll.duration_histogram(since, until) == raw.duration_histogram(since, until)
         assert roll.latency_histogram(since, until) == raw.latency_histogram(since, until)
         scope = Scope(TimeRange(since, until))
         assert delivery_report(store, scope) == delivery_report(store, scope, raw)
+
+
+def lifecycle_traffic(store: Store, pipeline: Pipeline, clock: Clock, partner: PartnerServer,
+                      tx: str) -> None:
+    """One conversion through pending, approved, a repeat, an adjustment, a stale event and
+    a reversal, to a partner that fires approvals, adjustments and reversals."""
+    add_click(store, tx, aff_id="p-life", clicked_at=clock())
+    first = clock()
+    for fields in ({"status": "pending", "payout": "10"}, {"payout": "10"}, {"payout": "10"},
+                   {"payout": "12.5"}, {"status": "pending", "payout": "1", "at": first},
+                   {"status": "reversed", "payout": "12.5"}):
+        at = fields.pop("at", clock())
+        pipeline.process_conversions(messages(conversion(tx, now=at, **fields)))
+        clock.advance(7)
+    pipeline.deliver(pipeline.sweep())
 
 
 def compact(store: Store) -> int:
@@ -75,6 +106,14 @@ def test_rollups_equal_raw_rows_through_the_lifecycle(
 ) -> None:
     assert isinstance(figures_for(store), RollupFigures)
     seed(store, partner, pipeline, clock)  # retries, dead letters, lost conversions, test fire
+    store.upsert_partner(parse_partner({
+        "id": "p-life", "fire_events": "approved,adjustment,reversal",
+        "postback_url": f"{partner.url}/ok?tid={{transaction_id}}&e={{event}}"}, NOW))
+    lifecycle_traffic(store, pipeline, clock, partner, "tx-life-0")
+    kinds = RawFigures(store).lifecycle_events(NOW, clock() + timedelta(seconds=1))
+    assert {k for k, _, _ in kinds} == {"status_changed", "repeat", "adjusted", "stale"}
+    assert set(RawFigures(store).postbacks_by_event(NOW, clock() + timedelta(seconds=1))) == {
+        "approved", "adjustment", "reversal"}
     assert_same(store, clock())
     assert RollupFigures(store).tests() is not None  # the test fire is subtracted
     assert compact(store) > 0
@@ -82,6 +121,7 @@ def test_rollups_equal_raw_rows_through_the_lifecycle(
 
     # Two hours later: more traffic, some of it retried and then delivered.
     clock.advance(2 * 3600 + 611)
+    lifecycle_traffic(store, pipeline, clock, partner, "tx-life-1")
     partner.route("/down", 503)
     events = []
     for i in range(5):
@@ -118,6 +158,21 @@ def test_rollups_equal_raw_rows_through_the_lifecycle(
     keep = settings.with_overrides(attempt_retention_days=1, delivered_retention_days=1)
     result = Purger(keep, store, clock=lambda: purge_now).run()
     assert result.deleted["delivered_postbacks"] > 0
+    assert_same(store, clock())
+    # Conversion events: a day later, the first conversion's superseded events go; its last
+    # event stays (later updates fold onto it), and so do the second conversion's.
+    events = keep.with_overrides(event_retention_days=1)
+    with store.engine.connect() as conn:
+        before = dict(conn.execute(text(
+            "SELECT c.transaction_id, count(*) FROM conversion_events e JOIN conversions c "
+            "ON c.id = e.conversion_id GROUP BY c.transaction_id")).all())
+    result = Purger(events, store, clock=lambda: NOW + timedelta(days=1, hours=1)).run()
+    assert result.deleted["conversion_events"] == before["tx-life-0"] - 1 > 0
+    with store.engine.connect() as conn:
+        after = dict(conn.execute(text(
+            "SELECT c.transaction_id, count(*) FROM conversion_events e JOIN conversions c "
+            "ON c.id = e.conversion_id GROUP BY c.transaction_id")).all())
+    assert after == {**before, "tx-life-0": 1}
     assert_same(store, clock())
     compact(store)
     assert_same(store, clock())

@@ -93,7 +93,9 @@ def test_metrics_match_partner_and_database(
         attributed = conn.execute(select(schema.conversions.c.id).where(
             schema.conversions.c.state == "attributed")).all()
     assert value(s, "postback_conversions", state="attributed") == len(attributed) - 1 == 13
-    assert value(s, "postback_queue_depth", queue="conversions") == 1  # one message, 2 events
+    # Accepted and committed, waiting for a worker: 2 events, one wake-up message.
+    assert value(s, "postback_conversions", state="received") == 2
+    assert value(s, "postback_queue_depth", queue="conversions") == 1
     assert value(s, "postback_queue_depth", queue="retries") == 3
     assert value(s, "postback_queue_depth", queue="replay") == 0
     assert value(s, "postback_dead_letters", failure_class="partner_5xx") == 3

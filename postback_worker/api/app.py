@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     """The ASGI app; `uvicorn postback_worker.api.app:app` serves it from the environment."""
     settings = settings or Settings.from_env()
     store = store or Store.from_url(settings.database.url)
-    producer = producer or Producer(settings)
+    producer = producer or Producer(settings, store=store)
     api = Api(settings, store, producer)
     routes = [
         Route("/health", api.health),

@@ -1,7 +1,8 @@
-"""Group commit for single-event requests: many requests, one Redis message.
+"""Group commit for single-event requests, in the event loop: many requests, one commit.
 
-Each request still gets its answer only after its own event is in Redis; requests that arrive
-within `max_wait` seconds of each other (or until `max_events`) share one publish.
+A request whose event finds no commit running starts one at once (no timer); requests that
+arrive while a commit runs share the next one. Each request is answered only after its own
+event is committed. One thread-pool hand-off per commit rather than per request.
 """
 
 from __future__ import annotations
@@ -12,51 +13,50 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-Publish = Callable[[Sequence[Any]], list[str]]
+Commit = Callable[[Sequence[Any]], list[str]]
 
 
 class Batcher:
-    """Collects events from concurrent requests and publishes them together."""
+    """Collects the events of concurrent requests and commits them together."""
 
-    def __init__(self, publish: Publish, *, max_events: int = 500, max_wait: float = 0.002):
-        self.publish = publish
+    def __init__(self, commit: Commit, *, max_events: int = 1000) -> None:
+        self.commit = commit
         self.max_events = max_events
-        self.max_wait = max_wait
         self._events: list[Any] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._running = False
 
     async def submit(self, events: Sequence[Any]) -> None:
-        """Return once `events` are published; raise what the publish raised."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        """Return once `events` are committed; raise what the commit raised."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._events.extend(events)
-        self._waiters.append(done)
-        if len(self._events) >= self.max_events:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait, self._flush)
+        self._waiters.append((len(events), done))
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._run())
         await done
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        events, waiters = self._events, self._waiters
-        self._events, self._waiters = [], []
-        if events:
-            asyncio.ensure_future(self._publish(events, waiters))
-
-    async def _publish(self, events: list[Any], waiters: list[asyncio.Future[None]]) -> None:
+    async def _run(self) -> None:
         try:
-            await run_in_threadpool(self.publish, events)
-        except BaseException as exc:  # every waiting request must hear about it
-            for w in waiters:
-                if not w.done():
-                    w.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+            while self._waiters:
+                n, group = 0, 0
+                while group < len(self._waiters) and (
+                        group == 0 or n + self._waiters[group][0] <= self.max_events):
+                    n += self._waiters[group][0]
+                    group += 1
+                events, self._events = self._events[:n], self._events[n:]
+                waiters, self._waiters = self._waiters[:group], self._waiters[group:]
+                try:
+                    await run_in_threadpool(self.commit, events)
+                except BaseException as exc:  # every request of the group must hear about it
+                    for _, w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for _, w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+        finally:
+            self._running = False

@@ -32,6 +32,7 @@ from postback_worker.domain.events import (
     parse_click,
 )
 from postback_worker.domain.macros import TemplateError, render
+from postback_worker.errors import Unavailable
 from postback_worker.ops.config import (
     check_offer_token,
     offer_token_problem,
@@ -44,7 +45,7 @@ from postback_worker.ops.config import (
 from postback_worker.ops.conversions import update_event
 from postback_worker.ops.lookup import conversion_detail
 from postback_worker.ops.security.apikeys import KeyChecker, Principal
-from postback_worker.producer import EnqueueError, Producer
+from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema
 from postback_worker.store.repo import Store
@@ -65,9 +66,9 @@ class Api:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store, settings.security.api_key_cache_seconds,
                                clock=self.clock)
-        # Single-event requests share Redis messages (group commit); see api/batcher.py.
-        self.batcher = Batcher(self.producer.enqueue, max_events=settings.ingest.batch_events,
-                               max_wait=settings.ingest.batch_wait)
+        # Single-event requests share commits without a thread each (api/batcher.py).
+        self.batcher = Batcher(self.producer.enqueue,
+                               max_events=settings.ingest.enqueue_chunk_size)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
 
     async def _offer_token_hash(self, offer_id: str) -> str | None:
@@ -125,15 +126,12 @@ class Api:
         return payload
 
     async def _enqueue(self, events: list[Any], status: int = 202) -> Response:
+        """Answer only once the events are committed in the database (the intake journal)."""
         try:
             ids = await run_in_threadpool(self.producer.enqueue, events)
-        except EnqueueError as exc:
-            log.error("enqueue failed: %s", exc)
-            if exc.queued_ids:
-                return error_response(503, f"only {len(exc.queued_ids)} of {len(events)} events "
-                                      "were queued; resend the rest with the same ids",
-                                      headers={"Retry-After": "5"})
-            return unavailable("the queue (Redis)")
+        except Unavailable as exc:
+            log.error("events not stored: %s", exc)
+            return unavailable("the database")
         return json_response({"accepted": len(ids), "ids": ids}, status)
 
     # -- endpoints ------------------------------------------------------------------------
@@ -225,9 +223,9 @@ class Api:
             events = [replace(e, source_ip=request.client.host) for e in events]
         try:
             await self.batcher.submit(events)
-        except EnqueueError as exc:
-            log.error("enqueue failed: %s", exc)
-            return unavailable("the queue (Redis)")
+        except Unavailable as exc:
+            log.error("event not stored: %s", exc)
+            return unavailable("the database")
         return json_response({"accepted": 1, "ids": [events[0].id]})
 
     async def conversions(self, request: Request) -> Response:
@@ -263,8 +261,7 @@ class Api:
         cid = request.path_params["conversion_id"]
         detail = await run_in_threadpool(conversion_detail, self.store, cid)
         if detail is None:
-            return error_response(404, f"no conversion {cid!r} (an event still in the queue is "
-                                  "not stored yet)")
+            return error_response(404, f"no conversion {cid!r}")
         return json_response(detail)
 
     async def _catalog(self, request: Request, kind: str, table: Any,

@@ -89,6 +89,13 @@ class _OnCall:
                     raise ValueError
             except ValueError:
                 errors.append(FieldError(name, f"must be a whole number up to {high}"))
+        cursor = None
+        after = q.pop("after", None)
+        if after not in (None, ""):
+            try:
+                cursor = dlq_ops.Cursor.parse(str(after))
+            except ValidationError as exc:
+                errors.extend(exc.errors)
         try:
             filt = self.filt(q, set())
         except ValidationError as exc:
@@ -97,10 +104,12 @@ class _OnCall:
             return _invalid("invalid dead-letter query", errors)
         rows, total = await run_in_threadpool(
             dlq_ops.list_dead_letters, self.api.store, filt, limit=paging["limit"],
-            offset=paging["offset"])
+            offset=paging["offset"], after=cursor)
         nxt = paging["offset"] + len(rows)
         return _json({"dead_letters": rows, "total": total, "limit": paging["limit"],
-                      "offset": paging["offset"], "next_offset": nxt if nxt < total else None})
+                      "offset": paging["offset"],
+                      "next_offset": nxt if cursor is None and nxt < total else None,
+                      "next_after": dlq_ops.next_after(rows, paging["limit"])})
 
     async def stats(self, request: Request) -> Response:
         self.api.require(request, "admin")

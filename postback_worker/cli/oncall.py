@@ -79,14 +79,20 @@ def dlq() -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000),
               help="Rows per page.")
 @click.option("--page", default=1, show_default=True, type=click.IntRange(1), help="Page number.")
+@click.option("--after", default=None, metavar="CURSOR",
+              help="Start after this row (the cursor the previous page printed); faster than "
+                   "--page deep into a long list.")
 @FORMAT3
-def dlq_list(limit: int, page: int, fmt: str, **kw: Any) -> None:
+def dlq_list(limit: int, page: int, after: str | None, fmt: str, **kw: Any) -> None:
     """List dead letters, newest first."""
     filt = _filter(kw)
+    cursor = None if after is None else dlq_ops.Cursor.parse(after)
     rows, total = dlq_ops.list_dead_letters(open_store(load_settings()), filt, limit=limit,
-                                            offset=(page - 1) * limit)
+                                            offset=(page - 1) * limit, after=cursor)
+    nxt = dlq_ops.next_after(rows, limit)
     if fmt == "json":
-        print_json({"dead_letters": rows, "total": total, "page": page, "limit": limit})
+        print_json({"dead_letters": rows, "total": total, "page": page, "limit": limit,
+                    "next_after": nxt})
     elif fmt == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(dlq_ops.COLUMNS)
@@ -95,8 +101,13 @@ def dlq_list(limit: int, page: int, fmt: str, **kw: Any) -> None:
     else:
         print_table(rows, ["postback_id", "partner_id", "offer_id", "failure_class",
                            "last_status", "attempts", "created_at", "replay_count", "url"])
-        pages = max(1, -(-total // limit))
-        click.echo(f"{total} dead letter(s) ({filt.describe()}); page {page} of {pages}")
+        if cursor is None:
+            pages = max(1, -(-total // limit))
+            click.echo(f"{total} dead letter(s) ({filt.describe()}); page {page} of {pages}")
+        else:
+            click.echo(f"{total} dead letter(s) ({filt.describe()})")
+        if nxt:
+            click.echo(f"next page: --after {nxt}")
 
 
 @dlq.command("stats")

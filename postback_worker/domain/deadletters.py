@@ -87,3 +87,27 @@ class Filter:
         parts = [f"{k}={v.isoformat() if isinstance(v, datetime) else v}"
                  for k, v in self.as_dict().items()]
         return ", ".join(parts) or "all dead letters"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next page of a newest-first dead-letter list starts: after this row."""
+
+    created_at: datetime
+    postback_id: str
+
+    def encode(self) -> str:
+        micros = (self.created_at - EPOCH) // timedelta(microseconds=1)
+        return f"{micros}:{self.postback_id}"
+
+    @classmethod
+    def parse(cls, value: str, field: str = "after") -> Cursor:
+        """From `encode`'s text; raises ValidationError naming `field`."""
+        micros, sep, postback_id = value.partition(":")
+        if not sep or not postback_id or not micros.isdigit():
+            raise ValidationError([FieldError(
+                field, "must be the next_after value of the previous page")])
+        return cls(EPOCH + timedelta(microseconds=int(micros)), postback_id)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

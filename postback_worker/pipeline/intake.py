@@ -27,6 +27,7 @@ from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.postback import PostbackState
 from postback_worker.pipeline.catalog import Catalog, Offer
 from postback_worker.pipeline.lifecycle import Lifecycle
+from postback_worker.store.journal import Journal, conversion_row
 from postback_worker.store.postbacks import dead_letter_row
 from postback_worker.store.repo import Store
 
@@ -59,6 +60,7 @@ class Intake:
         self.catalog = catalog
         self.clock = clock
         self.lifecycle = Lifecycle(catalog)
+        self.journal = Journal(store)
 
     def persist(self, messages: Sequence[Mapping[str, Any]],
                 triggered_by: str | None = None) -> Persisted:
@@ -73,34 +75,49 @@ class Intake:
         ids = [r["id"] for r in rows]
         with self.store.transaction() as conn:
             self.store.insert_conversions(conn, rows)
-            todo = self.store.unprocessed_conversions(conn, ids)
-            clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
-            decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
-            folded = self.lifecycle.fold(conn, self.store, decided, now)
-            # Inbound caps count the new conversions only (not updates of known ones), before
-            # any postback is built: a capped conversion fires nothing, nor do its updates.
-            self._apply_caps(conn, decided, now)
-            postbacks = self.lifecycle.postbacks(conn, folded, clicks, now)
-            dead = [dead_letter_row(
-                row["id"], row["partner_id"], offer_id=folded.offer_of(row["conversion_id"]),
-                failure_class=FailureClass.CONFIG, last_status=None, reason=row["reason"],
-                attempts=0, now=now) for row in postbacks if row["state"] == S.DEAD_LETTERED]
-            for row in postbacks:
-                row["triggered_by"] = triggered_by
-            self.store.set_conversion_states(conn, [
-                {"id": d.conv["id"], "state": d.state, "reason": d.reason,
-                 "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
-                for d in decided
-            ])
-            self.lifecycle.write(conn, self.store, folded)
-            self.store.insert_postbacks(conn, postbacks)
-            self.store.dead_letter_now(conn, dead)
-        states: dict[str, int] = {}
-        for d in decided:
-            states[d.state] = states.get(d.state, 0) + 1
-        # The conversions the batch's updates belong to have new postbacks to fire too.
-        roots = sorted({u["update_of"] for u in folded.updates} - set(ids))
-        return Persisted(ids + roots, states)
+            decided, roots = self._attribute(conn, self.store.unprocessed_conversions(conn, ids),
+                                             triggered_by, now)
+        return Persisted(ids + sorted(set(roots) - set(ids)), _states(decided))
+
+    def take_pending(self, limit: int, reattributed_before: datetime) -> Persisted:
+        """Lock up to `limit` accepted events waiting in the journal (oldest first; rows other
+        workers hold are skipped), attribute and fold them and create their postbacks, in one
+        transaction. Older waiting events of the same transaction ids are waited for first, so
+        the events of one conversion are folded in order whichever worker takes them."""
+        now = self.clock()
+        with self.store.transaction() as conn:
+            todo = self.journal.claim(conn, limit, reattributed_before)
+            decided, roots = self._attribute(conn, todo, None, now)
+        ids = [c["id"] for c in todo]
+        return Persisted(ids + sorted(set(roots) - set(ids)), _states(decided))
+
+    def _attribute(self, conn: Any, todo: list[dict[str, Any]], triggered_by: str | None,
+                   now: datetime) -> tuple[list[_Decided], list[str]]:
+        """Attribute locked `received` events, fold them into their conversions and create
+        their postbacks (in `conn`). Returns the decisions and the ids of the earlier
+        conversions the batch's updates belong to (they have new postbacks to fire too)."""
+        clicks = self.store.clicks_by_transaction(conn, [c["transaction_id"] for c in todo])
+        decided = [self._decide(c, clicks.get(c["transaction_id"])) for c in todo]
+        folded = self.lifecycle.fold(conn, self.store, decided, now)
+        # Inbound caps count the new conversions only (not updates of known ones), before
+        # any postback is built: a capped conversion fires nothing, nor do its updates.
+        self._apply_caps(conn, decided, now)
+        postbacks = self.lifecycle.postbacks(conn, folded, clicks, now)
+        dead = [dead_letter_row(
+            row["id"], row["partner_id"], offer_id=folded.offer_of(row["conversion_id"]),
+            failure_class=FailureClass.CONFIG, last_status=None, reason=row["reason"],
+            attempts=0, now=now) for row in postbacks if row["state"] == S.DEAD_LETTERED]
+        for row in postbacks:
+            row["triggered_by"] = triggered_by
+        self.store.set_conversion_states(conn, [
+            {"id": d.conv["id"], "state": d.state, "reason": d.reason,
+             "offer_id": d.offer_id, "aff_id": d.aff_id, "processed_at": now}
+            for d in decided
+        ])
+        self.lifecycle.write(conn, self.store, folded)
+        self.store.insert_postbacks(conn, postbacks)
+        self.store.dead_letter_now(conn, dead)
+        return decided, [u["update_of"] for u in folded.updates]
 
     def _decide(self, conv: dict[str, Any], click: dict[str, Any] | None) -> _Decided:
         offer_id = conv["offer_id"] or (click["offer_id"] if click else None)
@@ -160,15 +177,11 @@ def _money(value: Any) -> float:
         return 0.0
 
 
-def conversion_row(e: ConversionEvent) -> dict[str, Any]:
-    return {
-        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
-        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
-        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
-        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
-        "source_ip": e.source_ip, "state": ConversionState.RECEIVED.value, "reason": None,
-        "processed_at": None,
-    }
+def _states(decided: Sequence[_Decided]) -> dict[str, int]:
+    states: dict[str, int] = {}
+    for d in decided:
+        states[d.state] = states.get(d.state, 0) + 1
+    return states
 
 
 def conversion_message(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Connection
-
 from postback_worker.domain.attribution import ConversionState, dedupe_key
 from postback_worker.domain.ids import new_id
 from postback_worker.domain.lifecycle import (
@@ -101,7 +99,7 @@ class Lifecycle:
 
     # -- intake -------------------------------------------------------------------------------
 
-    def fold(self, conn: Connection, store: Any, decided: Sequence[Decided],
+    def fold(self, conn: Any, store: Any, decided: Sequence[Decided],
              now: datetime) -> Folded:
         """Fold the batch's attributed events into their conversions, in batch order; mark
         duplicates (mode ignore) and updates (mode update). Writes nothing yet but the keys."""
@@ -190,7 +188,7 @@ class Lifecycle:
                 status=current.status, payout=current.payout,
                 sale_amount=current.sale_amount, currency=current.currency)
 
-    def postbacks(self, conn: Connection, folded: Folded, clicks: Mapping[str, dict[str, Any]],
+    def postbacks(self, conn: Any, folded: Folded, clicks: Mapping[str, dict[str, Any]],
                   now: datetime) -> list[dict[str, Any]]:
         """One postback per (conversion, partner, event) that fires: pending, held (waiting as
         retry_scheduled), skipped, or dead-lettered when its template cannot render. Cancels
@@ -206,7 +204,7 @@ class Lifecycle:
             rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, now))
         return rows
 
-    def _event_postbacks(self, conn: Connection, folded: Folded, f: Fold,
+    def _event_postbacks(self, conn: Any, folded: Folded, f: Fold,
                          clicks: Mapping[str, dict[str, Any]],
                          earlier: dict[tuple[str, str], list[Earlier]],
                          now: datetime) -> list[dict[str, Any]]:
@@ -311,7 +309,7 @@ class Lifecycle:
                        reason=f"config: template cannot render: {exc}", last_class="config")
         return row
 
-    def write(self, conn: Connection, store: Any, folded: Folded) -> None:
+    def write(self, conn: Any, store: Any, folded: Folded) -> None:
         """Record the history and update the conversions events changed."""
         records.record_events(conn, store, folded.events)
         records.update_conversions(conn, store,
@@ -320,7 +318,7 @@ class Lifecycle:
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    def order(self, conn: Connection, claimed_ids: Sequence[str],
+    def order(self, conn: Any, claimed_ids: Sequence[str],
               now: datetime) -> dict[str, tuple[datetime | None, str]]:
         """Claimed postbacks that must wait for an earlier one of the same conversion and
         partner: id -> (until, why). `until` None: behind a dead letter (a replay releases

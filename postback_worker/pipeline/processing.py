@@ -69,6 +69,26 @@ class Pipeline:
         self.dispatch.fire(self.dispatch.claim(conversion_ids=persisted.conversion_ids), result)
         return result
 
+    def intake_pending(self, limit: int, max_rounds: int,
+                       on_backlog: Callable[[], None] | None = None) -> BatchResult:
+        """Take accepted events waiting in the journal in batches of `limit` (whatever
+        message woke us), attribute them and fire; stop when a batch comes back short.
+        `on_backlog` is called when a batch comes back full (e.g. to wake another worker)."""
+        result = BatchResult()
+        stuck_after = timedelta(seconds=self.settings.sweep.stuck_conversion_after)
+        for _ in range(max_rounds):
+            taken = self.intake.take_pending(limit, self.clock() - stuck_after)
+            if len(taken.conversion_ids) == limit and on_backlog is not None:
+                on_backlog()
+            for state, n in taken.states.items():
+                result.count(result.conversions, state, n)
+            if taken.conversion_ids:
+                self.dispatch.fire(self.dispatch.claim(conversion_ids=taken.conversion_ids),
+                                   result)
+            if len(taken.conversion_ids) < limit:
+                break
+        return result
+
     def deliver(self, postback_ids: Sequence[str], triggered_by: str | None = None) -> BatchResult:
         """Claim and fire the given postbacks (retries, replays); already final ones are left."""
         result = BatchResult()
@@ -78,13 +98,6 @@ class Pipeline:
     def sweep(self) -> list[str]:
         """Postbacks due for another attempt (or stuck), marked queued; the caller enqueues them."""
         return self.dispatch.sweep()
-
-    def stuck_conversions(self) -> list[dict[str, Any]]:
-        """Conversions persisted but never processed (their message was lost), as messages."""
-        sweep = self.settings.sweep
-        rows = self.store.stuck_conversions(
-            self.clock() - timedelta(seconds=sweep.stuck_conversion_after), sweep.batch)
-        return [conversion_message(r) for r in rows]
 
     def reprocess(self, conversion_ids: Sequence[str], triggered_by: str | None) -> BatchResult:
         """Process stored conversions handed back to `received` (re-attribution) again."""

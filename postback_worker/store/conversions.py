@@ -6,9 +6,11 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, cast, func, select, update
+from sqlalchemy import Connection, Float, and_, cast, delete, exists, func, select, update
+from sqlalchemy.orm import aliased
 
 from postback_worker.domain.attribution import ConversionState, Usage
+from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
 from postback_worker.store.sql import StoreBase, chunks
 
@@ -126,17 +128,6 @@ class ConversionRecords(StoreBase):
                     select(c.id, c.offer_id).where(c.id.in_(part)))})
         return out
 
-    def stuck_conversions(self, older_than: datetime, limit: int) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(t.conversions)
-                .where(t.conversions.c.state == RECEIVED,
-                       t.conversions.c.received_at < older_than)
-                .order_by(t.conversions.c.received_at)
-                .limit(limit)
-            ).mappings().all()
-        return [dict(r) for r in rows]
-
     # -- re-attribution -------------------------------------------------------------------
 
     def expired_conversions(self, offer_id: str, since: datetime | None,
@@ -173,3 +164,22 @@ class ConversionRecords(StoreBase):
                             reason=reason)
                     .returning(cv.id)))
         return taken
+
+    def purge_events(self, cutoff: datetime, since: datetime, size: int) -> int:
+        """Retention: delete up to `size` conversion events recorded in [since, cutoff) that
+        a later event of the same conversion superseded and that no postback still waiting
+        or dead-lettered carries (one short batch). The last event of each conversion stays:
+        later updates fold onto it."""
+        ev, pb = t.conversion_events.c, t.postbacks.c
+        later = aliased(t.conversion_events)
+        done = [PostbackState.DELIVERED.value, PostbackState.SKIPPED.value]
+        old = and_(
+            ev.recorded_at >= since, ev.recorded_at < cutoff,
+            exists().where(later.c.conversion_id == ev.conversion_id, later.c.seq > ev.seq),
+            ~exists().where(pb.conversion_id == ev.conversion_id, pb.event_seq == ev.seq,
+                            pb.state.not_in(done)))
+        with self.short_transaction() as conn:
+            ids = [r[0] for r in conn.execute(self.pick(ev.id, old, size))]
+            if ids:
+                conn.execute(delete(t.conversion_events).where(ev.id.in_(ids)))
+        return len(ids)

@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, literal, select
+from sqlalchemy import Connection, func, literal, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
+from postback_worker.domain.deadletters import Filter
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
-from postback_worker.store.lifecycle import event_counts
+from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
+from postback_worker.store.lifecycle import event_counts, event_kinds
 from postback_worker.store.repo import Store
 from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 
@@ -36,7 +38,11 @@ BACKLOG_STATES = ("pending", "queued", "in_flight", "retry_scheduled")
 # Report buckets of postback counts: every postback, and those in each final state.
 BUCKETS = {"delivered": "delivered", FAILED_POSTBACK: "failed", "skipped": "skipped"}
 HOUR = 3600
+DAY = 86400
 MINUTE = 60
+# Bounds of an open-ended time range (whole hours, so they read rollups only).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 1, 1, tzinfo=UTC)
 # Key of a histogram's total (microseconds) beside its per-bound counts.
 TOTAL = -1.0
 
@@ -348,16 +354,51 @@ class RawFigures:
     def report_lifecycle(self, since: datetime, until: datetime, partner_id: str | None = None,
                          offer_id: str | None = None) -> dict[str, Any]:
         """Conversion events recorded in [since, until) (status changes, reversals,
-        adjustments, repeats) and postbacks created in range per event. From rows (no
-        rollup keeps them)."""
-        with self.connect() as conn:
-            out: dict[str, Any] = dict(event_counts(conn, since, until))
-            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
-            out["postbacks_by_event"] = {
-                event: int(n) for event, n in conn.execute(
-                    select(P.event, func.count()).where(*where, P.event.is_not(None))
-                    .group_by(P.event))}
+        adjustments, repeats) and postbacks created in range per event."""
+        out: dict[str, Any] = event_counts(self.lifecycle_events(since, until))
+        out["postbacks_by_event"] = self.postbacks_by_event(since, until, partner_id, offer_id)
         return out
+
+    def lifecycle_events(self, since: datetime, until: datetime
+                         ) -> dict[tuple[str, str, str], int]:
+        """(kind, status, previous status or "") -> conversion events (not `created`)
+        recorded in [since, until)."""
+        with self.connect() as conn:
+            return event_kinds(conn, since, until)
+
+    def postbacks_by_event(self, since: datetime, until: datetime,
+                           partner_id: str | None = None, offer_id: str | None = None
+                           ) -> dict[str, int]:
+        """Event -> postbacks created in [since, until) that carry one."""
+        with self.connect() as conn:
+            where = self._scope(self.exclusions(conn), since, until, partner_id, offer_id)
+            return {event: int(n) for event, n in conn.execute(
+                select(P.event, func.count()).where(*where, P.event.is_not(None))
+                .group_by(P.event))}
+
+    # -- dead letters (`dlq list`) ----------------------------------------------------------
+
+    def dead_letter_total(self, filt: Filter) -> int:
+        """Dead letters matching `filt` whose postback is still dead-lettered."""
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            return int(conn.execute(
+                select(func.count()).select_from(DEAD_JOIN)
+                .where(filter_clause(filt), ex.real_postback(D.postback_id))).scalar() or 0)
+
+    def dead_letters_by_key(self, since: datetime, until: datetime, partner_id: str | None,
+                            offer_id: str | None, failure_class: str | None,
+                            last_status: int | None) -> dict[tuple[()], int]:
+        """The same count over [since, until), keyed by () (the shape hybrids add up)."""
+        filt = Filter(partner_id=partner_id, offer_id=offer_id, failure_class=failure_class,
+                      since=since, last_status=last_status)
+        with self.connect() as conn:
+            ex = self.exclusions(conn)
+            n = conn.execute(
+                select(func.count()).select_from(DEAD_JOIN)
+                .where(filter_clause(filt), D.created_at < until,
+                       ex.real_postback(D.postback_id))).scalar()
+        return {(): int(n)} if n else {}
 
     def report_attempts(self, since: datetime, until: datetime, partner_id: str | None = None,
                         offer_id: str | None = None) -> dict[tuple[str, int | None, str], int]:
@@ -461,8 +502,8 @@ class RollupFigures(RawFigures):
         """Rows are read only for the partial hour or minute at each end of a range: few, so
         they are probed through indexes (PostgreSQL would otherwise hash-join whole tables)."""
         with self.store.engine.begin() as conn:
-            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
-            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off; "
+                                 "SET LOCAL enable_mergejoin = off")
             yield conn
 
     def tests(self) -> RawFigures | None:
@@ -483,6 +524,29 @@ class RollupFigures(RawFigures):
                 select(*cols, func.sum(table.c.n)).where(*where).group_by(*cols)
                 .having(func.sum(table.c.n) != 0)).all()
 
+    def _sum_hours(self, table: Any, keys: Sequence[str], since: datetime, until: datetime,
+                   cond: Callable[[Any], list[Any]] = lambda tb: []) -> list[Any]:
+        """`_sum` over the whole hours [since, until) of an hourly rollup: whole days from its
+        day table plus the deltas not folded into it yet, the hours around them from the
+        hourly table. `cond(table)`: further conditions, for either table."""
+        days = t.DAYS[table.name]
+        inner, edges = split(since, until, DAY)
+
+        def part(tb: Any, column: str, lo: datetime, hi: datetime, *extra: Any) -> Any:
+            return select(*[tb.c[k] for k in keys], tb.c.n).where(
+                tb.c[column] >= lo, tb.c[column] < hi, *extra, *cond(tb))
+
+        parts = [part(table, "hour", a, b) for a, b in edges]
+        if inner:
+            parts += [part(days, "day", *inner),
+                      part(table, "hour", *inner, table.c.compacted.is_(False))]
+        both = union_all(*parts).subquery()
+        cols = [both.c[k] for k in keys]
+        with self.connect() as conn:
+            return conn.execute(
+                select(*cols, func.sum(both.c.n)).group_by(*cols)
+                .having(func.sum(both.c.n) != 0)).all()
+
     def _net(self, out: dict[Any, int], method: str, *args: Any) -> dict[Any, int]:
         """`out` less the test fires' share of it (what `method` counts for them)."""
         tests = self.tests()
@@ -493,17 +557,20 @@ class RollupFigures(RawFigures):
 
     def postback_outcomes(self) -> dict[tuple[str, str, str], int]:
         r = t.rollup_postbacks
-        out = {(p, b, c): int(n) for p, b, c, n in self._sum(
-            r, ("partner_id", "bucket", "last_class"), r.c.bucket.in_(["delivered", "failed"]))}
+        out = {(p, b, c): int(n) for p, b, c, n in self._sum_hours(
+            r, ("partner_id", "bucket", "last_class"), EARLIEST, LATEST,
+            lambda tb: [tb.c.bucket.in_(["delivered", "failed"])])}
         return self._net(out, "postback_outcomes")
 
     def attempt_totals(self) -> dict[tuple[str, str], int]:
         r = t.rollup_attempts
-        out = {(p, c): int(n) for p, c, n in self._sum(r, ("partner_id", "failure_class"))}
+        out = {(p, c): int(n) for p, c, n in self._sum_hours(
+            r, ("partner_id", "failure_class"), EARLIEST, LATEST)}
         return self._net(out, "attempt_totals")
 
     def conversion_states(self) -> dict[str, int]:
-        out = {s: int(n) for s, n in self._sum(t.rollup_conversions, ("state",))}
+        out = {s: int(n) for s, n in self._sum_hours(t.rollup_conversions, ("state",),
+                                                      EARLIEST, LATEST)}
         return self._net(out, "conversion_states")
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
@@ -512,8 +579,10 @@ class RollupFigures(RawFigures):
         return self._net(out, "dead_letters")
 
     def _hybrid(self, method: str, step: int, since: datetime, until: datetime,
-                extra: tuple[Any, ...], inner_rows: Any) -> dict[Any, int]:
-        """Rows for the partial steps at either end, rollups (less test fires) between."""
+                extra: tuple[Any, ...], inner_rows: Any, *, net: bool = True
+                ) -> dict[Any, int]:
+        """Rows for the partial steps at either end, rollups (less test fires, unless `net`
+        is false: what test fires never add to) between."""
         inner, edges = split(since, until, step)
         out: dict[Any, int] = {}
         raw = getattr(RawFigures, method)
@@ -524,7 +593,7 @@ class RollupFigures(RawFigures):
             part: dict[Any, int] = {}
             for key, n in inner_rows(*inner):
                 _add(part, key, n)
-            for key, n in self._net(part, method, *inner, *extra).items():
+            for key, n in (self._net(part, method, *inner, *extra) if net else part).items():
                 _add(out, key, n)
         return {k: n for k, n in out.items() if n}
 
@@ -546,11 +615,11 @@ class RollupFigures(RawFigures):
                     ) -> dict[tuple[str | None, str], int]:
         r = t.rollup_conversions
 
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c.state != "received"] + ([tb.c.offer_id == offer_id] if offer_id else [])
+
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            where = [r.c.hour >= a, r.c.hour < b, r.c.state != "received"]
-            if offer_id:
-                where.append(r.c.offer_id == offer_id)
-            for offer, state, n in self._sum(r, ("offer_id", "state"), *where):
+            for offer, state, n in self._sum_hours(r, ("offer_id", "state"), a, b, cond):
                 yield (offer or None, state), int(n)
 
         return self._hybrid("lost_counts", HOUR, since, until, (offer_id,), rows)
@@ -562,11 +631,11 @@ class RollupFigures(RawFigures):
             return getattr(RawFigures, method)(  # type: ignore[no-any-return]
                 self, since, until, partner_id, offer_id)
 
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c.partner_id == partner_id] if partner_id else []
+
         def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
-            where = [table.c.hour >= a, table.c.hour < b]
-            if partner_id:
-                where.append(table.c.partner_id == partner_id)
-            for row in self._sum(table, keys, *where):
+            for row in self._sum_hours(table, keys, a, b, cond):
                 yield convert(tuple(row[:-1])), int(row[-1])
 
         return self._hybrid(method, HOUR, since, until, (partner_id,), rows)
@@ -588,6 +657,43 @@ class RollupFigures(RawFigures):
         return self._report("report_durations", t.rollup_durations, ("partner_id", "bucket_ms"),
                             since, until, partner_id, offer_id,
                             lambda k: (k[0], float(k[1])))
+
+    def lifecycle_events(self, since: datetime, until: datetime
+                         ) -> dict[tuple[str, str, str], int]:
+        r = t.rollup_conversion_events
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            for kind, status, previous, n in self._sum_hours(
+                    r, ("kind", "status", "previous_status"), a, b):
+                yield (kind, status, previous), int(n)
+
+        # Test fires record no conversion events: nothing to subtract.
+        return self._hybrid("lifecycle_events", HOUR, since, until, (), rows, net=False)
+
+    def postbacks_by_event(self, since: datetime, until: datetime,
+                           partner_id: str | None = None, offer_id: str | None = None
+                           ) -> dict[str, int]:
+        return self._report("postbacks_by_event", t.rollup_postback_events, ("event",), since,
+                            until, partner_id, offer_id, lambda k: k[0])
+
+    def dead_letter_total(self, filt: Filter) -> int:
+        r = t.rollup_dead_letter_hours
+        keys = (filt.partner_id, filt.offer_id, filt.failure_class, filt.last_status)
+
+        def cond(tb: Any) -> list[Any]:
+            return [tb.c[column] == value for column, value in zip(
+                ("partner_id", "offer_id", "failure_class", "last_status"), keys, strict=True)
+                if value is not None]
+
+        def rows(a: datetime, b: datetime) -> Iterator[tuple[Any, int]]:
+            for (n,) in self._sum_hours(r, (), a, b, cond):
+                yield (), int(n)
+
+        since = filt.since or EARLIEST
+        until = filt.until + timedelta(microseconds=1) if filt.until else LATEST
+        if since >= until:
+            return 0
+        return self._hybrid("dead_letters_by_key", HOUR, since, until, keys, rows).get((), 0)
 
     def _histogram(self, method: str, table: Any, since: datetime, until: datetime
                    ) -> dict[tuple[str, float], int]:

@@ -168,16 +168,26 @@ def timeline(conn: Connection, conversion_id: str) -> list[dict[str, Any]]:
         .order_by(ev.seq)).mappings()]
 
 
-def event_counts(conn: Connection, since: datetime, until: datetime) -> dict[str, int]:
-    """Reversals (an approved conversion moved to a reversal status), adjustments (amounts
-    changed) and status changes recorded in [since, until)."""
+def event_kinds(conn: Connection, since: datetime, until: datetime
+                ) -> dict[tuple[str, str, str], int]:
+    """(kind, status, previous status or "") -> events other than `created` recorded in
+    [since, until), from rows."""
     ev = t.conversion_events.c
-    rows = conn.execute(
-        select(ev.kind, ev.status, ev.previous_status, func.count())
-        .where(ev.recorded_at >= since, ev.recorded_at < until, ev.kind != "created")
-        .group_by(ev.kind, ev.status, ev.previous_status)).all()
+    out: dict[tuple[str, str, str], int] = {}
+    for kind, status, previous, n in conn.execute(
+            select(ev.kind, ev.status, ev.previous_status, func.count())
+            .where(ev.recorded_at >= since, ev.recorded_at < until, ev.kind != "created")
+            .group_by(ev.kind, ev.status, ev.previous_status)):
+        key = (kind, status, previous or "")
+        out[key] = out.get(key, 0) + int(n)
+    return out
+
+
+def event_counts(kinds: Mapping[tuple[str, str, str], int]) -> dict[str, int]:
+    """Reversals (an approved conversion moved to a reversal status), adjustments (amounts
+    changed), status changes and repeats, from `event_kinds`-shaped counts."""
     out = {"status_changes": 0, "reversals": 0, "adjustments": 0, "repeats": 0}
-    for kind, status, previous, n in rows:
+    for (kind, status, previous), n in kinds.items():
         if kind == "adjusted":
             out["adjustments"] += int(n)
         elif kind == "repeat":

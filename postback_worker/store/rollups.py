@@ -5,8 +5,9 @@ Every figure of metrics, reports, alerts and the dashboard can be computed from 
 with time and partners but not with traffic.
 
 How they stay exact: statement-level AFTER triggers with transition tables on conversions,
-postbacks, attempts and dead_letters append one *delta* row per key touched by the statement
-(+n for new rows, -n for old rows), in the same transaction as the write. Inserting deltas
+postbacks, attempts, dead_letters and conversion_events append one *delta* row per key
+touched by the statement (+n for new rows, -n for old rows), in the same transaction as the
+write. Inserting deltas
 never updates a shared row, so writers never wait on each other nor deadlock. `compact()`
 (beat, a few times a minute) folds committed deltas into one compacted row per key; readers
 sum both, so a figure reads the same before and after a compaction. Retention deletes fire
@@ -47,6 +48,9 @@ def bound_sql(micros: str, bounds: tuple[float, ...]) -> str:
     return f"CASE {whens} ELSE 'Infinity'::float8 END"
 
 
+DEAD_HOUR_KEYS = ("hour", "partner_id", "offer_id", "failure_class", "last_status")
+DEAD_HOUR_COLUMNS = (f"{HOUR.format(col='d.created_at')}, d.partner_id, coalesce(d.offer_id, ''), "
+                     "d.failure_class, coalesce(d.last_status, -1)")
 ATTEMPT_MICROS = "round(r.duration_ms * 1000)::bigint"
 LATENCY_MICROS = "(extract(epoch FROM r.delivered_at - r.received_at) * 1000000)::bigint"
 
@@ -58,6 +62,8 @@ class Rollup:
     source: str  # the table whose triggers feed it
     select: str  # columns: keys..., values...  FROM {rel} r ...
     values: tuple[str, ...] = ("n",)
+    # The statements that feed it: rollups over columns never updated skip UPDATEs.
+    ops: tuple[str, ...] = ("INSERT", "UPDATE", "DELETE")
 
 
 ROLLUPS: tuple[Rollup, ...] = (
@@ -75,25 +81,29 @@ ROLLUPS: tuple[Rollup, ...] = (
     Rollup("rollup_dead_letters", ("partner_id", "failure_class"), "dead_letters",
            "SELECT r.partner_id, r.failure_class, {sign} FROM {rel} r "
            "JOIN postbacks p ON p.id = r.postback_id WHERE p.state = 'dead_lettered'"),
+    # Dead letters still waiting, by the hour they were written and every `dlq list` filter
+    # (the total of a filtered list without counting rows).
+    Rollup("rollup_dead_letter_hours", DEAD_HOUR_KEYS, "postbacks",
+           f"SELECT {DEAD_HOUR_COLUMNS}, {{sign}} FROM {{rel}} r "
+           "JOIN dead_letters d ON d.postback_id = r.id WHERE r.state = 'dead_lettered'"),
+    Rollup("rollup_dead_letter_hours", DEAD_HOUR_KEYS, "dead_letters",
+           f"SELECT {DEAD_HOUR_COLUMNS.replace('d.', 'r.')}, {{sign}} FROM {{rel}} r "
+           "JOIN postbacks p ON p.id = r.postback_id WHERE p.state = 'dead_lettered'"),
     Rollup("rollup_attempts", ("hour", "partner_id", "status_code", "failure_class"),
            "attempts",
-           f"SELECT {HOUR.format(col='p.created_at')}, p.partner_id, "
-           "coalesce(r.status_code, -1), r.failure_class, {sign} FROM {rel} r "
-           "JOIN postbacks p ON p.id = r.postback_id"),
+           f"SELECT {HOUR.format(col='r.pb_created_at')}, r.pb_partner_id, "
+           "coalesce(r.status_code, -1), r.failure_class, {sign} FROM {rel} r"),
     Rollup("rollup_durations", ("hour", "partner_id", "bucket_ms"), "attempts",
-           f"SELECT {HOUR.format(col='p.created_at')}, p.partner_id, "
-           "pbw_duration_bucket(r.duration_ms), {sign} FROM {rel} r "
-           "JOIN postbacks p ON p.id = r.postback_id"),
+           f"SELECT {HOUR.format(col='r.pb_created_at')}, r.pb_partner_id, "
+           "pbw_duration_bucket(r.duration_ms), {sign} FROM {rel} r"),
     Rollup("rollup_attempt_minutes", ("minute", "partner_id", "status_code", "failure_class"),
            "attempts",
-           f"SELECT {MINUTE.format(col='r.started_at')}, p.partner_id, "
-           "coalesce(r.status_code, -1), r.failure_class, {sign} FROM {rel} r "
-           "JOIN postbacks p ON p.id = r.postback_id"),
+           f"SELECT {MINUTE.format(col='r.started_at')}, r.pb_partner_id, "
+           "coalesce(r.status_code, -1), r.failure_class, {sign} FROM {rel} r"),
     Rollup("rollup_attempt_durations", ("minute", "partner_id", "bound"), "attempts",
-           f"SELECT {MINUTE.format(col='r.started_at')}, p.partner_id, "
+           f"SELECT {MINUTE.format(col='r.started_at')}, r.pb_partner_id, "
            f"{bound_sql(ATTEMPT_MICROS, DURATION_BOUNDS)}, {{sign}}, "
-           f"{{sign}} * {ATTEMPT_MICROS} FROM {{rel}} r "
-           "JOIN postbacks p ON p.id = r.postback_id", ("n", "total_us")),
+           f"{{sign}} * {ATTEMPT_MICROS} FROM {{rel}} r", ("n", "total_us")),
     Rollup("rollup_latencies", ("minute", "partner_id", "bound"), "postbacks",
            f"SELECT {MINUTE.format(col='r.delivered_at')}, r.partner_id, "
            f"{bound_sql(LATENCY_MICROS, LATENCY_BOUNDS)}, {{sign}}, "
@@ -102,8 +112,29 @@ ROLLUPS: tuple[Rollup, ...] = (
     Rollup("rollup_conversions", ("hour", "offer_id", "state"), "conversions",
            f"SELECT {HOUR.format(col='r.received_at')}, coalesce(r.offer_id, ''), r.state, "
            "{sign} FROM {rel} r"),
+    # Lifecycle: postbacks per event they carry (set once, at insert), and conversion events
+    # (never updated) by kind and status change.
+    Rollup("rollup_postback_events", ("hour", "partner_id", "event"), "postbacks",
+           f"SELECT {HOUR.format(col='r.created_at')}, r.partner_id, r.event, {{sign}} "
+           "FROM {rel} r WHERE r.event IS NOT NULL", ops=("INSERT", "DELETE")),
+    Rollup("rollup_conversion_events", ("hour", "kind", "status", "previous_status"),
+           "conversion_events",
+           f"SELECT {HOUR.format(col='r.recorded_at')}, r.kind, r.status, "
+           "coalesce(r.previous_status, ''), {sign} FROM {rel} r WHERE r.kind <> 'created'",
+           ops=("INSERT", "DELETE")),
 )
-SOURCES = ("conversions", "postbacks", "attempts", "dead_letters")
+SOURCES = ("conversions", "postbacks", "attempts", "dead_letters", "conversion_events")
+# What a source's rollups read as `{rel}`: attempts with their postback's partner and creation
+# time, joined once per statement (a trigger materializes it, then feeds every rollup).
+VIEWS = {
+    "attempts": ("SELECT a.*, p.partner_id AS pb_partner_id, p.created_at AS pb_created_at "
+                 "FROM {rel} a JOIN postbacks p ON p.id = a.postback_id"),
+}
+
+
+def _rel(source: str, rel: str) -> str:
+    """`rel` (a table, transition table or CTE) as the source's rollups read it."""
+    return f"({VIEWS[source].format(rel=rel)})" if source in VIEWS else rel
 TABLES = tuple(dict.fromkeys(r.table for r in ROLLUPS))
 
 # Upper bound of a duration's histogram bucket: the value rounded up to two significant
@@ -124,16 +155,16 @@ $$
 """
 
 
-def _delta_sql(rollup: Rollup, op: str) -> str:
+def _delta_sql(rollup: Rollup, op: str, new: str = "new_rows", old: str = "old_rows") -> str:
     keys = ", ".join(rollup.keys)
     values = ", ".join(rollup.values)
     sums = ", ".join(f"sum({v})" for v in rollup.values)
     nonzero = " OR ".join(f"sum({v}) <> 0" for v in rollup.values)
     parts = []
     if op in ("INSERT", "UPDATE"):
-        parts.append(rollup.select.format(rel="new_rows", sign="1"))
+        parts.append(rollup.select.format(rel=new, sign="1"))
     if op in ("DELETE", "UPDATE"):
-        parts.append(rollup.select.format(rel="old_rows", sign="-1"))
+        parts.append(rollup.select.format(rel=old, sign="-1"))
     union = " UNION ALL ".join(f"({p})" for p in parts)
     return (f"INSERT INTO {rollup.table} ({keys}, {values}, compacted) "
             f"SELECT {keys}, {sums}, false FROM ({union}) AS d({keys}, {values}) "
@@ -150,34 +181,61 @@ SHORTCUTS = {
 }
 
 
-def _function_sql(source: str) -> str:
+def _one_statement(source: str, op: str, fed: Sequence[Rollup]) -> str:
+    """Every rollup of a source with a view in one statement: the view (a join) is computed
+    once per transition table, and each rollup's INSERT is a data-modifying CTE over it."""
+    ctes = []
+    if op in ("INSERT", "UPDATE"):
+        ctes.append(f"v_new AS MATERIALIZED ({VIEWS[source].format(rel='new_rows')})")
+    if op in ("DELETE", "UPDATE"):
+        ctes.append(f"v_old AS MATERIALIZED ({VIEWS[source].format(rel='old_rows')})")
+    inserts = [_delta_sql(r, op, "v_new", "v_old").rstrip(";") for r in fed]
+    ctes += [f"d{i} AS ({sql})" for i, sql in enumerate(inserts[:-1])]
+    return "WITH " + ",\n      ".join(ctes) + "\n    " + inserts[-1] + ";"
+
+
+def _function_sql(source: str, chosen: Sequence[Rollup] = ROLLUPS) -> str:
     branches = [SHORTCUTS[source]] if source in SHORTCUTS else []
     for op in ("INSERT", "UPDATE", "DELETE"):
-        body = "\n    ".join(_delta_sql(r, op) for r in ROLLUPS if r.source == source)
+        fed = [r for r in chosen if r.source == source and op in r.ops]
+        if not fed:
+            continue
+        if source in VIEWS:
+            body = _one_statement(source, op, fed)
+        else:
+            body = "\n    ".join(_delta_sql(r, op) for r in fed)
         branches.append(f"IF TG_OP = '{op}' THEN\n    {body}\n  END IF;")
     return (f"CREATE OR REPLACE FUNCTION pbw_rollup_{source}() RETURNS trigger "
             "LANGUAGE plpgsql AS $$\nBEGIN\n  " + "\n  ".join(branches)
             + "\n  RETURN NULL;\nEND\n$$")
 
 
-def _trigger_sql(source: str) -> list[str]:
+def _trigger_sql(source: str, chosen: Sequence[Rollup] = ROLLUPS) -> list[str]:
     out = []
+    fed = {op for r in chosen if r.source == source for op in r.ops}
     for op, ref in (("INSERT", "NEW TABLE AS new_rows"),
                     ("UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
                     ("DELETE", "OLD TABLE AS old_rows")):
         name = f"pbw_rollup_{source}_{op.lower()}"
         out.append(f"DROP TRIGGER IF EXISTS {name} ON {source}")
+        if op not in fed:
+            continue
         out.append(f"CREATE TRIGGER {name} AFTER {op} ON {source} REFERENCING {ref} "
                    f"FOR EACH STATEMENT EXECUTE FUNCTION pbw_rollup_{source}()")
     return out
 
 
-def install_statements() -> list[str]:
-    """DDL that creates the functions and triggers (PostgreSQL)."""
+def install_statements(without: Sequence[str] = ()) -> list[str]:
+    """DDL that creates the functions and triggers (PostgreSQL); `without`: rollup tables
+    left out (a downgrade to before they existed)."""
+    chosen = [r for r in ROLLUPS if r.table not in without]
     stmts = [BUCKET_FUNCTION]
     for source in SOURCES:
-        stmts.append(_function_sql(source))
-        stmts.extend(_trigger_sql(source))
+        if any(r.source == source for r in chosen):
+            stmts.append(_function_sql(source, chosen))
+        else:
+            stmts.append(f"DROP FUNCTION IF EXISTS pbw_rollup_{source}() CASCADE")
+        stmts.extend(_trigger_sql(source, chosen))
     return stmts
 
 
@@ -191,30 +249,60 @@ def uninstall_statements() -> list[str]:
     return stmts
 
 
-def backfill_statements() -> list[str]:
-    """Rebuild every rollup from the raw rows (after the tables were locked against writes)."""
-    stmts = [f"DELETE FROM {t}" for t in TABLES]
-    for r in ROLLUPS:
-        if r.table == "rollup_dead_letters" and r.source == "postbacks":
-            continue  # the dead_letters side counts each (dead letter, dead postback) once
-        keys, values = ", ".join(r.keys), ", ".join(r.values)
-        sums = ", ".join(f"sum({v})" for v in r.values)
-        select = r.select.format(rel=r.source, sign="1")
-        stmts.append(f"INSERT INTO {r.table} ({keys}, {values}, compacted) SELECT {keys}, "
-                     f"{sums}, true FROM ({select}) AS d({keys}, {values}) GROUP BY {keys}")
+# Hourly rollups with a day table (`<name>_days`, kept by `compact`).
+DAYS = ("rollup_postbacks", "rollup_attempts", "rollup_durations", "rollup_conversions",
+        "rollup_dead_letter_hours", "rollup_postback_events", "rollup_conversion_events")
+# Fed from both sides of the dead_letters-postbacks join: the backfill counts each pair once.
+DEAD_LETTER_ROLLUPS = ("rollup_dead_letters", "rollup_dead_letter_hours")
+
+
+def days_statements(tables: Sequence[str]) -> list[str]:
+    """Rebuild the day tables of these hourly rollups from their rows (all compacted)."""
+    stmts = []
+    for table in tables:
+        if table not in DAYS:
+            continue
+        rollup = next(r for r in ROLLUPS if r.table == table)
+        other = ", ".join(rollup.keys[1:])
+        stmts += [f"DELETE FROM {table}_days",
+                  f"INSERT INTO {table}_days (day, {other}, n) SELECT date_trunc('day', hour, "
+                  f"'UTC'), {other}, sum(n) FROM {table} WHERE compacted GROUP BY 1, {other}"]
     return stmts
 
 
-def install(conn: Connection, *, backfill: bool) -> None:
-    """Install the triggers (PostgreSQL only); with `backfill`, count what is already there."""
+def backfill_statements(tables: Sequence[str] = TABLES, *, days: bool = True) -> list[str]:
+    """Rebuild these rollups (and their day tables) from the raw rows (after the tables were
+    locked against writes)."""
+    stmts = [f"DELETE FROM {t}" for t in tables]
+    for r in ROLLUPS:
+        if r.table not in tables:
+            continue
+        if r.table in DEAD_LETTER_ROLLUPS and r.source == "postbacks":
+            continue  # the dead_letters side counts each (dead letter, dead postback) once
+        keys, values = ", ".join(r.keys), ", ".join(r.values)
+        sums = ", ".join(f"sum({v})" for v in r.values)
+        select = r.select.format(rel=_rel(r.source, r.source), sign="1")
+        stmts.append(f"INSERT INTO {r.table} ({keys}, {values}, compacted) SELECT {keys}, "
+                     f"{sums}, true FROM ({select}) AS d({keys}, {values}) GROUP BY {keys}")
+    return stmts + (days_statements(tables) if days else [])
+
+
+def install(conn: Connection, *, backfill: bool, tables: Sequence[str] = TABLES,
+            without: Sequence[str] = (), days: bool = True) -> None:
+    """Install the triggers (PostgreSQL only); with `backfill`, count what is already there
+    into `tables` (default: every rollup) and, with `days`, their day tables. `without`:
+    rollups a migration before them skips."""
     if conn.dialect.name != "postgresql":
         return
+    chosen = [r for r in ROLLUPS if r.table not in without]
     if backfill:
-        conn.execute(text("LOCK TABLE " + ", ".join(SOURCES) + " IN SHARE MODE"))
-    for stmt in install_statements():
+        sources = sorted({r.source for r in chosen})
+        conn.execute(text("LOCK TABLE " + ", ".join(sources) + " IN SHARE MODE"))
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": COMPACT_LOCK})
+    for stmt in install_statements(without):
         conn.execute(text(stmt))
     if backfill:
-        for stmt in backfill_statements():
+        for stmt in backfill_statements([t for t in tables if t not in without], days=days):
             conn.execute(text(stmt))
 
 
@@ -237,9 +325,17 @@ def compact(conn: Connection, tables: Sequence[str] = TABLES) -> int:
         keys, values = ", ".join(rollup.keys), ", ".join(rollup.values)
         sums = ", ".join(f"sum({v})" for v in rollup.values)
         add = ", ".join(f"{v} = t.{v} + excluded.{v}" for v in rollup.values)
+        days = ""
+        if table in DAYS:  # the same deltas into the day table, in the same statement
+            day_keys = ", ".join(("day", *rollup.keys[1:]))
+            other = ", ".join(rollup.keys[1:])
+            days = (f" days AS (INSERT INTO {table}_days AS t ({day_keys}, n) "
+                    f"SELECT date_trunc('day', hour, 'UTC'), {other}, sum(n) FROM gone "
+                    f"GROUP BY 1, {other} ON CONFLICT ({day_keys}) DO UPDATE SET "
+                    "n = t.n + excluded.n RETURNING 1),")
         res = conn.execute(text(
             f"WITH gone AS (DELETE FROM {table} WHERE NOT compacted RETURNING {keys}, {values}),"
-            f" merged AS (INSERT INTO {table} AS t ({keys}, {values}, compacted) "
+            f"{days} merged AS (INSERT INTO {table} AS t ({keys}, {values}, compacted) "
             f"SELECT {keys}, {sums}, true FROM gone GROUP BY {keys} "
             f"ON CONFLICT ({keys}) WHERE compacted DO UPDATE SET {add} "
             "RETURNING 1) SELECT (SELECT count(*) FROM gone)"))

@@ -95,6 +95,7 @@ class Services:
         self._pid = -1
         self._lock = threading.Lock()
         self._pipeline: Any = None
+        self._redis: Any = None
 
     @property
     def pipeline(self) -> Any:
@@ -102,8 +103,15 @@ class Services:
             with self._lock:
                 if self._pid != os.getpid():
                     self._pipeline = build_pipeline(self.settings)
+                    self._redis = self.settings.redis.client()
                     self._pid = os.getpid()
         return self._pipeline
+
+    @property
+    def redis(self) -> Any:
+        """This process's Redis client (for flags such as the intake wake-up)."""
+        _ = self.pipeline
+        return self._redis
 
 
 def build_pipeline(settings: Settings) -> Any:

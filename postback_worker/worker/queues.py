@@ -10,3 +10,11 @@ TASK_PROCESS = "postback_worker.process_conversions"
 TASK_DELIVER = "postback_worker.deliver_postbacks"
 TASK_SWEEP = "postback_worker.sweep"
 TASK_REQUEUE_STUCK = "postback_worker.requeue_stuck_conversions"
+# Wake-up: conversions committed to the journal (args: their ids) wait for intake.
+TASK_INTAKE = "postback_worker.intake"
+# Set (with a short expiry) while a wake-up waits in the queue; producers that find it set
+# publish none: the waiting wake-up will take their events too. The woken worker deletes it
+# before it claims. The expiry bounds how long producers stay silent when that wake-up sits
+# in a busy worker's reserve (prefetched) or was lost.
+INTAKE_WOKEN_KEY = "pbw:intake:woken"
+INTAKE_WOKEN_MS = 250

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_ready
+from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from postback_worker.store.journal import Journal
 from postback_worker.worker.queues import (
     CONVERSIONS,
+    INTAKE_WOKEN_KEY,
+    INTAKE_WOKEN_MS,
     RETRIES,
     TASK_DELIVER,
+    TASK_INTAKE,
     TASK_PROCESS,
     TASK_REQUEUE_STUCK,
     TASK_SWEEP,
@@ -20,6 +27,8 @@ from postback_worker.worker.queues import (
 log = logging.getLogger(__name__)
 
 DELIVER_CHUNK = 100
+# At most this many wake-ups per sweep run (each woken task drains batches while they come).
+WAKE_MAX = 8
 # Database outages are retried by Celery with backoff; the message stays unacknowledged
 # until the retry is published, so nothing is lost.
 DB_RETRY = {
@@ -37,6 +46,40 @@ def register(app: Celery) -> None:
     @app.task(name=TASK_PROCESS, bind=True, **DB_RETRY)
     def process_conversions(self: Task, events: list[dict[str, Any]]) -> dict[str, Any]:
         return services.pipeline.process_conversions(events).as_dict()
+
+    # Acknowledged on receipt: a wake-up carries no state. If the worker dies, the events
+    # are still `received` in the journal and the next wake-up (a starting worker, beat's
+    # sweep) takes them; claimed postbacks come back through the sweep. (Acknowledged late,
+    # a wake-up running while the broker connection drops makes kombu's restore of
+    # unacknowledged messages kill the worker: tests/test_faults_redis.py.)
+    @app.task(name=TASK_INTAKE, bind=True, acks_late=False, **DB_RETRY)
+    def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
+        # A wake-up: events wait in the journal. The ids only say what prompted it; the
+        # worker takes whatever waits, oldest first, in batches.
+        try:
+            services.redis.delete(INTAKE_WOKEN_KEY)  # later commits wake another worker
+        except RedisError as exc:
+            log.warning("could not clear the wake-up flag (it expires): %s", exc)
+        ingest = services.pipeline.settings.ingest
+        return services.pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
+                                                on_backlog=wake_another).as_dict()
+
+    def wake_another() -> None:
+        """A full batch: more waits. Always wake one more worker to share it (a wake-up the
+        producers left may sit in this busy worker's own reserve)."""
+        try:
+            services.redis.set(INTAKE_WOKEN_KEY, "1", px=INTAKE_WOKEN_MS)
+            intake.apply_async(([],), queue=CONVERSIONS)
+        except (RedisError, OSError) as exc:
+            log.warning("could not wake another worker for the backlog: %s", exc)
+
+    def wake_on_start(sender: Any = None, **_: Any) -> None:
+        # A starting worker takes what waits in the journal (after Redis lost its queue, or
+        # a fleet-wide stop), without waiting for beat.
+        if getattr(sender, "app", None) is app:
+            intake.apply_async(([],), queue=CONVERSIONS)
+
+    worker_ready.connect(wake_on_start, weak=False)
 
     @app.task(name=TASK_DELIVER, bind=True, **DB_RETRY)
     def deliver_postbacks(self: Task, postback_ids: list[str],
@@ -64,8 +107,15 @@ def register(app: Celery) -> None:
 
     @app.task(name=TASK_REQUEUE_STUCK, bind=True, acks_late=False, send_events=False)
     def requeue_stuck_conversions(self: Task) -> dict[str, int]:
-        stuck = services.pipeline.stuck_conversions()
+        # The safety net of durable intake: accepted events whose wake-up was lost (Redis
+        # flushed, crashed, failed over) are in the journal; wake enough workers to take them.
+        pipeline = services.pipeline
+        sweep = pipeline.settings.sweep
+        older = pipeline.clock() - timedelta(seconds=sweep.stuck_conversion_after)
+        stuck = Journal(pipeline.store).pending(older_than=older)
         if stuck:
-            log.warning("re-enqueueing %d conversions stuck in 'received'", len(stuck))
-            process_conversions.apply_async((stuck,), queue=CONVERSIONS)
-        return {"conversions_requeued": len(stuck)}
+            log.warning("%d accepted conversions wait for intake; waking workers", stuck)
+            with app.producer_or_acquire() as producer:
+                for _ in range(min(WAKE_MAX, -(-stuck // sweep.batch))):
+                    intake.apply_async(([],), queue=CONVERSIONS, producer=producer)
+        return {"conversions_waiting": stuck}

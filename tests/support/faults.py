@@ -47,10 +47,12 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
 
 
 class DedicatedRedis:
-    """A redis-server of our own on `host`:`port`, AOF on (`appendfsync everysec`)."""
+    """A redis-server of our own on `host`:`port`, AOF on (`appendfsync everysec`), or with
+    no persistence at all (`persistence=False`: a restart comes back empty)."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int | None = None,
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, persistence: bool = True) -> None:
+        self.persistence = persistence
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.port = port or free_port(host)
@@ -66,7 +68,8 @@ class DedicatedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         assert self.binary is not None
         args = [self.binary, "--bind", self.host, "--port", str(self.port), "--save", "",
-                "--protected-mode", "no", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--protected-mode", "no",
+                "--appendonly", "yes" if self.persistence else "no", "--appendfsync", "everysec",
                 "--dir", str(self.data_dir),
                 "--logfile", str(self.data_dir / "redis.log"), "--daemonize", "no"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -14,7 +14,7 @@ def test_to_env_and_from_env_round_trip() -> None:
         database_url="postgresql://db/x", redis_url="redis://r:6379/3", lease_seconds=45,
         allow_networks=("10.0.0.0/8", "::1/128"), breaker_enabled=False, alert_failure_rate=0.1,
         flower_basic_auth=("a:1", "b:2"), retry=RetryPolicy(max_attempts=3, base_delay=1.5),
-        click_retention_days=200, ingest_batch_wait=0.0,
+        click_retention_days=200, ingest_claim_batch=50,
     )
     assert Settings.from_env(custom.to_env()) == custom
     assert Settings.from_env(Settings().to_env()) == Settings()

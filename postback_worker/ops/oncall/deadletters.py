@@ -5,24 +5,34 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from postback_worker.domain.deadletters import FAILURE_CLASSES, Filter, parse_time
+from postback_worker.domain.deadletters import FAILURE_CLASSES, Cursor, Filter, parse_time
 from postback_worker.domain.masking import load_headers, mask_body, mask_headers, mask_url
+from postback_worker.store.figures import figures_for
 from postback_worker.store.repo import Store
 
-__all__ = ["COLUMNS", "FAILURE_CLASSES", "Filter", "list_dead_letters", "parse_time", "purge",
-           "show", "stats"]
+__all__ = ["COLUMNS", "FAILURE_CLASSES", "Cursor", "Filter", "list_dead_letters", "next_after",
+           "parse_time", "purge", "show", "stats"]
 
 COLUMNS = ["postback_id", "partner_id", "offer_id", "failure_class", "last_status", "attempts",
            "created_at", "replay_count", "conversion_id", "url", "reason"]
 
 
-def list_dead_letters(store: Store, filt: Filter, *, limit: int = 50,
-                      offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """A page of dead letters (newest first) and the total matching."""
-    rows, total = store.dead_letter_page(filt, limit=limit, offset=offset)
+def list_dead_letters(store: Store, filt: Filter, *, limit: int = 50, offset: int = 0,
+                      after: Cursor | None = None) -> tuple[list[dict[str, Any]], int]:
+    """A page of dead letters (newest first) and the total matching (from rollups where the
+    database keeps them)."""
+    rows = store.dead_letter_page(filt, limit=limit, offset=offset, after=after)
     for r in rows:
         r["url"] = mask_url(r["url"])
-    return rows, total
+    return rows, figures_for(store).dead_letter_total(filt)
+
+
+def next_after(rows: list[dict[str, Any]], limit: int) -> str | None:
+    """The cursor of the page after `rows` (None when this page is the last)."""
+    if len(rows) < limit or not rows:
+        return None
+    last = rows[-1]
+    return Cursor(last["created_at"], last["postback_id"]).encode()
 
 
 def _ranked(counts: dict[str, int]) -> dict[str, int]:

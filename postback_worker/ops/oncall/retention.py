@@ -1,4 +1,5 @@
-"""Data retention: purge old clicks, attempts and delivered postbacks in small batches.
+"""Data retention: purge old clicks, attempts, delivered postbacks and superseded conversion
+events in small batches.
 
 Each batch is one short transaction that deletes at most `retention_batch` rows picked with
 `FOR UPDATE SKIP LOCKED` (PostgreSQL), so a purge never waits on, nor blocks for long, the
@@ -74,6 +75,8 @@ class Purger:
              now - timedelta(days=s.retention.delivered_days)),
             ("attempts", self.store.purge_attempts,
              now - timedelta(days=s.retention.attempt_days)),
+            ("conversion_events", self._purge_events,
+             now - timedelta(days=s.retention.event_days)),
         ]
         for name, job, cutoff in jobs:
             total, more = self._batches(job, cutoff)
@@ -83,6 +86,10 @@ class Purger:
             log.info("retention: deleted %s%s", result.deleted,
                      " (more left for the next run)" if result.more else "")
         return result
+
+    def _purge_events(self, cutoff: datetime, size: int) -> int:
+        since = cutoff - timedelta(days=self.settings.retention.event_lookback_days)
+        return self.store.purge_events(cutoff, since, size)
 
     def _batches(self, job: Callable[[datetime, int], int],
                  cutoff: datetime) -> tuple[int, bool]:

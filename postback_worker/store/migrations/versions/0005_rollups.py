@@ -34,6 +34,8 @@ TABLES: dict[str, tuple[str | None, list[tuple[str, sa.types.TypeEngine]]]] = {
                                    ("failure_class", sa.String(20))]),
 }
 SUMMED = ("rollup_attempt_durations", "rollup_latencies")
+# Rollups of later migrations (0012): their tables do not exist yet.
+LATER = ("rollup_dead_letter_hours", "rollup_postback_events", "rollup_conversion_events")
 BACKLOG = "state IN ('pending', 'queued', 'in_flight', 'retry_scheduled')"
 
 
@@ -61,7 +63,7 @@ def upgrade() -> None:
                     postgresql_where=sa.text("state = 'dead_lettered'"),
                     sqlite_where=sa.text("state = 'dead_lettered'"))
     op.create_index("ix_dead_letters_created_at", "dead_letters", ["created_at"])
-    rollups.install(op.get_bind(), backfill=True)
+    rollups.install(op.get_bind(), backfill=True, without=LATER, days=False)
 
 
 def downgrade() -> None:

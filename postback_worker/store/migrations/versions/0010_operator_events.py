@@ -1,6 +1,6 @@
 """operator events: the outbox and its webhook deliveries
 
-Revision ID: 0013
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-02 04:10:00
 """
@@ -11,7 +11,7 @@ from alembic import op
 
 import postback_worker.store.schema
 
-revision: str = '0013'
+revision: str = '0010'
 down_revision: str | None = '0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
