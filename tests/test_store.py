@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -17,6 +18,7 @@ from postback_worker.settings import Settings
 from postback_worker.store.db import make_engine, upgrade
 from postback_worker.store.repo import Store
 from postback_worker.store.schema import metadata
+from postback_worker.store.sql import hoist_shared
 
 
 def test_migrations_match_the_tables(store: Store) -> None:
@@ -168,3 +170,36 @@ def test_finish_saves_answers_and_wakes_later_events_in_one_call(
     assert (rows["h1"]["state"], rows["h1"]["attempts"], rows["h1"]["lease_token"]) == (
         "retry_scheduled", 0, None)
     assert [a["status_code"] for a in s.attempts_for(["a1", "f1"])] == [200, 500]
+
+
+NOW_UTC = datetime(2026, 11, 26, 20, 30, tzinfo=UTC)
+URL = "http://partner.example/pb?a=%20b&c='d'"
+
+
+@pytest.mark.parametrize(
+    ("template", "rows", "width"),
+    [
+        # shared objects (clock reading, None, int, a URL with % and ') are quoted once
+        (None, [("a", NOW_UTC, None, 1, URL), ("b", NOW_UTC, None, 1, URL)], 1),
+        ("(%s::TEXT, %s::timestamptz, %s::TEXT, %s::INTEGER, %s::TEXT)",
+         [("a", NOW_UTC, None, 1, URL), ("b", NOW_UTC, None, 1, URL)], 1),
+        # equal but not the same object (an aware time in another zone, True == 1): per row
+        (None, [("a", NOW_UTC, 1), ("b", NOW_UTC.astimezone(timezone(timedelta(hours=2))),
+                                    True)], 3),
+        # every value shared: the first column stays per row
+        (None, [("a", None), ("a", None)], 1),
+        # one row, or another % in the template: unchanged
+        (None, [("a", None)], 2),
+        ("(%s, '100%%')", [("a",), ("a",)], 1),
+    ],
+)
+def test_hoist_shared_gives_the_same_statement(store: Store, template: str | None,
+                                               rows: list[tuple[Any, ...]],
+                                               width: int) -> None:
+    plain = template or "(" + ",".join(["%s"] * len(rows[0])) + ")"
+    with store.engine.connect() as conn:
+        cursor = conn.connection.cursor()
+        want = b",".join(cursor.mogrify(plain, r) for r in rows)
+        shared, rest = hoist_shared(cursor, template, rows)
+        assert b",".join(cursor.mogrify(shared, r) for r in rest) == want
+        assert len(rest[0]) == width

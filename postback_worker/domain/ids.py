@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
+import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TIME_BITS = 48
 _RAND_BYTES = 10  # 80 bits
-
-
-def _b32(value: int, length: int) -> str:
-    chars = []
-    for _ in range(length):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+# Two digits (10 bits) at a time: 13 lookups for the 26 digits of time (50) + randomness (80).
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
+_SHIFTS = tuple(range(120, -1, -10))
 
 
 def new_id(prefix: str, *, now_ms: int | None = None, rand: bytes | None = None) -> str:
@@ -24,7 +19,9 @@ def new_id(prefix: str, *, now_ms: int | None = None, rand: bytes | None = None)
     if not 0 <= ms < 1 << _TIME_BITS:
         raise ValueError("now_ms must fit in 48 bits")
     if rand is None:
-        rand = secrets.token_bytes(_RAND_BYTES)
+        rand = os.urandom(_RAND_BYTES)
     if len(rand) != _RAND_BYTES:
         raise ValueError(f"rand must be {_RAND_BYTES} bytes")
-    return f"{prefix}_{_b32(ms, 10)}{_b32(int.from_bytes(rand, 'big'), 16)}"
+    value = ms << 80 | int.from_bytes(rand, "big")
+    pairs = _PAIRS
+    return prefix + "_" + "".join([pairs[value >> s & 1023] for s in _SHIFTS])

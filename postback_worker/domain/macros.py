@@ -52,7 +52,13 @@ def _compile(template: str) -> tuple[str, ...]:
     return tuple(_MACRO.split(template))
 
 
+# What percent-encoding leaves as it is (RFC 3986 unreserved): most values (ids, amounts).
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+
+
 def _url_escape(value: str) -> str:
+    if _UNRESERVED(value):
+        return value
     return quote(value, safe="", errors="replace")
 
 
@@ -99,6 +105,25 @@ def _s(value: object) -> str:
     return "" if value is None else str(value)
 
 
+_CONVERSION_MACROS = ("transaction_id", "offer_id", "goal_id", "payout", "sale_amount",
+                      "currency", "status", "adv_sub")
+# Lifecycle: the advertiser's amount, the event that fired, the status before it.
+_LIFECYCLE_MACROS = ("revenue", "event", "previous_status")
+_CLICK_MACROS = ("aff_sub", "aff_sub2", "aff_sub3", "aff_sub4", "aff_sub5", "source")
+
+
+@lru_cache(maxsize=16)
+def _clock_values(now: datetime) -> dict[str, str]:
+    """The time macros of `now` (a batch's postbacks share one `now`; callers copy)."""
+    utc = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+    return {
+        "datetime": utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": utc.strftime("%Y-%m-%d"),
+        "time": utc.strftime("%H:%M:%S"),
+        "timestamp": str(int(utc.timestamp())),
+    }
+
+
 def macro_values(
     *,
     conversion: Mapping[str, object],
@@ -109,27 +134,16 @@ def macro_values(
 ) -> dict[str, str]:
     """Build the macro values for one postback from a conversion and its click."""
     cv, ck = conversion.get, click.get
-    values = {
-        name: _s(cv(name))
-        for name in (
-            "transaction_id", "offer_id", "goal_id", "payout", "sale_amount",
-            "currency", "status", "adv_sub",
-        )
-    }  # fmt: skip
+    values = {name: "" if (v := cv(name)) is None else str(v) for name in _CONVERSION_MACROS}
     values["conversion_id"] = _s(cv("id"))
-    # Lifecycle: the advertiser's amount, the event that fired, the status before it.
-    for name in ("revenue", "event", "previous_status"):
+    for name in _LIFECYCLE_MACROS:
         values[name] = _s(cv(name))
     values["ip"] = _s(cv("ip")) or _s(ck("ip"))
     values["device_id"] = _s(cv("device_id")) or _s(ck("device_id"))
     values["affiliate_id"] = _s(ck("aff_id"))
-    for name in ("aff_sub", "aff_sub2", "aff_sub3", "aff_sub4", "aff_sub5", "source"):
+    for name in _CLICK_MACROS:
         values[name] = _s(ck(name))
-    utc = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
     values["postback_id"] = postback_id
-    values["datetime"] = utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-    values["date"] = utc.strftime("%Y-%m-%d")
-    values["time"] = utc.strftime("%H:%M:%S")
-    values["timestamp"] = str(int(utc.timestamp()))
+    values.update(_clock_values(now))
     values["random"] = random_value
     return values

@@ -301,14 +301,13 @@ class Lifecycle:
         if decision.plan == Plan.HOLD:
             row.update(state=RETRY_SCHEDULED, reason=decision.reason,
                        next_attempt_at=decision.release_at)
-        conversion = {k: v for k, v in root.items() if k != "_decided"}
-        try:
+        try:  # (the macros read their own keys of the conversion: "_decided" stays unread)
             with tracing.span("postback.render", {"postback.id": pid,
                                                   "postback.partner.id": partner.id,
                                                   "postback.event": trigger.value},
                               item=f.d.conv["id"]):
                 row["url"], row["body"] = render_event(
-                    partner, offer, {**conversion, "offer_id": offer_id}, click, trigger,
+                    partner, offer, {**root, "offer_id": offer_id}, click, trigger,
                     f.previous.status if f.previous else None, f.current, pid, now)
         except TemplateError as exc:
             row.update(url=partner.fire_rule.template(trigger, partner.postback_url),

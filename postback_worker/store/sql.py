@@ -7,12 +7,14 @@ from contextlib import contextmanager
 from operator import itemgetter
 from typing import Any, Self
 
+from psycopg2.extensions import encodings
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postback_worker.store.db import make_engine
 
 CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
+PAGE = 1000  # rows per multi-row statement on PostgreSQL
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -159,19 +161,54 @@ def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]])
     """`template` filled with each row by psycopg2, joined by commas (a VALUES list)."""
     cursor = conn.connection.cursor()
     try:
-        return b",".join(cursor.mogrify(template, row) for row in rows).decode()
+        shared, rest = hoist_shared(cursor, template, rows)
+        return b",".join([cursor.mogrify(shared, row) for row in rest]).decode()
     finally:
         cursor.close()
 
 
+def hoist_shared(cursor: Any, template: str | None,
+                 rows: Sequence[Sequence[Any]]) -> tuple[bytes, Sequence[Sequence[Any]]]:
+    """`template` (default: one %s per value) with the values every row shares quoted into it
+    once, and the rows without them. Shared means the same object in every row (a batch's
+    clock reading, partner, state, None): psycopg2 then quotes it once, not once per row, and
+    the statement is the same. `template` may hold no other % than its %s."""
+    width = len(rows[0]) if rows else 0
+    text = template if template is not None else "(" + ",".join(["%s"] * width) + ")"
+    encoding = encodings[cursor.connection.encoding]
+    pieces = text.encode(encoding).split(b"%s")
+    if len(rows) < 2 or len(pieces) != width + 1 or any(b"%" in p for p in pieces):
+        return b"%s".join(pieces), rows
+    first = rows[0]
+    same = {i for i, column in enumerate(zip(*rows, strict=True))
+            if len(set(map(id, column))) == 1}
+    same.discard(0)  # keep one value per row to fill
+    if not same:
+        return b"%s".join(pieces), rows
+    out = [pieces[0]]
+    for i in range(width):
+        out.append(cursor.mogrify("%s", (first[i],)).replace(b"%", b"%%") if i in same
+                   else b"%s")
+        out.append(pieces[i + 1])
+    keep = itemgetter(*[i for i in range(width) if i not in same])
+    if len(same) == width - 1:
+        return b"".join(out), [(keep(r),) for r in rows]
+    return b"".join(out), [keep(r) for r in rows]
+
+
 def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
                     template: str | None = None, fetch: bool = False) -> list[Any]:
-    """psycopg2's execute_values on the connection's current transaction."""
+    """psycopg2's execute_values on the connection's current transaction, one page at a time
+    with the values the page's rows share quoted once (`hoist_shared`)."""
     from psycopg2.extras import execute_values
 
     cursor = conn.connection.cursor()
     try:
-        return execute_values(cursor, sql, rows, template=template, page_size=1000,
-                              fetch=fetch) or []
+        out: list[Any] = []
+        for page in chunks(rows, PAGE):
+            shared, rest = hoist_shared(cursor, template, page)
+            out.extend(execute_values(cursor, sql, rest, template=shared, page_size=PAGE,
+                                      fetch=fetch) or [])
+        return out
     finally:
         cursor.close()
