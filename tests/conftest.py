@@ -10,6 +10,7 @@ TEST_EMBEDDED=1 ignores running servers and starts both (what a fresh machine do
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -256,7 +257,17 @@ class Proc:
                 self.proc.wait()
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        """Warm shutdown as deploy/ does it: SIGTERM to the main process only (pool children
+        finish their task), then SIGKILL to the group if it takes too long."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in the group
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

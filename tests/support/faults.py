@@ -408,8 +408,18 @@ class Proc:
             self.proc.wait(timeout)
 
     def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL if it takes too long."""
-        self.kill(signal.SIGTERM)
+        """Warm shutdown as deploy/ does it: SIGTERM to the main process only (pool children
+        finish their task), then SIGKILL to the group if it takes too long."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in the group
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
