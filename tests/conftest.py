@@ -10,7 +10,6 @@ TEST_EMBEDDED=1 ignores running servers and starts both (what a fresh machine do
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import signal
@@ -25,7 +24,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 from support import redisdb
-from support.helpers import NOW, Clock
+from support.helpers import NOW, Clock, warm_stop
 from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
@@ -257,17 +256,8 @@ class Proc:
                 self.proc.wait()
 
     def stop(self) -> None:
-        """Warm shutdown as deploy/ does it: SIGTERM to the main process only (pool children
-        finish their task), then SIGKILL to the group if it takes too long."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in the group
+            warm_stop(self.proc, 20)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -28,6 +28,7 @@ from postback_worker.dev.services import (
     postgres_answers,
     redis_answers,
 )
+from support.helpers import warm_stop
 
 PG_USER = "embedded_postgres"  # the system user PostgreSQL runs as when we are root
 
@@ -408,18 +409,9 @@ class Proc:
             self.proc.wait(timeout)
 
     def stop(self) -> None:
-        """Warm shutdown as deploy/ does it: SIGTERM to the main process only (pool children
-        finish their task), then SIGKILL to the group if it takes too long."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
+        """Warm shutdown as deploy/ does it (support/helpers.py warm_stop)."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in the group
+            warm_stop(self.proc, 30)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
