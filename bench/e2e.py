@@ -110,8 +110,12 @@ class Proc:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         try:
             if self.proc.poll() is None:
+                # SIGTERM to the main process only, as deploy/ stops a worker (systemd
+                # KillMode=mixed, Kubernetes and compose signal PID 1): Celery's warm shutdown
+                # lets pool children finish the task they run. Signalling the whole group
+                # killed a child mid-task (WorkerLostError ... signal 15).
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    os.kill(self.proc.pid, signal.SIGTERM)
                 try:
                     self.proc.wait(timeout)
                 except subprocess.TimeoutExpired:

@@ -86,10 +86,14 @@ class IngestSettings:
     max_field_length: int = 255
     # Events per Celery message when a request carries many.
     enqueue_chunk_size: int = 1000
-    # A woken worker takes up to this many accepted events per transaction ...
-    claim_batch: int = field(default=100, metadata=env("POSTBACK_INGEST_CLAIM_BATCH"))
-    # ... and keeps taking batches while they come back full, at most this many times.
-    claim_rounds: int = field(default=50, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
+    # A woken worker takes up to this many accepted events per transaction (each batch
+    # costs a claim, an admission and its saves: 100 made batches of 500 events 0.7x as fast
+    # as the pre-journal 500-event messages) ...
+    claim_batch: int = field(default=500, metadata=env("POSTBACK_INGEST_CLAIM_BATCH"))
+    # ... and keeps taking batches while they come back full, at most this many times (a
+    # full batch has woken another worker for the rest). 500 x 2 keeps a wake-up within the
+    # longest batch deploy/ sizes shutdown grace and visibility timeout for (1000 events).
+    claim_rounds: int = field(default=2, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 from support import redisdb
-from support.helpers import NOW, Clock
+from support.helpers import NOW, Clock, warm_stop
 from support.partner import PartnerServer
 
 from postback_worker.delivery.sender import Sender
@@ -256,7 +256,8 @@ class Proc:
                 self.proc.wait()
 
     def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+        if self.proc is not None:
+            warm_stop(self.proc, 20)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

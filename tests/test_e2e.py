@@ -144,6 +144,25 @@ def test_worker_killed_mid_batch_loses_nothing(
     assert len(twice) <= concurrency + 2 * record_batch, twice
 
 
+def test_sigterm_mid_batch_is_a_warm_shutdown(
+    settings: Settings, store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc]
+) -> None:
+    """SIGTERM to the worker's main process (as deploy/ stops it) while a pool child runs an
+    intake wake-up: the child finishes its batch, the worker exits 0 and logs no traceback
+    (no WorkerLostError), and every postback of that batch is final."""
+    txs = seed(store, partner, 40)
+    partner.set_response(200, delay=0.05)
+    worker = celery_procs("worker", concurrency=1, delivery_concurrency=4)
+    ids = Producer(settings).send_conversions([{"transaction_id": tx} for tx in txs])
+    wait_until(lambda: partner.count() >= 4, 60, message="the worker to be mid-batch")
+    assert partner.count() < 40
+    worker.stop()
+    assert worker.proc is not None and worker.proc.returncode == 0, worker.output()[-2000:]
+    assert "Traceback" not in worker.output(), worker.output()[-3000:]
+    assert all_final(store, ids)
+    assert partner.count() == 40 and len(delivered_ids(store, ids)) == 40
+
+
 def test_worker_refuses_a_lease_shorter_than_twice_the_longest_timeout(
     settings: Settings, store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc]
 ) -> None:

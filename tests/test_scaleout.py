@@ -52,9 +52,12 @@ def partner_on_bridge(network: TestNetwork) -> Iterator[PartnerServer]:
 def _settings(settings: Settings, network: TestNetwork) -> Settings:
     # The bench's partner keeps the default 10 s timeout: a worker needs a lease of at least
     # twice that to start.
+    # Claim batches of 50 for 200 events: a full batch wakes another worker, so both hosts
+    # get a share (with the default 500 one batch would take them all).
     return settings.with_overrides(
         allow_networks=(*settings.delivery.allow_networks, network.subnet),
-        visibility_timeout=60, config_cache_seconds=5.0, lease_seconds=20)
+        visibility_timeout=60, config_cache_seconds=5.0, lease_seconds=20,
+        ingest_claim_batch=50)
 
 
 def test_two_hosts_share_the_work_and_deliver_each_postback_once(

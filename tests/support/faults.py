@@ -28,6 +28,7 @@ from postback_worker.dev.services import (
     postgres_answers,
     redis_answers,
 )
+from support.helpers import warm_stop
 
 PG_USER = "embedded_postgres"  # the system user PostgreSQL runs as when we are root
 
@@ -408,8 +409,9 @@ class Proc:
             self.proc.wait(timeout)
 
     def stop(self) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL if it takes too long."""
-        self.kill(signal.SIGTERM)
+        """Warm shutdown as deploy/ does it (support/helpers.py warm_stop)."""
+        if self.proc is not None:
+            warm_stop(self.proc, 30)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

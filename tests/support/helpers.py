@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -66,3 +70,20 @@ def run_due(pipeline: Any) -> None:
     ids = pipeline.sweep()
     if ids:
         pipeline.deliver(ids)
+
+
+def warm_stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop a worker as deploy/ does: SIGTERM to the main process only (Celery's warm shutdown
+    lets pool children finish their task), SIGKILL to its process group after `timeout`, and
+    to whatever is left in the group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
