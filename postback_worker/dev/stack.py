@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -50,16 +51,22 @@ class Stack:
         return None
 
     def stop(self) -> None:
+        """SIGTERM to each main process only, as deploy/ does (a Celery worker's warm shutdown
+        lets its pool children finish their task); SIGKILL to what is left after 15 s."""
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for _, proc in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # a child its main process left behind
 
 
 def _wait_http(url: str, stack: Stack, timeout: float = 60) -> None:
