@@ -261,8 +261,7 @@ def show(conversion_id: str, fmt: str) -> None:
 
     detail = conversion_detail(open_store(load_settings()), conversion_id)
     if detail is None:
-        raise NotFound(f"no conversion {conversion_id!r} (an event still queued is not stored "
-                   "yet)")
+        raise NotFound(f"no conversion {conversion_id!r}")
     if fmt == "json":
         print_json(detail)
         return
