@@ -22,7 +22,7 @@ from postback_worker.domain.events import ConversionEvent
 from postback_worker.errors import Unavailable
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
-from postback_worker.store.sql import chunks
+from postback_worker.store.sql import chunks, execute_values
 
 RECEIVED = ConversionState.RECEIVED.value
 # Up to this many events are one multi-row INSERT (store/sql.py pages execute_values by it).
@@ -33,16 +33,25 @@ class JournalUnavailable(Unavailable):
     """PostgreSQL did not commit the events: nothing was accepted."""
 
 
+COLUMNS = ("id", "transaction_id", "offer_id", "aff_id", "goal_id", "payout", "sale_amount",
+           "currency", "status", "adv_sub", "ip", "device_id", "occurred_at", "received_at",
+           "source_ip", "state", "reason", "processed_at", "trace_context")
+_INSERT = (f"INSERT INTO {t.conversions.name} ({', '.join(COLUMNS)}) VALUES %s "
+           "ON CONFLICT (id) DO NOTHING")
+# One event: the row template written out (no execute_values paging for a single row).
+_INSERT_ONE = _INSERT.replace("%s", "(" + ", ".join(["%s"] * len(COLUMNS)) + ")")
+
+
+def conversion_values(e: ConversionEvent) -> tuple[Any, ...]:
+    """The journal row of an accepted event (a conversion waiting for intake), in COLUMNS order."""
+    return (e.id, e.transaction_id, e.offer_id, None, e.goal_id, e.payout, e.sale_amount,
+            e.currency, e.status, e.adv_sub, e.ip, e.device_id, e.occurred_at, e.received_at,
+            e.source_ip, RECEIVED, None, None, e.trace_context)
+
+
 def conversion_row(e: ConversionEvent) -> dict[str, Any]:
-    """The journal row of an accepted event (a conversion waiting for intake)."""
-    return {
-        "id": e.id, "transaction_id": e.transaction_id, "offer_id": e.offer_id,
-        "aff_id": None, "goal_id": e.goal_id, "payout": e.payout, "sale_amount": e.sale_amount,
-        "currency": e.currency, "status": e.status, "adv_sub": e.adv_sub, "ip": e.ip,
-        "device_id": e.device_id, "occurred_at": e.occurred_at, "received_at": e.received_at,
-        "source_ip": e.source_ip, "state": RECEIVED, "reason": None, "processed_at": None,
-        "trace_context": e.trace_context,
-    }
+    """The journal row of an accepted event, as a mapping."""
+    return dict(zip(COLUMNS, conversion_values(e), strict=True))
 
 
 class Journal:
@@ -67,14 +76,14 @@ class Journal:
         """
         if not events:
             return
-        rows = [conversion_row(e) for e in events]
         # Raw driver errors too: the multi-row INSERT runs on the driver's cursor.
         errors = (DBAPIError, self.store.engine.dialect.loaded_dbapi.Error)
         try:
-            if self.store.dialect != "postgresql" or len(rows) > ONE_STATEMENT:
+            if self.store.dialect != "postgresql" or len(events) > ONE_STATEMENT:
                 with self.store.engine.begin() as conn:
-                    self.store.insert_conversions(conn, rows)
+                    self.store.insert_conversions(conn, [conversion_row(e) for e in events])
                 return
+            rows = [conversion_values(e) for e in events]
             with self._lock:
                 for attempt in (1, 2):
                     try:
@@ -91,11 +100,18 @@ class Journal:
                 f"the database did not store the events ({type(exc).__name__}); "
                 "nothing was accepted, retry later") from exc
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         if self._conn is None:
             self._conn = self.store.engine.connect().execution_options(
                 isolation_level="AUTOCOMMIT")
-        self.store.insert_conversions(self._conn, rows)  # one statement: atomic
+        if len(rows) == 1:
+            cursor = self._conn.connection.cursor()
+            try:
+                cursor.execute(_INSERT_ONE, rows[0])
+            finally:
+                cursor.close()
+            return
+        execute_values(self._conn, _INSERT, rows)  # one statement: atomic
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

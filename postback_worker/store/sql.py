@@ -8,6 +8,7 @@ from operator import itemgetter
 from typing import Any, Self
 
 from psycopg2.extensions import encodings
+from psycopg2.extras import execute_values as pg_execute_values
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -113,7 +114,7 @@ class StoreBase:
         first = next(iter(match.values()))
         sql = (f"UPDATE {table.name} SET {', '.join(sets)} FROM (VALUES %s) AS v"
                f"({', '.join(keys)}) WHERE {where} RETURNING {table.name}.{first}")
-        returned = _execute_values(conn, sql, tuples(rows, keys),
+        returned = execute_values(conn, sql, tuples(rows, keys),
                                    template=template, fetch=True)
         return len(returned)
 
@@ -141,7 +142,7 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[Mapping[str, An
     cols = list(rows[0])
     sql = (f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES %s "
            f"ON CONFLICT ({', '.join(keys)}) DO NOTHING")
-    _execute_values(conn, sql, tuples(rows, cols))
+    execute_values(conn, sql, tuples(rows, cols))
 
 
 def _cast_type(sql_type: str) -> str:
@@ -196,18 +197,16 @@ def hoist_shared(cursor: Any, template: str | None,
     return b"".join(out), [keep(r) for r in rows]
 
 
-def _execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
+def execute_values(conn: Connection, sql: str, rows: list[tuple[Any, ...]],
                     template: str | None = None, fetch: bool = False) -> list[Any]:
     """psycopg2's execute_values on the connection's current transaction, one page at a time
     with the values the page's rows share quoted once (`hoist_shared`)."""
-    from psycopg2.extras import execute_values
-
     cursor = conn.connection.cursor()
     try:
         out: list[Any] = []
         for page in chunks(rows, PAGE):
             shared, rest = hoist_shared(cursor, template, page)
-            out.extend(execute_values(cursor, sql, rest, template=shared, page_size=PAGE,
+            out.extend(pg_execute_values(cursor, sql, rest, template=shared, page_size=PAGE,
                                       fetch=fetch) or [])
         return out
     finally:
