@@ -3,15 +3,18 @@ bulk with FOR UPDATE SKIP LOCKED, and what counts as waiting."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import update
+import pytest
+from sqlalchemy import select, text, update
 from support.helpers import NOW, conversion
 
+from postback_worker.dev.services import free_port
 from postback_worker.store import schema as t
 from postback_worker.store.db import make_engine, upgrade
-from postback_worker.store.journal import Journal
+from postback_worker.store.journal import Journal, JournalUnavailable, LoopJournal
 from postback_worker.store.repo import Store
 
 
@@ -64,5 +67,57 @@ def test_journal_on_sqlite(tmp_path: Path) -> None:
             got = journal.claim(conn, 3, reattributed_before=NOW + timedelta(hours=1))
         assert [r["id"] for r in got] == ["cv000", "cv001", "cv002"]
         assert got[0]["state"] == "received" and got[0]["received_at"] == NOW
+    finally:
+        engine.dispose()
+
+
+def _stored(store: Store) -> list[tuple[str, str]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(
+            select(t.conversions.c.id, t.conversions.c.state).order_by(t.conversions.c.id))]
+
+
+def test_loop_journal_commits_on_the_event_loop_and_reconnects(store: Store) -> None:
+    """The API's journal: a group is one INSERT on an asynchronous connection; a connection
+    the server dropped is replaced on the next group; the same ids again add nothing."""
+    loop_journal = LoopJournal(Journal(store))
+
+    async def scenario() -> None:
+        await loop_journal.record(_events(3))
+        pid = loop_journal._conn.get_backend_pid()
+        with store.engine.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        await loop_journal.record(_events(4))  # cv000-002 again, and cv003
+        assert loop_journal._conn.get_backend_pid() != pid
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        loop_journal.close()
+    assert _stored(store) == [(f"cv{i:03d}", "received") for i in range(4)]
+
+
+def test_loop_journal_raises_when_the_database_is_unreachable(store: Store) -> None:
+    """Nothing is acknowledged that is not stored: an unreachable server is JournalUnavailable
+    (the API answers 503), after one retry on a new connection."""
+    url = store.engine.url.set(port=free_port())  # nothing listens there
+    engine = make_engine(url.render_as_string(hide_password=False))
+    loop_journal = LoopJournal(Journal(Store(engine)), timeout=5)
+    try:
+        with pytest.raises(JournalUnavailable, match="nothing was accepted"):
+            asyncio.run(loop_journal.record(_events(1)))
+    finally:
+        loop_journal.close()
+        engine.dispose()
+    assert _stored(store) == []
+
+
+def test_loop_journal_on_sqlite_goes_through_a_thread(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'pbw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        asyncio.run(LoopJournal(Journal.over(engine)).record(_events(2)))
+        assert _stored(Store(engine)) == [("cv000", "received"), ("cv001", "received")]
     finally:
         engine.dispose()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -22,8 +26,20 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     settings = settings or Settings.from_env()
     traced = tracing.configure("postback-worker-api")  # before the producer names the service
     store = store or Store.from_url(settings.database.url)
+    own_producer = producer is None
     producer = producer or Producer(settings, store=store)
     api = Api(settings, store, producer)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:  # close what this app opened (the producer sends its last wake-up)
+            if api.journal is not None:
+                api.journal.close()
+            if own_producer:
+                await asyncio.to_thread(producer.close)
+
     routes = [
         Route("/health", api.health),
         Route("/healthz", api.health),
@@ -40,7 +56,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     ]
     for module in (pages, oncall, visibility, security):
         routes.extend(module.routes(api))
-    app = Starlette(routes=routes, exception_handlers={
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api

@@ -2,18 +2,17 @@
 
 A request whose event finds no commit running starts one at once (no timer); requests that
 arrive while a commit runs share the next one. Each request is answered only after its own
-event is committed. One thread-pool hand-off per commit rather than per request.
+event is committed. The commit is a coroutine (store/journal.py: LoopJournal commits on the
+event loop itself on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
-Commit = Callable[[Sequence[Any]], list[str]]
+Commit = Callable[[Sequence[Any]], Awaitable[None]]
 
 
 class Batcher:
@@ -47,7 +46,7 @@ class Batcher:
                 events, self._events = self._events[:n], self._events[n:]
                 waiters, self._waiters = self._waiters[:group], self._waiters[group:]
                 try:
-                    await run_in_threadpool(self.commit, events)
+                    await self.commit(events)
                 except BaseException as exc:  # every request of the group must hear about it
                     for _, w in waiters:
                         if not w.done():

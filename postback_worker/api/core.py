@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from postback_worker.api.batcher import Batcher
 from postback_worker.api.http import HttpError, bearer, error_response, json_response, unavailable
 from postback_worker.api.openapi import document
 from postback_worker.domain.events import (
+    ConversionEvent,
     FieldError,
     ValidationError,
     parse_batch,
@@ -48,6 +49,7 @@ from postback_worker.ops.security.apikeys import KeyChecker, Principal
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
 from postback_worker.store import schema
+from postback_worker.store.journal import LoopJournal
 from postback_worker.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,9 @@ class Api:
         self.clock = clock or (lambda: datetime.now(UTC))
         self.keys = KeyChecker(store, settings.security.api_key_cache_seconds,
                                clock=self.clock)
-        # Single-event requests share commits without a thread each (api/batcher.py).
-        self.batcher = Batcher(self.producer.enqueue,
-                               max_events=settings.ingest.enqueue_chunk_size)
+        # Requests share commits, made on the event loop (api/batcher.py, LoopJournal).
+        self.journal = LoopJournal(producer.journal) if producer.journal is not None else None
+        self.batcher = Batcher(self._commit, max_events=settings.ingest.enqueue_chunk_size)
         self._offer_tokens: dict[str, tuple[float, str | None]] = {}
 
     async def _offer_token_hash(self, offer_id: str) -> str | None:
@@ -85,6 +87,14 @@ class Api:
         return stored
 
     # -- helpers --------------------------------------------------------------------------
+
+    async def _commit(self, events: Sequence[ConversionEvent]) -> None:
+        """Store the events durably, then have a worker woken (from the producer's thread)."""
+        if self.journal is None:  # a producer that publishes to Redis (durable=False)
+            await run_in_threadpool(self.producer.enqueue, events)
+            return
+        await self.journal.record(events)
+        self.producer.wake(events)
 
     async def _json(self, request: Request) -> Any:
         limit = self.settings.ingest.max_request_bytes
@@ -128,11 +138,11 @@ class Api:
     async def _enqueue(self, events: list[Any], status: int = 202) -> Response:
         """Answer only once the events are committed in the database (the intake journal)."""
         try:
-            ids = await run_in_threadpool(self.producer.enqueue, events)
+            await self.batcher.submit(events)
         except Unavailable as exc:
             log.error("events not stored: %s", exc)
             return unavailable("the database")
-        return json_response({"accepted": len(ids), "ids": ids}, status)
+        return json_response({"accepted": len(events), "ids": [e.id for e in events]}, status)
 
     # -- endpoints ------------------------------------------------------------------------
 

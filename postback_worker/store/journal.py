@@ -8,12 +8,15 @@ Redis only tells workers that there is work.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import psycopg2
+import psycopg2.extensions as pg
 from sqlalchemy import Connection, Engine, false, func, or_, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 
@@ -22,7 +25,7 @@ from postback_worker.domain.events import ConversionEvent
 from postback_worker.errors import Unavailable
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
-from postback_worker.store.sql import chunks, execute_values
+from postback_worker.store.sql import chunks, execute_values, hoist_shared
 
 RECEIVED = ConversionState.RECEIVED.value
 # Up to this many events are one multi-row INSERT (store/sql.py pages execute_values by it).
@@ -178,3 +181,94 @@ def _waiting(reattributed_before: datetime) -> tuple[Any, ...]:
     cv = t.conversions.c
     return (cv.state == RECEIVED,
             or_(cv.reattributed_at.is_(None), cv.reattributed_at < reattributed_before))
+
+
+class LoopJournal:
+    """`Journal.record` for an asyncio event loop, without a thread per commit.
+
+    PostgreSQL: one psycopg2 asynchronous connection (autocommit) driven by the loop, so a
+    group of events is one INSERT and the loop serves other requests while it commits (a
+    thread-pool hand-off per commit cost about 1 ms of waiting for the GIL under load).
+    Other databases, and groups over ONE_STATEMENT events, go through `Journal.record` in a
+    thread.
+    """
+
+    def __init__(self, journal: Journal, timeout: float = 10.0) -> None:
+        self.journal = journal
+        self.timeout = timeout
+        self._lock = asyncio.Lock()
+        self._conn: Any = None
+
+    async def record(self, events: Sequence[ConversionEvent]) -> None:
+        """Commit the events (all or none); raises JournalUnavailable when the database
+        cannot commit them (after one more try on a new connection)."""
+        if not events:
+            return
+        if self.journal.store.dialect != "postgresql" or len(events) > ONE_STATEMENT:
+            await asyncio.to_thread(self.journal.record, events)
+            return
+        rows = [conversion_values(e) for e in events]
+        async with self._lock:
+            for attempt in (1, 2):
+                try:
+                    await asyncio.wait_for(self._insert(rows), self.timeout)
+                    return
+                except (psycopg2.Error, OSError, TimeoutError) as exc:
+                    self._drop()
+                    if attempt == 2:
+                        raise JournalUnavailable(
+                            f"the database did not store the events ({type(exc).__name__}); "
+                            "nothing was accepted, retry later") from exc
+
+    async def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._conn is None:
+            engine = self.journal.store.engine
+            cargs, cparams = engine.dialect.create_connect_args(engine.url)
+            conn = psycopg2.connect(*cargs, **cparams, async_=1)
+            self._conn = conn
+            await _ready(conn)
+        cursor = self._conn.cursor()
+        try:
+            shared, rest = hoist_shared(cursor, None, rows)
+            values = b",".join([cursor.mogrify(shared, row) for row in rest])
+            cursor.execute(_INSERT.encode().replace(b"%s", values, 1))
+            await _ready(self._conn)
+        finally:
+            cursor.close()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+
+    def close(self) -> None:
+        self._drop()
+
+
+async def _ready(conn: Any) -> None:
+    """Drive an asynchronous psycopg2 connection until its current operation is done."""
+    loop = asyncio.get_running_loop()
+    while True:
+        state = conn.poll()
+        if state == pg.POLL_OK:
+            return
+        fd = conn.fileno()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def wake(done: asyncio.Future[None] = done) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        reading = state == pg.POLL_READ
+        if reading:
+            loop.add_reader(fd, wake)
+        else:
+            loop.add_writer(fd, wake)
+        try:
+            await done
+        finally:
+            if reading:
+                loop.remove_reader(fd)
+            else:
+                loop.remove_writer(fd)
