@@ -149,3 +149,13 @@ def test_no_import_cycles() -> None:
 
 def test_cycle_detector_finds_a_cycle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("script", sorted(
+    p.name for p in (ROOT / "bench").glob("*.py") if "argparse" in p.read_text()))
+def test_every_benchmark_answers_help(script: str) -> None:
+    """Each bench script with options imports and prints its usage from a plain checkout."""
+    out = subprocess.run([sys.executable, f"bench/{script}", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:"), out.stdout[:500]
