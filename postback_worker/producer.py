@@ -1,7 +1,7 @@
 """Producer library for backend services: validate conversions and store them durably.
 
     from postback_worker.producer import Producer
-    producer = Producer.from_env()          # needs POSTBACK_DATABASE_URL and the Redis URL
+    producer = Producer.from_env()          # needs DATABASE_URL and REDIS_URL
     ids = producer.send_conversions([{"transaction_id": "tx_...", "payout": "12.50"}])
 
 `send_conversions` returns once every event is committed in the database (the intake journal,
