@@ -43,7 +43,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     routes = [
         Route("/health", api.health),
         Route("/healthz", api.health),
-        Route("/openapi.json", api.openapi),
         Route("/click", api.click),
         Route("/postback", api.postback),
         Route("/v1/clicks", api.create_clicks, methods=["POST"]),

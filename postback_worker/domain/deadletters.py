@@ -14,6 +14,18 @@ from postback_worker.domain.failures import FAILED_CLASSES
 FAILURE_CLASSES: tuple[str, ...] = tuple(str(c) for c in FAILED_CLASSES)
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TIME_HELP = "ISO 8601 time (UTC unless it says otherwise) or an age such as 30m, 6h, 7d"
+# The filter's fields as JSON Schema: `Filter.parse` knows exactly these, and the API documents
+# them from here (api/openapi.py), as query parameters or request body fields.
+FILTER_SCHEMA: dict[str, dict[str, Any]] = {
+    "partner_id": {"type": "string", "description": "partner id"},
+    "offer_id": {"type": "string", "description": "offer id"},
+    "failure_class": {"type": "string", "enum": list(FAILURE_CLASSES)},
+    "since": {"type": "string", "description": f"dead-lettered since: {TIME_HELP}"},
+    "until": {"type": "string", "description": f"dead-lettered until: {TIME_HELP}"},
+    "last_status": {"type": "integer", "minimum": 100, "maximum": 599,
+                    "description": "the last attempt's HTTP status code, e.g. 503"},
+}
 
 
 def parse_time(value: str, now: datetime) -> datetime:
@@ -45,7 +57,7 @@ class Filter:
     def parse(cls, data: Mapping[str, Any], now: datetime) -> Filter:
         """From CLI options or API fields; raises ValidationError naming each bad field."""
         errors: list[FieldError] = []
-        known = {"partner_id", "offer_id", "failure_class", "since", "until", "last_status"}
+        known = FILTER_SCHEMA.keys()
         kw: dict[str, Any] = {}
         for name in ("partner_id", "offer_id"):
             value = data.get(name)
