@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from postback_worker.api.core import Api
-from postback_worker.api.http import HttpError, error_response, json_response
+from postback_worker.api.http import NUL, HttpError, error_response, json_response
 from postback_worker.domain.deadletters import FILTER_SCHEMA, TIME_HELP
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.ops.oncall import bundle, reattribute, replay
@@ -117,6 +117,9 @@ class _OnCall:
         raw = await self.api._json(request) if await request.body() else {}
         if not isinstance(raw, dict):
             raise HttpError(422, "invalid request", [FieldError("body", "must be an object")])
+        nul = [FieldError(k, NUL) for k, v in raw.items() if isinstance(v, str) and "\x00" in v]
+        if nul:  # PostgreSQL text cannot hold one: the database would refuse it (a 500)
+            raise HttpError(422, "invalid request", nul)
         return raw
 
     def filt(self, data: dict[str, Any], extra: set[str]) -> Filter:
