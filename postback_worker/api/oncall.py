@@ -69,8 +69,8 @@ REATTRIBUTE_FIELDS: dict[str, Schema] = {
     "offer_id": {"type": "string", "minLength": 1,
                  "description": "the offer whose expired_click conversions to attribute again "
                                 "(after its lifespan was extended)"},
-    "since": {**_TIME, "description": f"conversions since: {TIME_HELP}"},
-    "until": {**_TIME, "description": f"conversions until: {TIME_HELP}"},
+    "since": {**_TIME, "description": f"conversions received since: {TIME_HELP}"},
+    "until": {**_TIME, "description": f"conversions received until: {TIME_HELP}"},
     "dry_run": _DRY_RUN,
     "triggered_by": _WHO,
 }
