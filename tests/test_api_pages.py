@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from starlette.routing import Route
 from support.browser import chromium, find_chromium
 
+from postback_worker.api.app import create_app
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
 
@@ -47,6 +49,26 @@ def test_docs_page_and_its_files_are_served_here(api: str) -> None:
     assert 'url: "openapi.json"' in requests.get(f"{api}/docs/init.js").text
     missing = requests.get(f"{api}/docs/index.html", timeout=5)
     assert missing.status_code == 404 and "no file 'index.html'" in missing.json()["error"]
+
+
+# Pages for people (HTML, and Swagger UI's own files): not API operations, so not documented.
+PAGES = {"/", "/docs", "/docs/{name}", "/dashboard", "/dashboard/session",
+         "/partner-page/{partner_id}", "/partner-page/{partner_id}/test"}
+
+
+def test_openapi_documents_every_api_route_and_only_those(api: str, settings: Settings) -> None:
+    app = create_app(settings)
+    paths = {r.path for r in app.routes if isinstance(r, Route)}
+    assert paths >= PAGES, f"pages that no longer exist: {PAGES - paths}"
+    routes = {(r.path, method.lower()) for r in app.routes
+              if isinstance(r, Route) and r.path not in PAGES
+              for method in r.methods or () if method != "HEAD"}
+    document = requests.get(f"{api}/openapi.json", timeout=5).json()
+    documented = {(path, method) for path, item in document["paths"].items()
+                  for method in item}
+    assert not routes - documented, f"routes missing from /openapi.json: {routes - documented}"
+    assert not documented - routes, f"documented, but not routes: {documented - routes}"
+    assert len(routes) >= 41
 
 
 def test_docs_render_in_headless_chromium_without_other_sites(api: str, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from postback_worker import tracing
 from postback_worker.api import oncall, pages, security, visibility
 from postback_worker.api.core import Api
-from postback_worker.api.http import db_error, project_error
+from postback_worker.api.http import RejectNul, db_error, project_error
 from postback_worker.errors import PostbackWorkerError
 from postback_worker.producer import Producer
 from postback_worker.settings import Settings
@@ -43,7 +43,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
     routes = [
         Route("/health", api.health),
         Route("/healthz", api.health),
-        Route("/openapi.json", api.openapi),
         Route("/click", api.click),
         Route("/postback", api.postback),
         Route("/v1/clicks", api.create_clicks, methods=["POST"]),
@@ -60,6 +59,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None,
         PostbackWorkerError: project_error, OperationalError: db_error,
     })
     app.state.api = api
+    app.add_middleware(RejectNul)
     if traced:
         # A server span per request (continuing the caller's traceparent header).
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware

@@ -2,8 +2,9 @@
 
 Authentication: `Authorization: Bearer <API key>` (keys with scopes `ingest` or `admin`, see
 ops/security/apikeys.py), or the bootstrap admin token (break-glass: every scope).
-Public: /click (tracking links), /health, /healthz, /openapi.json, the pages / and /docs
-(api/pages.py); the advertiser GET /postback takes the offer's `security_token` instead of a key.
+Public: /click (tracking links), /health, /healthz, the pages / and /docs and the document
+/openapi.json (api/pages.py); the advertiser GET /postback takes the offer's `security_token`
+instead of a key.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from starlette.responses import RedirectResponse, Response
 
 from postback_worker.api.batcher import Batcher
 from postback_worker.api.http import HttpError, bearer, error_response, json_response, unavailable
-from postback_worker.api.openapi import document
 from postback_worker.domain.events import (
     ConversionEvent,
     FieldError,
@@ -148,10 +148,6 @@ class Api:
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
-
-    async def openapi(self, request: Request) -> Response:
-
-        return json_response(document(self.settings.ingest))
 
     async def click(self, request: Request) -> Response:
         params = dict(request.query_params)

@@ -1,6 +1,8 @@
 """HTTP routes for dead letters, replay, re-attribution, partner health, support bundles.
 
-Every route needs the admin scope.
+Every route needs the admin scope. What each route reads is declared below as JSON Schema: the
+handlers take their field names, bounds and defaults from these tables and the OpenAPI document
+(api/openapi.py) is generated from them, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from postback_worker.api.core import Api
-from postback_worker.api.http import HttpError, error_response, json_response
+from postback_worker.api.http import NUL, HttpError, error_response, json_response
+from postback_worker.domain.deadletters import FILTER_SCHEMA, TIME_HELP
 from postback_worker.domain.events import FieldError, ValidationError
 from postback_worker.ops.oncall import bundle, reattribute, replay
 from postback_worker.ops.oncall import deadletters as dlq_ops
@@ -28,8 +31,62 @@ from postback_worker.ops.oncall.partner_health import (
 )
 from postback_worker.ops.oncall.replay import celery_enqueue, get_run
 
-FILTER_FIELDS = ("partner_id", "offer_id", "failure_class", "since", "until", "last_status")
+FILTER_FIELDS = tuple(FILTER_SCHEMA)
 Handler = Callable[[Request], Awaitable[Response]]
+Schema = dict[str, Any]
+
+_TIME: Schema = {"type": "string", "description": TIME_HELP}
+_DRY_RUN: Schema = {"type": "boolean", "default": False,
+                    "description": "only report what would happen; change nothing"}
+_WHO: Schema = {"type": "string", "minLength": 1, "maxLength": 150, "pattern": r"\S",
+                "description": "who triggers it (recorded with the API key's name)"}
+# GET /v1/dead-letters: paging (the filter's fields are query parameters too).
+LIST_QUERY: dict[str, Schema] = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50,
+              "description": "rows per page"},
+    "offset": {"type": "integer", "minimum": 0, "maximum": 10**9, "default": 0,
+               "description": "rows to skip (newest first)"},
+    "after": {"type": "string", "description": "start after this row: the next_after of the "
+                                               "previous page (faster than offset deep down)"},
+}
+# POST /v1/dead-letters/replay and /purge: the filter's fields plus these.
+REPLAY_FIELDS: dict[str, Schema] = {
+    "dry_run": _DRY_RUN,
+    "rate": {"anyOf": [{"type": "number", "minimum": 0, "exclusiveMinimum": True,
+                        "maximum": 10000}, {"type": "string"}],
+             "description": "postbacks per second, e.g. 10 or \"10/s\" (at most 10000; "
+                            "default: POSTBACK_REPLAY_RATE)"},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 10**9,
+              "description": "at most this many (oldest first)"},
+    "triggered_by": _WHO,
+}
+PURGE_FIELDS: dict[str, Schema] = {
+    "confirm": {"type": "boolean", "enum": [True],
+                "description": "must be true: purging deletes dead letters for good"},
+    "triggered_by": _WHO,
+}
+REATTRIBUTE_FIELDS: dict[str, Schema] = {
+    "offer_id": {"type": "string", "minLength": 1,
+                 "description": "the offer whose expired_click conversions to attribute again "
+                                "(after its lifespan was extended)"},
+    "since": {**_TIME, "description": f"conversions received since: {TIME_HELP}"},
+    "until": {**_TIME, "description": f"conversions received until: {TIME_HELP}"},
+    "dry_run": _DRY_RUN,
+    "triggered_by": _WHO,
+}
+PAUSE_FIELDS: dict[str, Schema] = {
+    "reason": {"type": "string", "nullable": True, "description": "shown with the pause"},
+}
+LIMITS_FIELDS: dict[str, Schema] = {
+    "rate_limit": {"type": "number", "minimum": 0, "maximum": 10000, "nullable": True,
+                   "description": "requests per second across all workers (0 or null: none)"},
+    "max_concurrency": {"type": "integer", "minimum": 0, "maximum": 10000, "nullable": True,
+                        "description": "requests at once across all workers (0 or null: none)"},
+}
+BUNDLE_QUERY: dict[str, Schema] = {
+    "since": {**_TIME, "default": "24h"},
+    "until": {**_TIME, "description": f"{TIME_HELP} (default: now)"},
+}
 
 
 class _OnCall:
@@ -60,6 +117,9 @@ class _OnCall:
         raw = await self.api._json(request) if await request.body() else {}
         if not isinstance(raw, dict):
             raise HttpError(422, "invalid request", [FieldError("body", "must be an object")])
+        nul = [FieldError(k, NUL) for k, v in raw.items() if isinstance(v, str) and "\x00" in v]
+        if nul:  # PostgreSQL text cannot hold one: the database would refuse it (a 500)
+            raise HttpError(422, "invalid request", nul)
         return raw
 
     def filt(self, data: dict[str, Any], extra: set[str]) -> Filter:
@@ -82,10 +142,12 @@ class _OnCall:
         q = dict(request.query_params)
         errors: list[FieldError] = []
         paging = {}
-        for name, default, high in (("limit", 50, 1000), ("offset", 0, 10**9)):
+        for name in ("limit", "offset"):
+            spec = LIST_QUERY[name]
+            high = spec["maximum"]
             try:
-                paging[name] = int(q.pop(name, default))
-                if not 0 <= paging[name] <= high or (name == "limit" and paging[name] < 1):
+                paging[name] = int(q.pop(name, spec["default"]))
+                if not spec["minimum"] <= paging[name] <= high:
                     raise ValueError
             except ValueError:
                 errors.append(FieldError(name, f"must be a whole number up to {high}"))
@@ -131,7 +193,7 @@ class _OnCall:
         key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
 
         data = await self.body(request)
-        extra = {"dry_run", "rate", "limit", "triggered_by"}
+        extra = set(REPLAY_FIELDS)
         errors: list[FieldError] = []
         try:
             filt = self.filt(data, extra)
@@ -145,9 +207,10 @@ class _OnCall:
             except ValueError as exc:
                 errors.append(FieldError("rate", str(exc)))
         limit = data.get("limit")
+        high = REPLAY_FIELDS["limit"]["maximum"]
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)
-                                  or limit < 1):
-            errors.append(FieldError("limit", "must be a whole number of at least 1"))
+                                  or not 1 <= limit <= high):
+            errors.append(FieldError("limit", f"must be a whole number from 1 to {high}"))
         dry_run = data.get("dry_run", False)
         if not isinstance(dry_run, bool):
             errors.append(FieldError("dry_run", "must be true or false"))
@@ -180,7 +243,7 @@ class _OnCall:
         data = await self.body(request)
         errors: list[FieldError] = []
         try:
-            filt = self.filt(data, {"confirm", "triggered_by"})
+            filt = self.filt(data, set(PURGE_FIELDS))
         except ValidationError as exc:
             errors += exc.errors
             filt = Filter()
@@ -199,8 +262,7 @@ class _OnCall:
         key = getattr(self.api.require(request, "admin"), "name", None) or "admin"
 
         data = await self.body(request)
-        known = {"offer_id", "since", "until", "dry_run", "triggered_by"}
-        errors = [FieldError(k, "unknown field") for k in data if k not in known]
+        errors = [FieldError(k, "unknown field") for k in data if k not in REATTRIBUTE_FIELDS]
         offer_id = data.get("offer_id")
         if not isinstance(offer_id, str) or not offer_id:
             errors.append(FieldError("offer_id", "required"))
@@ -252,7 +314,7 @@ class _OnCall:
         self.api.require(request, "admin")
 
         data = await self.body(request)
-        errors = [FieldError(k, "unknown field") for k in data if k != "reason"]
+        errors = [FieldError(k, "unknown field") for k in data if k not in PAUSE_FIELDS]
         reason = data.get("reason")
         if reason is not None and not isinstance(reason, str):
             errors.append(FieldError("reason", "must be a string"))
@@ -274,8 +336,7 @@ class _OnCall:
         self.api.require(request, "admin")
 
         data = await self.body(request)
-        errors = [FieldError(k, "unknown field") for k in data
-                  if k not in {"rate_limit", "max_concurrency"}]
+        errors = [FieldError(k, "unknown field") for k in data if k not in LIMITS_FIELDS]
         rate, cap = data.get("rate_limit"), data.get("max_concurrency")
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
                                  or not 0 <= rate <= 10000):
@@ -301,8 +362,8 @@ class _OnCall:
         q = request.query_params
         errors: list[FieldError] = []
         bounds: dict[str, datetime] = {}
-        for name, default in (("since", "24h"), ("until", None)):
-            value = q.get(name) or default
+        for name, spec in BUNDLE_QUERY.items():
+            value = q.get(name) or spec.get("default")
             try:
                 bounds[name] = dlq_ops.parse_time(value, now) if value else now
             except ValueError as exc:

@@ -1,9 +1,15 @@
-"""The API's OpenAPI 3 document, served at /openapi.json (and fuzzed by the test suite)."""
+"""The API's OpenAPI 3 document, served at /openapi.json (and fuzzed by the test suite).
+
+Every route but the pages for people (/, /docs, /dashboard, a partner's page) is here; a test
+compares this document with the app's routes both ways.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from postback_worker.api import oncall, visibility
+from postback_worker.domain.deadletters import FILTER_SCHEMA
 from postback_worker.domain.events import click_spec, conversion_spec, object_schema
 from postback_worker.domain.lifecycle import Trigger
 from postback_worker.ops.config import OFFER_SCHEMA, PARTNER_SCHEMA
@@ -25,7 +31,9 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _responses(ok: str, *codes: str, ok_schema: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {ok: {"description": "success", **_json(ok_schema or {})}}
     texts = {"400": "malformed request", "401": "no or bad credential",
-             "403": "credential lacks the scope", "404": "not found", "413": "too large",
+             "403": "credential lacks the scope", "404": "not found",
+             "409": "conflicts with the current state (e.g. no signing key is set)",
+             "413": "too large",
              "422": "invalid fields (each named)", "503": "a backing service is unavailable"}
     for code in codes:
         out[code] = {"description": texts[code], **_json(_ERROR)}
@@ -34,6 +42,24 @@ def _responses(ok: str, *codes: str, ok_schema: dict[str, Any] | None = None) ->
 
 def _query(name: str, schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema}
+
+
+def _queries(specs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Optional query parameters from a handler's table (name -> JSON Schema)."""
+    return [_query(name, schema) for name, schema in specs.items()]
+
+
+def _body(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    """A JSON object request body with exactly these fields (the handlers reject others)."""
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                              "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return {"required": bool(required), **_json(schema)}
+
+
+def _content(*media_types: str) -> dict[str, Any]:
+    return {"content": {m: {"schema": {}} for m in media_types}}
 
 
 def _path(name: str) -> dict[str, Any]:
@@ -49,10 +75,11 @@ def _one_or_many(item: dict[str, Any], max_items: int) -> dict[str, Any]:
 
 
 def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
-    """The OpenAPI document of the endpoints in api/core.py and api/security.py.
+    """The OpenAPI document of every API endpoint (not the pages for people).
 
-    Request bodies come from the same field specs the validators use (domain/events.py,
-    ops/config.py), so the document cannot drift from the code.
+    Request bodies and query parameters come from the same field specs and tables the
+    handlers use (domain/events.py, ops/config.py, api/oncall.py, api/visibility.py), so the
+    document cannot drift from the code.
     """
     ingest = ingest or IngestSettings()
     admin: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -136,7 +163,7 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
                 _path("partner_id"),
                 _query("days", {"type": "number", "exclusiveMinimum": True, "minimum": 0,
                                 "maximum": 90})],
-            "responses": _responses("200", *_AUTH, "404", "422")}},
+            "responses": _responses("200", *_AUTH, "404", "409", "422")}},
         "/v1/offers/{offer_id}/security-token": {"post": {
             "security": admin, "parameters": [_path("offer_id")],
             "responses": _responses("200", *_AUTH, "404")}},
@@ -153,6 +180,10 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
         "/v1/keys/{key_id}": {"delete": {
             "security": admin, "parameters": [_path("key_id")],
             "responses": _responses("200", *_AUTH, "404")}},
+        "/openapi.json": {"get": {"security": [], "summary": "this document",
+                                  "responses": _responses("200")}},
+        **_oncall_paths(admin),
+        **_visibility_paths(admin),
     }
     return {
         "openapi": "3.0.3",
@@ -162,6 +193,12 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "metricsToken": {"type": "http", "scheme": "bearer",
+                                 "description": "POSTBACK_METRICS_TOKEN (GET /metrics only)"},
+                "dashboardSession": {"type": "apiKey", "in": "cookie",
+                                     "name": visibility.da.COOKIE,
+                                     "description": "the session a dashboard sign-in link "
+                                                    "sets (read-only reports and alerts)"},
                 "securityToken": {"type": "apiKey", "in": "query", "name": "security_token"},
             },
             "schemas": {"Error": {
@@ -172,4 +209,96 @@ def document(ingest: IngestSettings | None = None) -> dict[str, Any]:
                         "properties": {"field": {"type": "string"},
                                        "message": {"type": "string"}}}}}}},
         },
+    }
+
+
+def _oncall_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """Dead letters, replay, re-attribution, partner health (api/oncall.py's tables)."""
+    filters = _queries(FILTER_SCHEMA)
+    body = ("400", *_AUTH, "413", "422")
+    dry = {"200": {"description": "dry run: what would happen", **_json({})}}
+    return {
+        "/v1/dead-letters": {"get": {
+            "security": admin, "summary": "dead letters, newest first (URLs masked)",
+            "parameters": filters + _queries(oncall.LIST_QUERY),
+            "responses": _responses("200", *_AUTH, "422")}},
+        "/v1/dead-letters/stats": {"get": {
+            "security": admin, "summary": "dead letters by failure class, partner, last status",
+            "parameters": filters, "responses": _responses("200", *_AUTH, "422")}},
+        "/v1/dead-letters/replay": {"post": {
+            "security": admin,
+            "summary": "replay matching dead letters on the 'replay' queue at a bounded rate",
+            "requestBody": _body({**FILTER_SCHEMA, **oncall.REPLAY_FIELDS}),
+            "responses": {**_responses("202", *body), **dry}}},
+        "/v1/dead-letters/purge": {"post": {
+            "security": admin, "summary": "delete matching dead letters for good",
+            "requestBody": _body({**FILTER_SCHEMA, **oncall.PURGE_FIELDS}, "confirm"),
+            "responses": _responses("200", *body)}},
+        "/v1/dead-letters/{postback_id}": {"get": {
+            "security": admin,
+            "summary": "a postback, its dead letter and every attempt (secrets masked)",
+            "parameters": [_path("postback_id")],
+            "responses": _responses("200", *_AUTH, "404")}},
+        "/v1/replay-runs/{run_id}": {"get": {
+            "security": admin, "summary": "a replay or re-attribution run and its tally",
+            "parameters": [_path("run_id")], "responses": _responses("200", *_AUTH, "404")}},
+        "/v1/reattribute": {"post": {
+            "security": admin,
+            "summary": "attribute an offer's expired_click conversions again",
+            "requestBody": _body(oncall.REATTRIBUTE_FIELDS, "offer_id"),
+            "responses": {**_responses("202", *body), **dry}}},
+        "/v1/partners/health": {"get": {
+            "security": admin, "summary": "every partner: pause, circuit, limits, recent figures",
+            "responses": _responses("200", *_AUTH)}},
+        "/v1/partners/{partner_id}/pause": {"post": {
+            "security": admin, "summary": "pause a partner's deliveries",
+            "parameters": [_path("partner_id")], "requestBody": _body(oncall.PAUSE_FIELDS),
+            "responses": _responses("200", "400", *_AUTH, "404", "413", "422")}},
+        "/v1/partners/{partner_id}/resume": {"post": {
+            "security": admin, "summary": "resume a partner and release what waited",
+            "parameters": [_path("partner_id")],
+            "responses": _responses("200", *_AUTH, "404")}},
+        "/v1/partners/{partner_id}/limits": {"post": {
+            "security": admin, "summary": "set a partner's rate and concurrency limits",
+            "parameters": [_path("partner_id")], "requestBody": _body(oncall.LIMITS_FIELDS),
+            "responses": _responses("200", "400", *_AUTH, "404", "413", "422")}},
+        "/v1/partners/{partner_id}/support-bundle": {"get": {
+            "security": admin, "summary": "a .tar.gz to hand to the partner (secrets redacted)",
+            "parameters": [_path("partner_id"), *_queries(oncall.BUNDLE_QUERY)],
+            "responses": {**_responses("200", *_AUTH, "404", "422"),
+                          "200": {"description": "success", **_content("application/gzip")}}}},
+    }
+
+
+def _visibility_paths(admin: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """Metrics, reports, alerts, operator events (api/visibility.py's tables)."""
+    viewer = [*admin, {"dashboardSession": []}]
+    return {
+        "/metrics": {"get": {
+            "security": [*admin, {"metricsToken": []}], "summary": "Prometheus metrics",
+            "responses": {**_responses("200", *_AUTH),
+                          "200": {"description": "success", **_content("text/plain")}}}},
+        "/v1/reports/delivery": {"get": {
+            "security": viewer, "summary": "delivery figures by partner, offer and class",
+            "parameters": _queries(visibility.DELIVERY_QUERY),
+            "responses": {**_responses("200", *_AUTH, "422"), "200": {
+                "description": "success", **_content("application/json", "text/csv")}}}},
+        "/v1/reports/failed": {"get": {
+            "security": viewer, "summary": "failed postbacks (dead letters and retrying)",
+            "parameters": _queries(visibility.FAILED_QUERY),
+            "responses": {**_responses("200", *_AUTH, "422"), "200": {
+                "description": "success",
+                **_content("application/json", "text/csv", "text/html")}}}},
+        "/v1/alerts": {"get": {
+            "security": viewer, "summary": "alert history, newest first",
+            "parameters": _queries(visibility.ALERTS_QUERY),
+            "responses": _responses("200", *_AUTH, "422")}},
+        "/v1/operator-events": {"get": {
+            "security": viewer, "summary": "operator events and their webhook deliveries",
+            "parameters": _queries(visibility.EVENTS_QUERY),
+            "responses": _responses("200", *_AUTH, "422")}},
+        "/v1/dashboard/link": {"post": {
+            "security": admin, "summary": "a dashboard sign-in link (valid 10 minutes)",
+            "parameters": _queries(visibility.LINK_QUERY),
+            "responses": _responses("200", *_AUTH, "409")}},
     }

@@ -1,8 +1,9 @@
 """Public pages for people: the start page `/` and the interactive API docs `/docs`.
 
-`/docs` is Swagger UI drawing `/openapi.json`. Its files come from the `swagger-ui-bundle`
-package (Swagger UI, Apache License 2.0; the licence is in that package's metadata) and are
-served by this API: the page loads nothing from any other site.
+`/docs` is Swagger UI drawing `/openapi.json` (api/openapi.py, served from here). Its files
+come from the `swagger-ui-bundle` package (Swagger UI, Apache License 2.0; the licence is in
+that package's metadata) and are served by this API: the page loads nothing from any other
+site.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from postback_worker.api.core import Api
-from postback_worker.api.http import HttpError
+from postback_worker.api.http import HttpError, json_response
+from postback_worker.api.openapi import document
 from postback_worker.ops.visibility.dashboard import STYLE
 
 # Swagger UI's files that /docs uses, served under /docs/.
@@ -90,9 +92,13 @@ class Pages:
     def __init__(self, api: Api) -> None:
         self.database = "SQLite" if api.settings.is_sqlite else "PostgreSQL"
         self.files = swagger_ui_dir()
+        self.ingest = api.settings.ingest
 
     async def home(self, request: Request) -> Response:
         return HTMLResponse(home_html(self.database), headers={"Content-Security-Policy": CSP})
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(document(self.ingest))
 
     async def docs(self, request: Request) -> Response:
         return HTMLResponse(DOCS_PAGE, headers={"Content-Security-Policy": CSP})
@@ -112,5 +118,6 @@ def routes(api: Api) -> list[BaseRoute]:
     return [
         Route("/", pages.home, methods=["GET"]),
         Route("/docs", pages.docs, methods=["GET"]),
+        Route("/openapi.json", pages.openapi, methods=["GET"]),
         Route("/docs/{name}", pages.docs_file, methods=["GET"]),
     ]

@@ -4,6 +4,10 @@ Auth: everything needs the `admin` scope (`Authorization: Bearer ...`), or, for 
 pages a browser opens (dashboard, reports, alerts), the signed session cookie a dashboard link
 sets (see ops/dashboard_auth.py). GET /metrics also accepts `Authorization: Bearer
 <metrics_token>` when that setting is set, so Prometheus needs no admin credential.
+
+The query parameters each endpoint reads are declared below as JSON Schema: the handlers take
+their names, choices, bounds and defaults from these tables and the OpenAPI document
+(api/openapi.py) is generated from them.
 """
 
 from __future__ import annotations
@@ -19,16 +23,54 @@ from starlette.routing import BaseRoute, Route
 
 from postback_worker.api.core import Api
 from postback_worker.api.http import HttpError, error_response, json_response
+from postback_worker.domain import operator_events as oe
 from postback_worker.domain.events import FieldError
 from postback_worker.ops.visibility import dashboard as dash
 from postback_worker.ops.visibility import dashboard_auth as da
 from postback_worker.ops.visibility import metrics, reports
 from postback_worker.ops.visibility.alerts import list_alerts
-from postback_worker.ops.visibility.operator_events import check_filters, list_events
+from postback_worker.ops.visibility.operator_events import LIST_STATES, check_filters, list_events
 from postback_worker.ops.visibility.timerange import RangeError, parse_range
 
 MAX_JSON_ROWS = 10_000
 ALERT_STATES = ("open", "resolved", "all")
+Schema = dict[str, Any]
+
+_WHEN = "a date (2026-11-25), a time (2026-11-25T10:00Z) or a duration ago (30m, 24h, 7d)"
+_PARTNER: Schema = {"type": "string", "description": "only this partner"}
+RANGE_QUERY: dict[str, Schema] = {
+    "since": {"type": "string", "description": f"start (inclusive): {_WHEN}; default: 24 "
+                                               "hours before until"},
+    "until": {"type": "string", "description": f"end (exclusive): {_WHEN}, or now; "
+                                               "default: now"},
+    "partner": _PARTNER,
+    "offer": {"type": "string", "description": "only this offer"},
+}
+DELIVERY_QUERY: dict[str, Schema] = {
+    **RANGE_QUERY, "format": {"type": "string", "enum": ["json", "csv"], "default": "json"}}
+FAILED_QUERY: dict[str, Schema] = {
+    **RANGE_QUERY,
+    "format": {"type": "string", "enum": ["csv", "json", "html"], "default": "json"},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_JSON_ROWS,
+              "default": MAX_JSON_ROWS,
+              "description": "rows at most (json, html); format=csv streams every row"},
+}
+_LIMIT: Schema = {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+ALERTS_QUERY: dict[str, Schema] = {
+    "state": {"type": "string", "enum": list(ALERT_STATES), "default": "all"},
+    "partner": _PARTNER, "limit": _LIMIT}
+EVENTS_QUERY: dict[str, Schema] = {
+    "type": {"type": "string", "enum": list(oe.TYPES)},
+    "partner": _PARTNER,
+    "state": {"type": "string", "enum": list(LIST_STATES),
+              "description": "its deliveries' state, or unplanned"},
+    "limit": _LIMIT,
+}
+LINK_QUERY: dict[str, Schema] = {
+    "next": {"type": "string", "description": "a local path to open after signing in, e.g. "
+                                              "/dashboard?since=7d (default: /dashboard)"}}
+# What the report and dashboard handlers accept (each reads its own; the rest are ignored).
+_SCOPE_PARAMS = {*FAILED_QUERY, "state"}
 
 
 class Visibility:
@@ -78,9 +120,7 @@ class Visibility:
 
     def _scope(self, request: Request) -> reports.Scope | Response:
         q = request.query_params
-        errors = [FieldError(k, "unknown parameter") for k in q
-                  if k not in {"since", "until", "partner", "offer", "format", "limit",
-                               "state"}]
+        errors = [FieldError(k, "unknown parameter") for k in q if k not in _SCOPE_PARAMS]
         if errors:
             return self._bad(errors)
         try:
@@ -100,6 +140,15 @@ class Visibility:
     def _bad_format(self, allowed: tuple[str, ...]) -> Response:
         return self._bad([FieldError("format", "must be one of: " + ", ".join(allowed))])
 
+    def _limit(self, request: Request, spec: Schema) -> int | None:
+        """The `limit` parameter within `spec`'s bounds (its default if absent), or None."""
+        text = request.query_params.get("limit", str(spec["default"]))
+        try:
+            n = int(text) if text.isdigit() else None  # "²" is a digit int() refuses
+        except ValueError:
+            n = None
+        return n if n is not None and spec["minimum"] <= n <= spec["maximum"] else None
+
     # -- endpoints ------------------------------------------------------------------------
 
     async def metrics(self, request: Request) -> Response:
@@ -114,9 +163,10 @@ class Visibility:
         scope = self._scope(request)
         if isinstance(scope, Response):
             return scope
-        fmt = self._format(request, ("json", "csv"), "json")
+        fmt_spec = DELIVERY_QUERY["format"]
+        fmt = self._format(request, tuple(fmt_spec["enum"]), fmt_spec["default"])
         if fmt is None:
-            return self._bad_format(("json", "csv"))
+            return self._bad_format(tuple(fmt_spec["enum"]))
         report = await run_in_threadpool(reports.delivery_report, self.api.store, scope)
         if fmt == "csv":
             body = "".join(reports.csv_lines(reports.report_rows(report),
@@ -131,8 +181,8 @@ class Visibility:
         scope = self._scope(request)
         if isinstance(scope, Response):
             return scope
-        allowed = ("csv", "json", "html")
-        fmt = self._format(request, allowed, "json")
+        allowed = tuple(FAILED_QUERY["format"]["enum"])
+        fmt = self._format(request, allowed, FAILED_QUERY["format"]["default"])
         if fmt is None:
             return self._bad_format(allowed)
         if fmt == "csv":
@@ -141,11 +191,10 @@ class Visibility:
                 reports.csv_lines(stream, reports.FAILED_COLUMNS),
                 media_type="text/csv; charset=utf-8",
                 headers={"Content-Disposition": 'attachment; filename="failed-postbacks.csv"'})
-        limit_text = request.query_params.get("limit", str(MAX_JSON_ROWS))
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_JSON_ROWS:
+        limit = self._limit(request, FAILED_QUERY["limit"])
+        if limit is None:
             return self._bad([FieldError("limit", f"must be 1..{MAX_JSON_ROWS}; use "
                                                   "format=csv for everything")])
-        limit = int(limit_text)
 
         def fetch() -> list[dict[str, Any]]:
             return list(reports.failed_postbacks(self.api.store, scope, limit + 1))
@@ -164,34 +213,33 @@ class Visibility:
 
         self.viewer(request)
         q = request.query_params
-        state = q.get("state", "all")
+        state = q.get("state", ALERTS_QUERY["state"]["default"])
         errors = []
         if state not in ALERT_STATES:
             errors.append(FieldError("state", "must be one of: " + ", ".join(ALERT_STATES)))
-        limit_text = q.get("limit", "100")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        limit = self._limit(request, ALERTS_QUERY["limit"])
+        if limit is None:
             errors.append(FieldError("limit", "must be 1..1000"))
-        if errors:
+        if errors or limit is None:
             return self._bad(errors)
         rows = await run_in_threadpool(
             lambda: list_alerts(self.api.store, state=state, partner_id=q.get("partner") or None,
-                                limit=int(limit_text)))
+                                limit=limit))
         return json_response({"alerts": rows})
 
     async def operator_events(self, request: Request) -> Response:
         self.viewer(request)
         q = request.query_params
-        errors = [FieldError(k, "unknown parameter") for k in q
-                  if k not in {"type", "partner", "state", "limit"}]
+        errors = [FieldError(k, "unknown parameter") for k in q if k not in EVENTS_QUERY]
         errors += [FieldError(f, m) for f, m in check_filters(q.get("type"), q.get("state"))]
-        limit_text = q.get("limit", "100")
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        limit = self._limit(request, EVENTS_QUERY["limit"])
+        if limit is None:
             errors.append(FieldError("limit", "must be 1..1000"))
-        if errors:
+        if errors or limit is None:
             return self._bad(errors)
         rows = await run_in_threadpool(lambda: list_events(
             self.api.store, type_=q.get("type") or None, partner_id=q.get("partner") or None,
-            state=q.get("state") or None, limit=int(limit_text)))
+            state=q.get("state") or None, limit=limit))
         return json_response({"events": rows})
 
     async def dashboard(self, request: Request) -> Response:

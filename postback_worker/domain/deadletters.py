@@ -14,20 +14,34 @@ from postback_worker.domain.failures import FAILED_CLASSES
 FAILURE_CLASSES: tuple[str, ...] = tuple(str(c) for c in FAILED_CLASSES)
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TIME_HELP = "ISO 8601 time (UTC unless it says otherwise) or an age such as 30m, 6h, 7d"
+# The filter's fields as JSON Schema: `Filter.parse` knows exactly these, and the API documents
+# them from here (api/openapi.py), as query parameters or request body fields.
+FILTER_SCHEMA: dict[str, dict[str, Any]] = {
+    "partner_id": {"type": "string", "description": "partner id"},
+    "offer_id": {"type": "string", "description": "offer id"},
+    "failure_class": {"type": "string", "enum": list(FAILURE_CLASSES)},
+    "since": {"type": "string", "description": f"dead-lettered since: {TIME_HELP}"},
+    "until": {"type": "string", "description": f"dead-lettered until: {TIME_HELP}"},
+    "last_status": {"type": "integer", "minimum": 100, "maximum": 599,
+                    "description": "the last attempt's HTTP status code, e.g. 503"},
+}
 
 
 def parse_time(value: str, now: datetime) -> datetime:
     """ISO 8601 date/time (UTC unless it says otherwise) or an age such as 30m, 6h, 7d."""
     text = value.strip()
     rel = _RELATIVE.fullmatch(text)
-    if rel:
-        return now - timedelta(seconds=float(rel.group(1)) * _UNITS[rel.group(2)])
     try:
+        if rel:
+            return now - timedelta(seconds=float(rel.group(1)) * _UNITS[rel.group(2)])
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except OverflowError:  # an age of a million years, or year 1 at +14:00
+        raise ValueError("is out of range (years 1 to 9999)") from None
     except ValueError:
         raise ValueError("must be an ISO 8601 time (2026-11-26T12:00:00Z) or an age such as "
                          "30m, 6h, 7d") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,7 @@ class Filter:
     def parse(cls, data: Mapping[str, Any], now: datetime) -> Filter:
         """From CLI options or API fields; raises ValidationError naming each bad field."""
         errors: list[FieldError] = []
-        known = {"partner_id", "offer_id", "failure_class", "since", "until", "last_status"}
+        known = FILTER_SCHEMA.keys()
         kw: dict[str, Any] = {}
         for name in ("partner_id", "offer_id"):
             value = data.get(name)
@@ -104,10 +118,13 @@ class Cursor:
     def parse(cls, value: str, field: str = "after") -> Cursor:
         """From `encode`'s text; raises ValidationError naming `field`."""
         micros, sep, postback_id = value.partition(":")
-        if not sep or not postback_id or not micros.isdigit():
+        try:
+            if not sep or not postback_id or not (micros.isascii() and micros.isdigit()):
+                raise ValueError
+            return cls(EPOCH + timedelta(microseconds=int(micros)), postback_id)
+        except (ValueError, OverflowError):
             raise ValidationError([FieldError(
-                field, "must be the next_after value of the previous page")])
-        return cls(EPOCH + timedelta(microseconds=int(micros)), postback_id)
+                field, "must be the next_after value of the previous page")]) from None
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -225,14 +225,17 @@ def list_events(store: Store, *, type_: str | None = None, partner_id: str | Non
                                       limit=limit)
 
 
+# The states an event listing can filter on: its deliveries' states, or not planned yet.
+LIST_STATES = (*oe.DELIVERY_STATES, "unplanned")
+
+
 def check_filters(type_: str | None, state: str | None) -> list[tuple[str, str]]:
     """(field, problem) for a bad listing filter."""
     bad = []
     if type_ and type_ not in oe.TYPES:
         bad.append(("type", "must be one of: " + ", ".join(oe.TYPES)))
-    states = (*oe.DELIVERY_STATES, "unplanned")
-    if state and state not in states:
-        bad.append(("state", "must be one of: " + ", ".join(states)))
+    if state and state not in LIST_STATES:
+        bad.append(("state", "must be one of: " + ", ".join(LIST_STATES)))
     return bad
 
 

@@ -38,18 +38,20 @@ def parse_instant(field: str, text: str, now: datetime) -> datetime:
     """`2026-11-25`, `2026-11-25T10:00`, `2026-11-25 10:00:00+01:00`, or `24h`/`7d` ago."""
     value = text.strip()
     m = _DURATION.match(value)
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    if value.lower() == "now":
-        return now
     try:
+        if m:
+            return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        if value.lower() == "now":
+            return now
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except OverflowError:  # a duration of a million years, or year 1 at +14:00
+        raise RangeError(field, f"{text!r} is out of range (years 1 to 9999)") from None
     except ValueError:
         raise RangeError(field, f"{text!r} is not a date (2026-11-25), a time "
                                 "(2026-11-25T10:00) or a duration ago (30m, 24h, 7d)") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def parse_range(since: str | None, until: str | None, now: datetime) -> TimeRange:
