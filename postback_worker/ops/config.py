@@ -58,8 +58,7 @@ _LIST = {"anyOf": [{"type": "string", "maxLength": 2000},
 _MAP = {"anyOf": [{"type": "object", "additionalProperties": {"type": "string"}},
                   {"type": "string", "maxLength": 8000}],
         "description": "an object, or 'key=value' pairs separated by commas or spaces"}
-_HOLD = {"anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_HOLD_HOURS},
-                   {"type": "null"}]}
+_HOLD = {"type": "number", "minimum": 0, "maximum": MAX_HOLD_HOURS, "nullable": True}
 _RULE = {"type": "string", "maxLength": 40, "pattern": "^(advertiser|(fixed|percent):[0-9.]+)$",
          "description": "advertiser (default), fixed:AMOUNT or percent:P of the sale amount"}
 _TRIGGERS = ", ".join(t.value for t in Trigger)
