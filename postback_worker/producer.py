@@ -155,9 +155,11 @@ class _Waker:
     the next one (a caller committing one event after the other then costs a Redis round trip
     and a thread switch per few calls, not per call)."""
 
-    def __init__(self, send: Callable[[list[str]], None], coalesce: float = WAKE_COALESCE) -> None:
+    def __init__(self, send: Callable[[list[str]], None], coalesce: float = WAKE_COALESCE,
+                 pause: Callable[[float], None] = time.sleep) -> None:
         self.send = send
         self.coalesce = coalesce
+        self.pause = pause
         self._ids: list[str] = []
         self._cond = threading.Condition()
         self._busy = False
@@ -187,7 +189,7 @@ class _Waker:
             except Exception:  # the events are committed; beat's sweep finds them
                 log.exception("wake-up failed")
             if self.coalesce > 0 and not self._closed:
-                time.sleep(self.coalesce)
+                self.pause(self.coalesce)
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from postback_worker.producer import GroupCommit
+from postback_worker.producer import GroupCommit, _Waker
 
 
 class Log:
@@ -80,3 +80,29 @@ def test_a_failed_commit_fails_its_whole_group_and_the_next_one_proceeds() -> No
     group.submit(["later"])  # type: ignore[list-item]
     assert log.batches[-1] == ["later"]
     assert ["bad", "good"] not in log.after
+
+
+def test_waker_sends_at_once_then_coalesces_what_comes_during_its_pause() -> None:
+    """The first ids go out at once; ids handed over while a wake-up is sent or during the
+    pause after it share the next wake-up; flush waits for them; close sends what is left."""
+    sent: list[list[str]] = []
+    in_pause, resume = threading.Event(), threading.Event()
+
+    def pause(seconds: float) -> None:
+        assert seconds == 0.02
+        in_pause.set()
+        assert resume.wait(5)
+        in_pause.clear()
+
+    waker = _Waker(sent.append, coalesce=0.02, pause=pause)
+    waker.wake(["a"])
+    assert in_pause.wait(5)
+    assert sent == [["a"]]  # the first wake-up did not wait
+    waker.wake(["b"])
+    waker.wake(["c", "d"])
+    assert sent == [["a"]]  # paused: b, c and d wait for the next one
+    resume.set()
+    waker.flush()
+    assert sent == [["a"], ["b", "c", "d"]]
+    waker.close()
+    assert sent == [["a"], ["b", "c", "d"]]
