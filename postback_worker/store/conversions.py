@@ -12,7 +12,7 @@ from sqlalchemy.orm import aliased
 from postback_worker.domain.attribution import ConversionState, Usage
 from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
-from postback_worker.store.sql import StoreBase, chunks
+from postback_worker.store.sql import StoreBase, chunks, fetch_dicts
 
 RECEIVED = ConversionState.RECEIVED.value
 EXPIRED_CLICK = ConversionState.EXPIRED_CLICK.value
@@ -23,19 +23,16 @@ def clicks_by_transaction(conn: Connection,
     """The stored clicks of these transaction ids, by transaction id."""
     found: dict[str, dict[str, Any]] = {}
     for part in chunks(list(set(transaction_ids))):
-        for row in conn.execute(
-            select(t.clicks).where(t.clicks.c.transaction_id.in_(part))
-        ).mappings():
-            found[row["transaction_id"]] = dict(row)
+        for row in fetch_dicts(conn, select(t.clicks).where(t.clicks.c.transaction_id.in_(part))):
+            found[row["transaction_id"]] = row
     return found
 
 
 def conversions_by_id(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for part in chunks(list(set(ids))):
-        for row in conn.execute(select(t.conversions).where(t.conversions.c.id.in_(part))
-                                ).mappings():
-            out[row["id"]] = dict(row)
+        for row in fetch_dicts(conn, select(t.conversions).where(t.conversions.c.id.in_(part))):
+            out[row["id"]] = row
     return out
 
 
@@ -62,7 +59,7 @@ class ConversionRecords(StoreBase):
             if self.dialect == "postgresql":
                 # Two workers holding the same message take turns on these rows.
                 stmt = stmt.with_for_update()
-            out.extend(dict(r) for r in conn.execute(stmt).mappings())
+            out.extend(fetch_dicts(conn, stmt))
         order = {cid: i for i, cid in enumerate(ids)}
         out.sort(key=lambda r: order[r["id"]])
         return out

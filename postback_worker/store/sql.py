@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Self
 
 from psycopg2.extensions import encodings
 from psycopg2.extras import execute_values as pg_execute_values
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Engine,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postback_worker.store.db import make_engine
+from postback_worker.store.schema import UTCDateTime
 
+# Column types whose values psycopg2 returns as SQLAlchemy's result would (see fetch_dicts).
+_RAW_TYPES = (String, Integer, Boolean, UTCDateTime)
 CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 PAGE = 1000  # rows per multi-row statement on PostgreSQL
 
@@ -21,6 +37,41 @@ PAGE = 1000  # rows per multi-row statement on PostgreSQL
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def fetch_dicts(conn: Connection, stmt: Any) -> list[dict[str, Any]]:
+    """The rows of a SELECT (or a statement RETURNING rows) as dicts.
+
+    On PostgreSQL, for columns psycopg2 returns as SQLAlchemy would (text, integers,
+    booleans, UTCDateTime made timezone-aware UTC as that type does), the rows are read
+    straight from the driver's cursor: no SQLAlchemy row per row (the hot paths read hundreds
+    of rows). Elsewhere, or with other column types, through SQLAlchemy's result."""
+    columns = list(stmt.exported_columns)
+    if conn.dialect.name != "postgresql" or not all(
+            isinstance(c.type, _RAW_TYPES) for c in columns):
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+    result = conn.execute(stmt)
+    try:
+        names = list(result.keys())
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
+    utc = [i for i, c in enumerate(columns) if isinstance(c.type, UTCDateTime)]
+    if not utc:
+        return [dict(zip(names, row, strict=True)) for row in rows]
+    out = []
+    for row in rows:
+        values = list(row)
+        for i in utc:
+            v = values[i]
+            if v is not None and v.tzinfo is not UTC:
+                values[i] = _as_utc(v)
+        out.append(dict(zip(names, values, strict=True)))
+    return out
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class StoreBase:
