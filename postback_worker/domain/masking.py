@@ -17,6 +17,8 @@ MASK = "***"
 
 def mask_url(url: str) -> str:
     """Mask userinfo passwords and the values of query parameters that look secret."""
+    if "@" not in url and SECRET_PARAM.search(url) is None:
+        return url  # no userinfo and no secret-looking name anywhere: nothing to mask
     try:
         parts = urlsplit(url)
     except ValueError:

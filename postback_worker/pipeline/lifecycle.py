@@ -58,6 +58,7 @@ class Decided(Protocol):
     reason: str
     offer_id: str | None
     aff_id: str | None
+    offer: Offer | None  # the catalog's offer `offer_id`
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Lifecycle:
         for d in decided:
             if d.state != ConversionState.ATTRIBUTED:
                 continue
-            offer = self.catalog.offer(d.offer_id)
+            offer = d.offer
             if offer is not None and offer.duplicate_mode == DuplicateMode.SEPARATE:
                 self._created(out, d, now)
                 continue
@@ -130,7 +131,7 @@ class Lifecycle:
             else:
                 root = roots.get(owner)
                 rest = ds
-            offer = self.catalog.offer(first.offer_id)
+            offer = first.offer
             mode = offer.duplicate_mode if offer is not None else DuplicateMode.UPDATE
             for d in rest:
                 if root is None or mode == DuplicateMode.IGNORE:
@@ -212,7 +213,7 @@ class Lifecycle:
         d, root = f.d, f.root
         offer_id, aff_id = root.get("offer_id") or d.offer_id, root.get("aff_id") or d.aff_id
         assert offer_id is not None and aff_id is not None
-        offer = self.catalog.offer(offer_id)
+        offer = d.offer if offer_id == d.offer_id else self.catalog.offer(offer_id)
         partners = self.catalog.destinations(offer_id, aff_id)
         if not partners:
             if f.seq == 1:
