@@ -349,8 +349,11 @@ def render_event(partner: Partner, offer: Offer | None, conversion: Mapping[str,
     values = event_values(partner.fire_rule, rule, trigger, previous_status, current)
     template = partner.fire_rule.template(trigger, partner.postback_url) if trigger else \
         partner.postback_url
+    # `{random}` costs a system call: made only when a template can hold it.
+    uses_random = "random" in template or "random" in (partner.body_template or "")
     macros = macro_values(conversion={**conversion, **values}, click=click,
-                          postback_id=postback_id, now=now, random_value=secrets.token_hex(8))
+                          postback_id=postback_id, now=now,
+                          random_value=secrets.token_hex(8) if uses_random else "")
     url = render(template, macros)
     if partner.body_format and partner.body_template:
         return url, render_body(partner.body_template, partner.body_format, macros)
