@@ -186,6 +186,13 @@ URL = "http://partner.example/pb?a=%20b&c='d'"
         # equal but not the same object (an aware time in another zone, True == 1): per row
         (None, [("a", NOW_UTC, 1), ("b", NOW_UTC.astimezone(timezone(timedelta(hours=2))),
                                     True)], 3),
+        # equal values of one type read from each row (str, int, a time in the same zone):
+        # quoted once too
+        (None, [("a", "approved", 7, datetime(2026, 1, 2, tzinfo=UTC), "x"),
+                ("b", "".join(["appro", "ved"]), 7, datetime(2026, 1, 2, tzinfo=UTC), "y")], 2),
+        # equal but quoted apart (0.0 and -0.0; the same time naive and aware): per row
+        (None, [("a", 0.0, datetime(2026, 1, 2)), ("b", -0.0, datetime(2026, 1, 2, tzinfo=UTC))],
+         3),
         # every value shared: the first column stays per row
         (None, [("a", None), ("a", None)], 1),
         # one row, or another % in the template: unchanged

@@ -219,12 +219,33 @@ def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]])
         cursor.close()
 
 
+# Types whose equal values psycopg2 quotes alike, given the same type (True == 1 and 0.0 ==
+# -0.0 are quoted differently; floats are left out).
+_ALIKE_TYPES = frozenset({str, int, bool})
+
+
+def _alike(column: tuple[Any, ...]) -> bool:
+    """Equal values of one type that psycopg2 quotes to the same literal: str, int, bool, or
+    datetimes with the same tzinfo object (equal aware times in other zones quote apart)."""
+    first = column[0]
+    kind = type(first)
+    if column.count(first) != len(column) or len(set(map(type, column))) != 1:
+        return False
+    if kind in _ALIKE_TYPES:
+        return True
+    if kind is datetime:
+        return len({id(v.tzinfo) for v in column}) == 1
+    return False
+
+
 def hoist_shared(cursor: Any, template: str | None,
                  rows: Sequence[Sequence[Any]]) -> tuple[bytes, Sequence[Sequence[Any]]]:
     """`template` (default: one %s per value) with the values every row shares quoted into it
     once, and the rows without them. Shared means the same object in every row (a batch's
-    clock reading, partner, state, None): psycopg2 then quotes it once, not once per row, and
-    the statement is the same. `template` may hold no other % than its %s."""
+    clock reading, partner, state, None), or equal values that psycopg2 quotes alike (see
+    `_alike`: the same status read from each row, a batch's received_at): psycopg2 then quotes
+    it once, not once per row, and the statement is the same. `template` may hold no other %
+    than its %s."""
     width = len(rows[0]) if rows else 0
     text = template if template is not None else "(" + ",".join(["%s"] * width) + ")"
     encoding = encodings[cursor.connection.encoding]
@@ -233,7 +254,7 @@ def hoist_shared(cursor: Any, template: str | None,
         return b"%s".join(pieces), rows
     first = rows[0]
     same = {i for i, column in enumerate(zip(*rows, strict=True))
-            if len(set(map(id, column))) == 1}
+            if len(set(map(id, column))) == 1 or _alike(column)}
     same.discard(0)  # keep one value per row to fill
     if not same:
         return b"%s".join(pieces), rows
