@@ -12,10 +12,12 @@ from sqlalchemy.orm import aliased
 from postback_worker.domain.attribution import ConversionState, Usage
 from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
-from postback_worker.store.sql import StoreBase, chunks, fetch_dicts
+from postback_worker.store.sql import StoreBase, chunks, execute_values, fetch_dicts
 
 RECEIVED = ConversionState.RECEIVED.value
 EXPIRED_CLICK = ConversionState.EXPIRED_CLICK.value
+_CLAIM_KEYS = (f"INSERT INTO {t.conversion_keys.name} (key, conversion_id) VALUES %s "
+               "ON CONFLICT (key) DO NOTHING RETURNING key")
 
 
 def clicks_by_transaction(conn: Connection,
@@ -66,10 +68,17 @@ class ConversionRecords(StoreBase):
 
     def claim_keys(self, conn: Connection, keys: Mapping[str, str]) -> dict[str, str]:
         """Insert dedupe keys (key -> conversion id); return the owner of each key."""
-        rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
-        self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
         owners: dict[str, str] = {}
-        for part in chunks(list(keys)):
+        if self.dialect == "postgresql":
+            # The keys this INSERT wrote are ours; only the others are looked up.
+            ours = execute_values(conn, _CLAIM_KEYS, list(keys.items()), fetch=True)
+            owners.update((k, keys[k]) for (k,) in ours)
+            others = [k for k in keys if k not in owners]
+        else:
+            rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
+            self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
+            others = list(keys)
+        for part in chunks(others):
             for key, owner in conn.execute(
                 select(t.conversion_keys.c.key, t.conversion_keys.c.conversion_id).where(
                     t.conversion_keys.c.key.in_(part)
