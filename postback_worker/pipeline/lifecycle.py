@@ -200,21 +200,27 @@ class Lifecycle:
         for r in records.earlier_postbacks(conn, updated) if updated else []:
             earlier.setdefault((r["conversion_id"], r["partner_id"]), []).append(_earlier(r))
         rows: list[dict[str, Any]] = []
+        destinations: dict[tuple[str, str], list[Partner]] = {}  # per (offer, affiliate)
         for f in folded.folds:
             if f.kind in (EventKind.REPEAT, EventKind.STALE) or _capped(f.root):
                 continue
-            rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, now))
+            rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, destinations,
+                                              now))
         return rows
 
     def _event_postbacks(self, conn: Any, folded: Folded, f: Fold,
                          clicks: Mapping[str, dict[str, Any]],
                          earlier: dict[tuple[str, str], list[Earlier]],
+                         destinations: dict[tuple[str, str], list[Partner]],
                          now: datetime) -> list[dict[str, Any]]:
         d, root = f.d, f.root
         offer_id, aff_id = root.get("offer_id") or d.offer_id, root.get("aff_id") or d.aff_id
         assert offer_id is not None and aff_id is not None
         offer = d.offer if offer_id == d.offer_id else self.catalog.offer(offer_id)
-        partners = self.catalog.destinations(offer_id, aff_id)
+        partners = destinations.get((offer_id, aff_id))
+        if partners is None:  # the catalog is asked once per batch and (offer, affiliate)
+            partners = destinations[(offer_id, aff_id)] = self.catalog.destinations(offer_id,
+                                                                                    aff_id)
         if not partners:
             if f.seq == 1:
                 d.reason = f"{d.reason}; no postback destination for affiliate {aff_id!r}"
