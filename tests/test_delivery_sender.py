@@ -158,6 +158,25 @@ def test_loopback_blocked_without_allowlist(partner):
     assert partner.count() == 0
 
 
+def test_ip_literal_check_is_the_same_every_time(partner):
+    """An IP-literal host's check is remembered per sender: still refused (each time, with
+    the same message) without an allowlist, still delivered with one, never resolved."""
+    def resolver(host: str, port: int) -> list[str]:
+        raise AssertionError(f"an IP literal is not resolved ({host})")
+
+    url = partner.url + "/pb"
+    with Sender(resolver=resolver) as s:
+        outs = s.send_many([req(url, f"pb-{i}") for i in range(3)]) + [s.send(req(url))]
+    assert {(o.error, o.error_message) for o in outs} == {(
+        ErrorKind.BLOCKED_ADDRESS,
+        "refused to connect to 127.0.0.1 (loopback address); "
+        "allowlist it with POSTBACK_ALLOW_NETWORKS if intended")}
+    with Sender(allow_networks=LOOPBACK, resolver=resolver) as s:
+        outs = [s.send(req(url, f"pb-{i}")) for i in range(3)]
+    assert [o.status_code for o in outs] == [200, 200, 200]
+    assert partner.count() == 3
+
+
 def test_connects_to_checked_ip_with_original_host_header(partner):
     calls: list[tuple[str, int]] = []
 

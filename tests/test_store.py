@@ -186,6 +186,13 @@ URL = "http://partner.example/pb?a=%20b&c='d'"
         # equal but not the same object (an aware time in another zone, True == 1): per row
         (None, [("a", NOW_UTC, 1), ("b", NOW_UTC.astimezone(timezone(timedelta(hours=2))),
                                     True)], 3),
+        # equal values of one type read from each row (str, int, a time in the same zone):
+        # quoted once too
+        (None, [("a", "approved", 7, datetime(2026, 1, 2, tzinfo=UTC), "x"),
+                ("b", "".join(["appro", "ved"]), 7, datetime(2026, 1, 2, tzinfo=UTC), "y")], 2),
+        # equal but quoted apart (0.0 and -0.0; the same time naive and aware): per row
+        (None, [("a", 0.0, datetime(2026, 1, 2)), ("b", -0.0, datetime(2026, 1, 2, tzinfo=UTC))],
+         3),
         # every value shared: the first column stays per row
         (None, [("a", None), ("a", None)], 1),
         # one row, or another % in the template: unchanged
@@ -203,3 +210,30 @@ def test_hoist_shared_gives_the_same_statement(store: Store, template: str | Non
         shared, rest = hoist_shared(cursor, template, rows)
         assert b",".join(cursor.mogrify(shared, r) for r in rest) == want
         assert len(rest[0]) == width
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_fetch_dicts_reads_what_sqlalchemy_reads(store: Store, zone: str) -> None:
+    """The driver-cursor reads give the same dicts as SQLAlchemy's rows: text, integers,
+    booleans, NULLs, and times made UTC whatever the session's time zone."""
+    from sqlalchemy import select, update
+
+    from postback_worker.store import schema as t
+    from postback_worker.store.journal import Journal
+    from postback_worker.store.sql import fetch_dicts
+
+    add_click(store, "tx-f1", aff_sub="s1")
+    Journal(store).record([conversion("tx-f1", payout="2.5", ip="10.0.0.1")])
+    stmts = [select(t.clicks), select(t.conversions),
+             update(t.conversions).values(reason="r").returning(
+                 t.conversions.c.id, t.conversions.c.received_at, t.conversions.c.processed_at)]
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"SET LOCAL TIME ZONE '{zone}'")
+        for stmt in stmts:
+            want = [dict(r) for r in conn.execute(stmt).mappings()]
+            got = fetch_dicts(conn, stmt)
+            assert got == want and len(got) == 1
+            for key, value in got[0].items():
+                assert type(value) is type(want[0][key]), key
+                if isinstance(value, datetime):
+                    assert value.tzinfo is UTC and str(value) == str(want[0][key]), key

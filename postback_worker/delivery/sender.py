@@ -241,7 +241,9 @@ class Sender:
         if egress_proxy:
             parse_proxy(egress_proxy)  # fail fast on a bad proxy address
         self.transport = Transport(self.concurrency)
-        self._dns: dict[tuple[str, int], tuple[float, list[str], str | None]] = {}
+        # (host, port) -> (when, addresses, refusal); `when` None: an IP literal, whose check
+        # depends on nothing else (it is not resolved), kept until the cache is cleared.
+        self._dns: dict[tuple[str, int], tuple[float | None, list[str], str | None]] = {}
 
     @classmethod
     def from_settings(cls, delivery: DeliverySettings, concurrency: int | None = None,
@@ -325,19 +327,26 @@ class Sender:
     async def _resolve(self, host: str, port: int) -> tuple[list[str], str | None]:
         """resolve_and_check, off the loop for names, remembered for DNS_CACHE_SECONDS (we
         connect to the address that was checked, so a cached answer cannot be rebound)."""
-        if _is_ip(host.strip("[]").split("%", 1)[0]):
-            return resolve_and_check(host, port, self.allow_networks, self.resolver)
         now = time.monotonic()
         cached = self._dns.get((host, port))
-        if cached is not None and now - cached[0] < DNS_CACHE_SECONDS:
+        if cached is not None and (cached[0] is None or now - cached[0] < DNS_CACHE_SECONDS):
             return cached[1], cached[2]
+        if _is_ip(host.strip("[]").split("%", 1)[0]):
+            addresses, blocked = resolve_and_check(host, port, self.allow_networks,
+                                                   self.resolver)
+            self._remember(host, port, None, addresses, blocked)
+            return addresses, blocked
         loop = asyncio.get_running_loop()
         addresses, blocked = await loop.run_in_executor(
             None, resolve_and_check, host, port, self.allow_networks, self.resolver)
+        self._remember(host, port, now, addresses, blocked)
+        return addresses, blocked
+
+    def _remember(self, host: str, port: int, when: float | None, addresses: list[str],
+                  blocked: str | None) -> None:
         if len(self._dns) > 10_000:
             self._dns.clear()
-        self._dns[(host, port)] = (now, addresses, blocked)
-        return addresses, blocked
+        self._dns[(host, port)] = (when, addresses, blocked)
 
     def _payload(self, req: PostbackRequest, target: _Target) -> bytes:
         headers = self._headers(req, target)

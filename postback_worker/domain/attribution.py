@@ -195,7 +195,7 @@ def _esc(part: str) -> str:
 
 def dedupe_key(offer_id: str, transaction_id: str, goal_id: str) -> str:
     """Key identifying one conversion: ``offer:transaction:goal`` (parts escaped, injective)."""
-    return ":".join(_esc(p) for p in (offer_id, transaction_id, goal_id))
+    return f"{_esc(offer_id)}:{_esc(transaction_id)}:{_esc(goal_id)}"
 
 
 def fires_on(status: str, fire_statuses: Iterable[str]) -> bool:

@@ -13,10 +13,15 @@ SECRET_PARAM = re.compile(
     re.IGNORECASE,
 )
 MASK = "***"
+# Every name SECRET_PARAM matches contains one of these (in ASCII, lowercased): a URL with none
+# of them anywhere has no secret-looking name (a plain substring test is ~15x cheaper).
+_SECRET_PARTS = ("token", "secret", "password", "passwd", "pwd", "key", "sig", "auth", "hash")
 
 
 def mask_url(url: str) -> str:
     """Mask userinfo passwords and the values of query parameters that look secret."""
+    if "@" not in url and url.isascii() and not _may_hold_secret(url.lower()):
+        return url  # no userinfo and no secret-looking name anywhere: nothing to mask
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -30,6 +35,10 @@ def mask_url(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment).geturl()
+
+
+def _may_hold_secret(lowered: str) -> bool:
+    return any(part in lowered for part in _SECRET_PARTS)
 
 
 def _mask_pair(pair: str) -> str:

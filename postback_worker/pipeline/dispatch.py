@@ -21,7 +21,7 @@ from postback_worker.delivery.sender import PostbackRequest, Sender
 from postback_worker.domain.failures import FailureClass
 from postback_worker.domain.masking import mask_url
 from postback_worker.domain.postback import WAITING_PREFIX, PostbackState, Settlement, settle
-from postback_worker.domain.retry import Outcome
+from postback_worker.domain.retry import Outcome, RetryPolicy
 from postback_worker.pipeline.admission import Admission
 from postback_worker.pipeline.catalog import Catalog, Partner
 from postback_worker.pipeline.leases import LeaseKeeper
@@ -98,6 +98,9 @@ class Dispatch:
         self.rand = rand
         self.worker_name = worker_name
         self.lifecycle = Lifecycle(catalog, settings.delivery.order_recheck)
+        # Partner id -> (the partner, its retry policy): built once per catalog version of
+        # the partner, not once per answer.
+        self._policies: dict[str, tuple[Partner, RetryPolicy]] = {}
 
     def claim(self, *, ids: Sequence[str] = (),
               conversion_ids: Sequence[str] = ()) -> list[Claimed]:
@@ -193,7 +196,7 @@ class Dispatch:
         now = self.clock()
         attempt_no = c.attempts + 1
         settled = settle(
-            outcome, policy=partner.policy(self.settings.retry), attempt_no=attempt_no,
+            outcome, policy=self._policy(partner), attempt_no=attempt_no,
             round_start=c.round_start_attempts,
             first_attempt_at=c.first_attempt_at or started, now=now, rand=self.rand(),
             probe=probe, probe_wait=self.settings.breaker.cooldown,
@@ -219,6 +222,13 @@ class Dispatch:
             unsaved.traced.append(_trace_attempt(c, partner, attempt_no, outcome, settled))
         unsaved.answer()
         return settled.state
+
+    def _policy(self, partner: Partner) -> RetryPolicy:
+        """The partner's retry policy (cached while the catalog holds the same partner)."""
+        cached = self._policies.get(partner.id)
+        if cached is None or cached[0] is not partner:
+            cached = self._policies[partner.id] = (partner, partner.policy(self.settings.retry))
+        return cached[1]
 
     def _flush(self, unsaved: _Unsaved, last: bool = False) -> list[str]:
         """Save what is unsaved; returns the ids of the postbacks whose answers were saved."""

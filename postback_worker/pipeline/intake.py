@@ -51,6 +51,7 @@ class _Decided:
     reason: str
     offer_id: str | None
     aff_id: str | None
+    offer: Offer | None  # the catalog's offer `offer_id` (looked up once per event)
 
 
 class Intake:
@@ -147,14 +148,14 @@ class Intake:
             reason=decision.reason,
             offer_id=offer_id,
             aff_id=click["aff_id"] if click else None,
+            offer=offer,
         )
 
     def _apply_caps(self, conn: Any, decided: list[_Decided], now: datetime) -> None:
         """Daily caps (UTC day) per offer and per affiliate: over a cap is `capped`."""
         capped: dict[str, Offer] = {}
         for d in decided:
-            offer = self.catalog.offer(d.offer_id) if d.state == ConversionState.ATTRIBUTED \
-                else None
+            offer = d.offer if d.state == ConversionState.ATTRIBUTED else None
             if offer is not None and offer.caps.any:
                 capped[offer.id] = offer
         if not capped:

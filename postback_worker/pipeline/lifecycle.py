@@ -58,6 +58,7 @@ class Decided(Protocol):
     reason: str
     offer_id: str | None
     aff_id: str | None
+    offer: Offer | None  # the catalog's offer `offer_id`
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Lifecycle:
         for d in decided:
             if d.state != ConversionState.ATTRIBUTED:
                 continue
-            offer = self.catalog.offer(d.offer_id)
+            offer = d.offer
             if offer is not None and offer.duplicate_mode == DuplicateMode.SEPARATE:
                 self._created(out, d, now)
                 continue
@@ -130,7 +131,7 @@ class Lifecycle:
             else:
                 root = roots.get(owner)
                 rest = ds
-            offer = self.catalog.offer(first.offer_id)
+            offer = first.offer
             mode = offer.duplicate_mode if offer is not None else DuplicateMode.UPDATE
             for d in rest:
                 if root is None or mode == DuplicateMode.IGNORE:
@@ -199,21 +200,27 @@ class Lifecycle:
         for r in records.earlier_postbacks(conn, updated) if updated else []:
             earlier.setdefault((r["conversion_id"], r["partner_id"]), []).append(_earlier(r))
         rows: list[dict[str, Any]] = []
+        destinations: dict[tuple[str, str], list[Partner]] = {}  # per (offer, affiliate)
         for f in folded.folds:
             if f.kind in (EventKind.REPEAT, EventKind.STALE) or _capped(f.root):
                 continue
-            rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, now))
+            rows.extend(self._event_postbacks(conn, folded, f, clicks, earlier, destinations,
+                                              now))
         return rows
 
     def _event_postbacks(self, conn: Any, folded: Folded, f: Fold,
                          clicks: Mapping[str, dict[str, Any]],
                          earlier: dict[tuple[str, str], list[Earlier]],
+                         destinations: dict[tuple[str, str], list[Partner]],
                          now: datetime) -> list[dict[str, Any]]:
         d, root = f.d, f.root
         offer_id, aff_id = root.get("offer_id") or d.offer_id, root.get("aff_id") or d.aff_id
         assert offer_id is not None and aff_id is not None
-        offer = self.catalog.offer(offer_id)
-        partners = self.catalog.destinations(offer_id, aff_id)
+        offer = d.offer if offer_id == d.offer_id else self.catalog.offer(offer_id)
+        partners = destinations.get((offer_id, aff_id))
+        if partners is None:  # the catalog is asked once per batch and (offer, affiliate)
+            partners = destinations[(offer_id, aff_id)] = self.catalog.destinations(offer_id,
+                                                                                    aff_id)
         if not partners:
             if f.seq == 1:
                 d.reason = f"{d.reason}; no postback destination for affiliate {aff_id!r}"
@@ -348,8 +355,11 @@ def render_event(partner: Partner, offer: Offer | None, conversion: Mapping[str,
     values = event_values(partner.fire_rule, rule, trigger, previous_status, current)
     template = partner.fire_rule.template(trigger, partner.postback_url) if trigger else \
         partner.postback_url
+    # `{random}` costs a system call: made only when a template can hold it.
+    uses_random = "random" in template or "random" in (partner.body_template or "")
     macros = macro_values(conversion={**conversion, **values}, click=click,
-                          postback_id=postback_id, now=now, random_value=secrets.token_hex(8))
+                          postback_id=postback_id, now=now,
+                          random_value=secrets.token_hex(8) if uses_random else "")
     url = render(template, macros)
     if partner.body_format and partner.body_template:
         return url, render_body(partner.body_template, partner.body_format, macros)

@@ -12,10 +12,12 @@ from sqlalchemy.orm import aliased
 from postback_worker.domain.attribution import ConversionState, Usage
 from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
-from postback_worker.store.sql import StoreBase, chunks
+from postback_worker.store.sql import StoreBase, chunks, execute_values, fetch_dicts
 
 RECEIVED = ConversionState.RECEIVED.value
 EXPIRED_CLICK = ConversionState.EXPIRED_CLICK.value
+_CLAIM_KEYS = (f"INSERT INTO {t.conversion_keys.name} (key, conversion_id) VALUES %s "
+               "ON CONFLICT (key) DO NOTHING RETURNING key")
 
 
 def clicks_by_transaction(conn: Connection,
@@ -23,19 +25,16 @@ def clicks_by_transaction(conn: Connection,
     """The stored clicks of these transaction ids, by transaction id."""
     found: dict[str, dict[str, Any]] = {}
     for part in chunks(list(set(transaction_ids))):
-        for row in conn.execute(
-            select(t.clicks).where(t.clicks.c.transaction_id.in_(part))
-        ).mappings():
-            found[row["transaction_id"]] = dict(row)
+        for row in fetch_dicts(conn, select(t.clicks).where(t.clicks.c.transaction_id.in_(part))):
+            found[row["transaction_id"]] = row
     return found
 
 
 def conversions_by_id(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for part in chunks(list(set(ids))):
-        for row in conn.execute(select(t.conversions).where(t.conversions.c.id.in_(part))
-                                ).mappings():
-            out[row["id"]] = dict(row)
+        for row in fetch_dicts(conn, select(t.conversions).where(t.conversions.c.id.in_(part))):
+            out[row["id"]] = row
     return out
 
 
@@ -62,17 +61,24 @@ class ConversionRecords(StoreBase):
             if self.dialect == "postgresql":
                 # Two workers holding the same message take turns on these rows.
                 stmt = stmt.with_for_update()
-            out.extend(dict(r) for r in conn.execute(stmt).mappings())
+            out.extend(fetch_dicts(conn, stmt))
         order = {cid: i for i, cid in enumerate(ids)}
         out.sort(key=lambda r: order[r["id"]])
         return out
 
     def claim_keys(self, conn: Connection, keys: Mapping[str, str]) -> dict[str, str]:
         """Insert dedupe keys (key -> conversion id); return the owner of each key."""
-        rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
-        self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
         owners: dict[str, str] = {}
-        for part in chunks(list(keys)):
+        if self.dialect == "postgresql":
+            # The keys this INSERT wrote are ours; only the others are looked up.
+            ours = execute_values(conn, _CLAIM_KEYS, list(keys.items()), fetch=True)
+            owners.update((k, keys[k]) for (k,) in ours)
+            others = [k for k in keys if k not in owners]
+        else:
+            rows = [{"key": k, "conversion_id": cid} for k, cid in keys.items()]
+            self.insert_ignore(conn, t.conversion_keys, rows, ["key"])
+            others = list(keys)
+        for part in chunks(others):
             for key, owner in conn.execute(
                 select(t.conversion_keys.c.key, t.conversion_keys.c.conversion_id).where(
                     t.conversion_keys.c.key.in_(part)

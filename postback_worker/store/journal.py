@@ -25,7 +25,7 @@ from postback_worker.domain.events import ConversionEvent
 from postback_worker.errors import Unavailable
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
-from postback_worker.store.sql import chunks, execute_values, hoist_shared
+from postback_worker.store.sql import chunks, execute_values, fetch_dicts, hoist_shared
 
 RECEIVED = ConversionState.RECEIVED.value
 # Up to this many events are one multi-row INSERT (store/sql.py pages execute_values by it).
@@ -147,12 +147,11 @@ class Journal:
             # write: take the database write lock first, so two workers take turns (and the
             # oldest waiting events always come first: nothing older is held elsewhere).
             conn.execute(update(t.conversions).where(false()).values(state=cv.state))
-            return [dict(r) for r in conn.execute(
-                select(t.conversions).where(*waiting)
-                .order_by(cv.received_at, cv.id).limit(limit)).mappings()]
-        rows = [dict(r) for r in conn.execute(
-            select(t.conversions).where(*waiting).order_by(cv.received_at, cv.id)
-            .limit(limit).with_for_update(skip_locked=True)).mappings()]
+            return fetch_dicts(conn, select(t.conversions).where(*waiting)
+                               .order_by(cv.received_at, cv.id).limit(limit))
+        rows = fetch_dicts(conn, select(t.conversions).where(*waiting)
+                           .order_by(cv.received_at, cv.id)
+                           .limit(limit).with_for_update(skip_locked=True))
         if not rows:
             return rows
         newest = max((r["received_at"], r["id"]) for r in rows)
@@ -160,11 +159,11 @@ class Journal:
         for part in chunks(sorted({r["transaction_id"] for r in rows})):
             # Waits (no SKIP LOCKED) for the worker that holds them; rows it finished no
             # longer match once it commits.
-            rows.extend(dict(r) for r in conn.execute(
-                select(t.conversions)
+            rows.extend(r for r in fetch_dicts(
+                conn, select(t.conversions)
                 .where(*waiting, cv.transaction_id.in_(part),
                        tuple_(cv.received_at, cv.id) < tuple_(*newest))
-                .order_by(cv.received_at, cv.id).with_for_update()).mappings()
+                .order_by(cv.received_at, cv.id).with_for_update())
                 if r["id"] not in taken)
         rows.sort(key=lambda r: (r["received_at"], r["id"]))
         return rows

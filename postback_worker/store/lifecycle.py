@@ -16,7 +16,7 @@ from sqlalchemy.orm import aliased
 from postback_worker.domain.lifecycle import HELD_PREFIX, ORDER_PREFIX, REVERSAL_STATUSES
 from postback_worker.domain.postback import PostbackState
 from postback_worker.store import schema as t
-from postback_worker.store.sql import StoreBase
+from postback_worker.store.sql import StoreBase, fetch_dicts
 
 _CHUNK = 900
 RETRY_SCHEDULED = PostbackState.RETRY_SCHEDULED.value
@@ -37,7 +37,7 @@ def lock_conversions(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str
         stmt = select(t.conversions).where(cv.id.in_(part)).order_by(cv.id)
         if conn.dialect.name == "postgresql":
             stmt = stmt.with_for_update()
-        out.update({r["id"]: dict(r) for r in conn.execute(stmt).mappings()})
+        out.update({r["id"]: r for r in fetch_dicts(conn, stmt)})
         seqs = conn.execute(select(ev.conversion_id, func.max(ev.seq))
                             .where(ev.conversion_id.in_(part)).group_by(ev.conversion_id))
         for cid, seq in seqs:
@@ -77,10 +77,10 @@ def earlier_postbacks(conn: Connection, conversion_ids: Sequence[str]) -> list[d
     pb = t.postbacks.c
     out: list[dict[str, Any]] = []
     for part in _chunks(sorted(set(conversion_ids))):
-        out.extend(dict(r) for r in conn.execute(
-            select(pb.id, pb.conversion_id, pb.partner_id, pb.event_seq, pb.event, pb.state,
-                   pb.reason, pb.next_attempt_at, pb.attempts)
-            .where(pb.conversion_id.in_(part)).order_by(pb.event_seq)).mappings())
+        out.extend(fetch_dicts(conn, select(
+            pb.id, pb.conversion_id, pb.partner_id, pb.event_seq, pb.event, pb.state,
+            pb.reason, pb.next_attempt_at, pb.attempts)
+            .where(pb.conversion_id.in_(part)).order_by(pb.event_seq)))
     return out
 
 

@@ -22,7 +22,7 @@ from postback_worker.store.conversions import clicks_by_transaction, conversions
 from postback_worker.store.deadletters import DEAD_JOIN, filter_clause
 from postback_worker.store.events import dead_letter_events
 from postback_worker.store.lifecycle import wake_successors
-from postback_worker.store.sql import StoreBase, chunks, mogrify_rows, tuples
+from postback_worker.store.sql import StoreBase, chunks, fetch_dicts, mogrify_rows, tuples
 
 S = PostbackState
 _DONE = frozenset(str(s) for s in DONE_STATES)
@@ -131,8 +131,7 @@ class PostbackRecords(StoreBase):
                                    pb.attempts, pb.first_attempt_at, pb.received_at,
                                    pb.round_start_attempts, pb.event_seq, pb.trace_context)
                     )
-                    claimed.extend(Claimed(**r, token=token)
-                                   for r in conn.execute(stmt).mappings())
+                    claimed.extend(Claimed(**r, token=token) for r in fetch_dicts(conn, stmt))
         return claimed
 
     def finish(self, *, updates: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]],

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Self
 
 from psycopg2.extensions import encodings
 from psycopg2.extras import execute_values as pg_execute_values
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, literal, select, update
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Engine,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from postback_worker.store.db import make_engine
+from postback_worker.store.schema import UTCDateTime
 
+# Column types whose values psycopg2 returns as SQLAlchemy's result would (see fetch_dicts).
+_RAW_TYPES = (String, Integer, Boolean, UTCDateTime)
 CHUNK = 900  # stay under SQLite's bound-parameter limit in IN (...) lists
 PAGE = 1000  # rows per multi-row statement on PostgreSQL
 
@@ -21,6 +37,41 @@ PAGE = 1000  # rows per multi-row statement on PostgreSQL
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def fetch_dicts(conn: Connection, stmt: Any) -> list[dict[str, Any]]:
+    """The rows of a SELECT (or a statement RETURNING rows) as dicts.
+
+    On PostgreSQL, for columns psycopg2 returns as SQLAlchemy would (text, integers,
+    booleans, UTCDateTime made timezone-aware UTC as that type does), the rows are read
+    straight from the driver's cursor: no SQLAlchemy row per row (the hot paths read hundreds
+    of rows). Elsewhere, or with other column types, through SQLAlchemy's result."""
+    columns = list(stmt.exported_columns)
+    if conn.dialect.name != "postgresql" or not all(
+            isinstance(c.type, _RAW_TYPES) for c in columns):
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+    result = conn.execute(stmt)
+    try:
+        names = list(result.keys())
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
+    utc = [i for i, c in enumerate(columns) if isinstance(c.type, UTCDateTime)]
+    if not utc:
+        return [dict(zip(names, row, strict=True)) for row in rows]
+    out = []
+    for row in rows:
+        values = list(row)
+        for i in utc:
+            v = values[i]
+            if v is not None and v.tzinfo is not UTC:
+                values[i] = _as_utc(v)
+        out.append(dict(zip(names, values, strict=True)))
+    return out
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class StoreBase:
@@ -168,12 +219,33 @@ def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]])
         cursor.close()
 
 
+# Types whose equal values psycopg2 quotes alike, given the same type (True == 1 and 0.0 ==
+# -0.0 are quoted differently; floats are left out).
+_ALIKE_TYPES = frozenset({str, int, bool})
+
+
+def _alike(column: tuple[Any, ...]) -> bool:
+    """Equal values of one type that psycopg2 quotes to the same literal: str, int, bool, or
+    datetimes with the same tzinfo object (equal aware times in other zones quote apart)."""
+    first = column[0]
+    kind = type(first)
+    if column.count(first) != len(column) or len(set(map(type, column))) != 1:
+        return False
+    if kind in _ALIKE_TYPES:
+        return True
+    if kind is datetime:
+        return len({id(v.tzinfo) for v in column}) == 1
+    return False
+
+
 def hoist_shared(cursor: Any, template: str | None,
                  rows: Sequence[Sequence[Any]]) -> tuple[bytes, Sequence[Sequence[Any]]]:
     """`template` (default: one %s per value) with the values every row shares quoted into it
     once, and the rows without them. Shared means the same object in every row (a batch's
-    clock reading, partner, state, None): psycopg2 then quotes it once, not once per row, and
-    the statement is the same. `template` may hold no other % than its %s."""
+    clock reading, partner, state, None), or equal values that psycopg2 quotes alike (see
+    `_alike`: the same status read from each row, a batch's received_at): psycopg2 then quotes
+    it once, not once per row, and the statement is the same. `template` may hold no other %
+    than its %s."""
     width = len(rows[0]) if rows else 0
     text = template if template is not None else "(" + ",".join(["%s"] * width) + ")"
     encoding = encodings[cursor.connection.encoding]
@@ -182,7 +254,7 @@ def hoist_shared(cursor: Any, template: str | None,
         return b"%s".join(pieces), rows
     first = rows[0]
     same = {i for i, column in enumerate(zip(*rows, strict=True))
-            if len(set(map(id, column))) == 1}
+            if len(set(map(id, column))) == 1 or _alike(column)}
     same.discard(0)  # keep one value per row to fill
     if not same:
         return b"%s".join(pieces), rows
