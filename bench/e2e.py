@@ -93,6 +93,7 @@ class Proc:
                  stdout_pipe: bool = False) -> None:
         self.name = name
         self.log_path = log_path
+        self.unread = b""  # stdout read past the last line _read_line returned
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -138,23 +139,29 @@ class Proc:
 
 
 def _read_line(proc: Proc, prefix: str, timeout: float) -> str:
+    """The first line starting with `prefix` that `proc` printed; what it printed after that
+    line stays for the next call (LOOP and READY may arrive in one read)."""
     assert proc.proc.stdout is not None
     fd = proc.proc.stdout.fileno()
     deadline = time.monotonic() + timeout
-    buf = b""
-    while time.monotonic() < deadline:
+    buf = proc.unread
+    while True:
+        lines = buf.split(b"\n")
+        for i, raw in enumerate(lines[:-1]):  # complete lines only
+            line = raw.decode(errors="replace")
+            if line.startswith(prefix):
+                proc.unread = b"\n".join(lines[i + 1:])
+                return line
+        if time.monotonic() >= deadline:
+            break
         if not proc.alive():
             raise BenchError(f"{proc.name} exited with code {proc.proc.returncode}:\n{proc.tail()}")
         ready, _, _ = select.select([fd], [], [], 0.1)
         if not ready:
             continue
         chunk = os.read(fd, 4096)
-        if not chunk:
-            continue
-        buf += chunk
-        for line in buf.decode(errors="replace").splitlines():
-            if line.startswith(prefix):
-                return line
+        if chunk:
+            buf += chunk
     raise BenchError(f"{proc.name} did not print {prefix!r} within {timeout:.0f}s")
 
 
