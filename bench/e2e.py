@@ -498,10 +498,10 @@ def delivered_count(svc: Services) -> int:
 
 def state_summary(svc: Services) -> dict[str, dict[str, int]]:
     with svc.store.engine.connect() as conn:
-        pb: dict[str, int] = dict(conn.execute(text(
-            "SELECT state, count(*) FROM postbacks GROUP BY state")).tuples().all())
-        cv: dict[str, int] = dict(conn.execute(text(
-            "SELECT state, count(*) FROM conversions GROUP BY state")).tuples().all())
+        pb = {r[0]: r[1] for r in conn.execute(text(
+            "SELECT state, count(*) FROM postbacks GROUP BY state"))}
+        cv = {r[0]: r[1] for r in conn.execute(text(
+            "SELECT state, count(*) FROM conversions GROUP BY state"))}
     return {"postbacks": {k: int(v) for k, v in pb.items()},
             "conversions": {k: int(v) for k, v in cv.items()}}
 
