@@ -25,7 +25,7 @@ from postback_worker.domain.events import ConversionEvent
 from postback_worker.errors import Unavailable
 from postback_worker.store import schema as t
 from postback_worker.store.repo import Store
-from postback_worker.store.sql import chunks, execute_values, fetch_dicts, hoist_shared
+from postback_worker.store.sql import chunks, execute_values, fetch_dicts, values_list
 
 RECEIVED = ConversionState.RECEIVED.value
 # Up to this many events are one multi-row INSERT (store/sql.py pages execute_values by it).
@@ -41,6 +41,8 @@ COLUMNS = ("id", "transaction_id", "offer_id", "aff_id", "goal_id", "payout", "s
            "source_ip", "state", "reason", "processed_at", "trace_context")
 _INSERT = (f"INSERT INTO {t.conversions.name} ({', '.join(COLUMNS)}) VALUES %s "
            "ON CONFLICT (id) DO NOTHING")
+# The same statement as bytes around its VALUES list (LoopJournal builds the list itself).
+_INSERT_HEAD, _INSERT_TAIL = (part.encode() for part in _INSERT.split("%s"))
 # One event: the row template written out (no execute_values paging for a single row).
 _INSERT_ONE = _INSERT.replace("%s", "(" + ", ".join(["%s"] * len(COLUMNS)) + ")")
 
@@ -228,9 +230,7 @@ class LoopJournal:
             await _ready(conn)
         cursor = self._conn.cursor()
         try:
-            shared, rest = hoist_shared(cursor, None, rows)
-            values = b",".join([cursor.mogrify(shared, row) for row in rest])
-            cursor.execute(_INSERT.encode().replace(b"%s", values, 1))
+            cursor.execute(_INSERT_HEAD + values_list(cursor, None, rows) + _INSERT_TAIL)
             await _ready(self._conn)
         finally:
             cursor.close()

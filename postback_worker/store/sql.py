@@ -213,10 +213,16 @@ def mogrify_rows(conn: Connection, template: str, rows: Sequence[Sequence[Any]])
     """`template` filled with each row by psycopg2, joined by commas (a VALUES list)."""
     cursor = conn.connection.cursor()
     try:
-        shared, rest = hoist_shared(cursor, template, rows)
-        return b",".join([cursor.mogrify(shared, row) for row in rest]).decode()
+        return values_list(cursor, template, rows).decode()
     finally:
         cursor.close()
+
+
+def values_list(cursor: Any, template: str | None, rows: Sequence[Sequence[Any]]) -> bytes:
+    """`mogrify_rows` on a psycopg2 cursor (an asynchronous connection's too); `template`
+    defaults to one %s per value."""
+    shared, rest = hoist_shared(cursor, template, rows)
+    return b",".join([cursor.mogrify(shared, row) for row in rest])
 
 
 # Types whose equal values psycopg2 quotes alike, given the same type (True == 1 and 0.0 ==
