@@ -88,10 +88,16 @@ def test_partner_rate_limit_holds_across_hosts(
     rate, n = 20.0, 80
     bench = _bench()
     # rate_limit is set on the partner row (what `partners add --rate-limit` stores).
+    # Claim batches of 10: each full batch wakes the other host, so both take events at once
+    # and fire from the same bucket. (Deferred postbacks come back through the sweep, whose
+    # delivery task tends to land on whichever host is not sweeping: alone they could all go
+    # to one host.)
     result = bench.run_scaleout(network, ["host1", "host2"], partner_on_bridge.url, tmp_path,
-                                _settings(settings, network).with_overrides(guard_wait=0.2),
+                                _settings(settings, network).with_overrides(
+                                    guard_wait=0.2, ingest_claim_batch=10),
                                 n, chunk=10, timeout=180,
                                 partner_extra={}, partner_rate_limit=rate)
+    print(f"\n{result.line()}")
     assert set(result.states.values()) == {"delivered"} and len(result.states) == n
     assert set(result.per_host) == {"host1", "host2"}
     times = sorted(r.at for r in partner_on_bridge.received())
