@@ -94,6 +94,14 @@ class IngestSettings:
     # full batch has woken another worker for the rest). 500 x 2 keeps a wake-up within the
     # longest batch deploy/ sizes shutdown grace and visibility timeout for (1000 events).
     claim_rounds: int = field(default=2, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
+    # A woken worker keeps taking events while they arrive, starting a short batch at most
+    # this often (one-event producers then still make batches of rate x linger; producers
+    # wake nobody meanwhile). Adds up to this much to ingest-to-delivery latency; 0: take
+    # once per wake-up.
+    linger: float = field(default=0.1, metadata=env("POSTBACK_INGEST_LINGER"))
+    # ... for at most this many seconds, then hands the rest to a fresh wake-up (bounds how
+    # long a warm shutdown waits for an intake task).
+    drain_seconds: float = field(default=2.0, metadata=env("POSTBACK_INGEST_DRAIN_SECONDS"))
 
 
 @dataclass(frozen=True)

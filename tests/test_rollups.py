@@ -4,8 +4,11 @@ compaction and a rebuild from rows (PostgreSQL; SQLite computes from rows)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+import pytest
 import redis
 from sqlalchemy import text
 from support.helpers import NOW, Clock, add_click, conversion, messages
@@ -22,7 +25,9 @@ from postback_worker.ops.visibility.timerange import TimeRange
 from postback_worker.pipeline.processing import Pipeline
 from postback_worker.settings import Settings
 from postback_worker.store import rollups
+from postback_worker.store.db import make_engine, upgrade
 from postback_worker.store.figures import RawFigures, RollupFigures, figures_for
+from postback_worker.store.journal import Journal
 from postback_worker.store.repo import Store
 
 PARTNERS = (None, "p-ok", "p-down", "p-life")
@@ -114,6 +119,16 @@ def test_rollups_equal_raw_rows_through_the_lifecycle(
     assert {k for k, _, _ in kinds} == {"status_changed", "repeat", "adjusted", "stale"}
     assert set(RawFigures(store).postbacks_by_event(NOW, clock() + timedelta(seconds=1))) == {
         "approved", "adjustment", "reversal"}
+    # Accepted events waiting for intake (counted from rows, not in the rollup), then taken.
+    Journal(store).record([conversion(f"tx-wait-{i}", now=clock(), id=f"cv-wait-{i}")
+                           for i in range(3)])
+    assert RollupFigures(store).conversion_states()["received"] == 3
+    assert_same(store, clock())
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM rollup_conversions "
+                                 "WHERE state = 'received'")).scalar() == 0
+    pipeline.intake_pending(100, 1)
+    assert "received" not in RollupFigures(store).conversion_states()
     assert_same(store, clock())
     assert RollupFigures(store).tests() is not None  # the test fire is subtracted
     assert compact(store) > 0
@@ -201,3 +216,58 @@ def test_duration_bucket_sql_matches_python(store: Store) -> None:
         got = [conn.execute(text("SELECT pbw_duration_bucket(:v)"), {"v": v}).scalar()
                for v in values]
     assert got == [duration_bucket(v) for v in values]
+
+
+@pytest.fixture()
+def scratch_url(pg_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the test server."""
+    base = pg_url.rsplit("/", 1)[0]
+    admin = make_engine(base + "/postgres").execution_options(isolation_level="AUTOCOMMIT")
+    name = f"pbw_migrate_{os.getpid()}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_migration_takes_waiting_events_out_of_the_rollup_and_back(scratch_url: str) -> None:
+    """0013 on a database whose rollup counted `received` rows (0012): the figures stay the
+    same through the upgrade and the downgrade."""
+    from alembic import command
+
+    from postback_worker.store.db import alembic_config
+
+    def waiting_in_rollup(store: Store) -> int:
+        with store.engine.connect() as conn:
+            return int(conn.execute(text("SELECT coalesce(sum(n), 0) FROM rollup_conversions "
+                                         "WHERE state = 'received'")).scalar_one())
+
+    # (Older migrations install the current triggers: the downgrade puts 0012's back.)
+    upgrade(scratch_url, "0013")
+    command.downgrade(alembic_config(scratch_url), "0012")
+    store = Store(make_engine(scratch_url))
+    try:
+        Journal(store).record([conversion(f"tx{i}", id=f"cv{i}") for i in range(4)])
+        with store.engine.begin() as conn:  # one taken (what a worker does), three waiting
+            conn.execute(text("UPDATE conversions SET state = 'no_click' WHERE id = 'cv0'"))
+        assert waiting_in_rollup(store) == 3
+        want = RawFigures(store).conversion_states()
+        assert want == {"received": 3, "no_click": 1}
+        upgrade(scratch_url, "0013")
+        assert waiting_in_rollup(store) == 0
+        assert RollupFigures(store).conversion_states() == want
+        Journal(store).record([conversion("tx9", id="cv9")])  # no delta row now
+        assert waiting_in_rollup(store) == 0
+        assert RollupFigures(store).conversion_states() == {**want, "received": 4}
+        command.downgrade(alembic_config(scratch_url), "0012")
+        assert waiting_in_rollup(store) == 4
+        with store.engine.begin() as conn:  # the old trigger counts them again
+            conn.execute(text("UPDATE conversions SET state = 'no_click' WHERE id = 'cv9'"))
+        assert waiting_in_rollup(store) == 3
+    finally:
+        store.engine.dispose()

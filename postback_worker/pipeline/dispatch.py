@@ -43,6 +43,8 @@ class BatchResult:
 
     conversions: dict[str, int] = field(default_factory=dict)
     postbacks: dict[str, int] = field(default_factory=dict)
+    # Intake stopped with events perhaps still waiting: the caller wakes a worker for them.
+    handed_over: bool = False
 
     def count(self, bucket: dict[str, int], key: str, n: int = 1) -> None:
         bucket[key] = bucket.get(key, 0) + n

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,13 +27,29 @@ from postback_worker.pipeline.intake import Intake, conversion_message
 from postback_worker.settings import Settings
 from postback_worker.store.repo import Store
 
-__all__ = ["WAITING", "BatchResult", "Pipeline", "utcnow"]
+__all__ = ["WAITING", "BatchResult", "Drain", "Pipeline", "utcnow"]
 
 Clock = Callable[[], datetime]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """How a woken worker keeps taking events while they arrive (Pipeline.intake_pending).
+
+    `hold` tells producers that a worker is taking events (they send no wake-ups meanwhile);
+    `release` lifts that. `pause` and `monotonic` are injectable for tests.
+    """
+
+    linger: float  # seconds between the starts of two short batches
+    budget: float  # seconds of taking before handing over to a fresh wake-up
+    hold: Callable[[], None]
+    release: Callable[[], None]
+    pause: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
 
 
 class Pipeline:
@@ -70,24 +88,58 @@ class Pipeline:
         return result
 
     def intake_pending(self, limit: int, max_rounds: int,
-                       on_backlog: Callable[[], None] | None = None) -> BatchResult:
+                       on_backlog: Callable[[], None] | None = None,
+                       drain: Drain | None = None) -> BatchResult:
         """Take accepted events waiting in the journal in batches of `limit` (whatever
-        message woke us), attribute them and fire; stop when a batch comes back short.
-        `on_backlog` is called when a batch comes back full (e.g. to wake another worker)."""
+        message woke us), oldest first, attribute them and fire.
+
+        `on_backlog` is called when a batch comes back full (e.g. to wake another worker).
+        Without `drain`, stop when a batch comes back short. With it, keep taking while
+        events arrive, a short batch at most every `drain.linger` seconds (so one-event
+        producers still make batches), and stop when, after `drain.release`, a take finds
+        nothing. Also stop after `max_rounds` full batches or `drain.budget` seconds; then
+        `handed_over` is set: the caller hands the rest over to a new wake-up.
+        """
         result = BatchResult()
         stuck_after = timedelta(seconds=self.settings.sweep.stuck_conversion_after)
-        for _ in range(max_rounds):
+        started = drain.monotonic() if drain else 0.0
+        full = 0
+        released = False
+        while True:
+            round_started = drain.monotonic() if drain else 0.0
+            if drain and not released:
+                drain.hold()
             taken = self.intake.take_pending(limit, self.clock() - stuck_after)
-            if len(taken.conversion_ids) == limit and on_backlog is not None:
-                on_backlog()
-            for state, n in taken.states.items():
-                result.count(result.conversions, state, n)
-            if taken.conversion_ids:
+            n = len(taken.conversion_ids)
+            if n == limit:
+                full += 1
+                if on_backlog is not None:
+                    on_backlog()
+            for state, count in taken.states.items():
+                result.count(result.conversions, state, count)
+            if n:
                 self.dispatch.fire(self.dispatch.claim(conversion_ids=taken.conversion_ids),
                                    result)
-            if len(taken.conversion_ids) < limit:
-                break
-        return result
+            if drain is None:
+                if n < limit or full >= max_rounds:
+                    return result
+                continue
+            if not n:
+                if released:
+                    return result  # nothing came after the release: all taken
+                # A commit after this wakes a worker again; one more look for anything
+                # committed while producers still saw the hold.
+                drain.release()
+                released = True
+                continue
+            released = False
+            if full >= max_rounds or drain.monotonic() - started >= drain.budget:
+                result.handed_over = True
+                return result
+            if n < limit:
+                left = drain.linger - (drain.monotonic() - round_started)
+                if left > 0:
+                    drain.pause(left)
 
     def deliver(self, postback_ids: Sequence[str], triggered_by: str | None = None) -> BatchResult:
         """Claim and fire the given postbacks (retries, replays); already final ones are left."""

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, func, literal, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
+from postback_worker.domain.attribution import ConversionState
 from postback_worker.domain.deadletters import Filter
 from postback_worker.domain.masking import mask_url
 from postback_worker.store import schema as t
@@ -31,6 +32,7 @@ from postback_worker.store.rollups import DURATION_BOUNDS, LATENCY_BOUNDS
 A = t.attempts.c
 P = t.postbacks.c
 C = t.conversions.c
+RECEIVED = ConversionState.RECEIVED.value
 D = t.dead_letters.c
 
 FAILED_POSTBACK = "dead_lettered"
@@ -571,6 +573,10 @@ class RollupFigures(RawFigures):
     def conversion_states(self) -> dict[str, int]:
         out = {s: int(n) for s, n in self._sum_hours(t.rollup_conversions, ("state",),
                                                       EARLIEST, LATEST)}
+        # Events waiting for intake are not in the rollup (store/rollups.py): from rows.
+        with self.connect() as conn:
+            _add(out, RECEIVED, int(conn.execute(
+                select(func.count()).where(C.state == RECEIVED)).scalar_one()))
         return self._net(out, "conversion_states")
 
     def dead_letters(self) -> dict[tuple[str, str], int]:

@@ -66,6 +66,9 @@ class Rollup:
     ops: tuple[str, ...] = ("INSERT", "UPDATE", "DELETE")
 
 
+CONVERSIONS_SELECT = (f"SELECT {HOUR.format(col='r.received_at')}, coalesce(r.offer_id, ''), "
+                      "r.state, {sign} FROM {rel} r")
+
 ROLLUPS: tuple[Rollup, ...] = (
     Rollup("rollup_postbacks", ("hour", "partner_id", "bucket", "last_class"), "postbacks",
            f"SELECT {HOUR.format(col='r.created_at')}, r.partner_id, 'postbacks', '', {{sign}} "
@@ -109,9 +112,11 @@ ROLLUPS: tuple[Rollup, ...] = (
            f"{bound_sql(LATENCY_MICROS, LATENCY_BOUNDS)}, {{sign}}, "
            f"{{sign}} * {LATENCY_MICROS} FROM {{rel}} r "
            "WHERE r.state = 'delivered' AND r.delivered_at IS NOT NULL", ("n", "total_us")),
+    # Conversions once taken from the journal: accepted events waiting for intake
+    # (`received`) are counted from rows (few, by an index), so a producer's one-event
+    # INSERT adds no delta row to write and to compact.
     Rollup("rollup_conversions", ("hour", "offer_id", "state"), "conversions",
-           f"SELECT {HOUR.format(col='r.received_at')}, coalesce(r.offer_id, ''), r.state, "
-           "{sign} FROM {rel} r"),
+           CONVERSIONS_SELECT + " WHERE r.state <> 'received'"),
     # Lifecycle: postbacks per event they carry (set once, at insert), and conversion events
     # (never updated) by kind and status change.
     Rollup("rollup_postback_events", ("hour", "partner_id", "event"), "postbacks",
@@ -225,10 +230,12 @@ def _trigger_sql(source: str, chosen: Sequence[Rollup] = ROLLUPS) -> list[str]:
     return out
 
 
-def install_statements(without: Sequence[str] = ()) -> list[str]:
+def install_statements(without: Sequence[str] = (),
+                       rollups: Sequence[Rollup] = ROLLUPS) -> list[str]:
     """DDL that creates the functions and triggers (PostgreSQL); `without`: rollup tables
-    left out (a downgrade to before they existed)."""
-    chosen = [r for r in ROLLUPS if r.table not in without]
+    left out (a downgrade to before they existed); `rollups`: the definitions (a downgrade
+    to older ones)."""
+    chosen = [r for r in rollups if r.table not in without]
     stmts = [BUCKET_FUNCTION]
     for source in SOURCES:
         if any(r.source == source for r in chosen):

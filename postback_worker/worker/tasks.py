@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -11,9 +13,11 @@ from celery.signals import worker_ready
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from postback_worker.pipeline.processing import Drain
 from postback_worker.store.journal import Journal
 from postback_worker.worker.queues import (
     CONVERSIONS,
+    INTAKE_HOLD_MS,
     INTAKE_WOKEN_KEY,
     INTAKE_WOKEN_MS,
     RETRIES,
@@ -27,6 +31,9 @@ from postback_worker.worker.queues import (
 log = logging.getLogger(__name__)
 
 DELIVER_CHUNK = 100
+# Delete the intake flag only if this worker's hold is still what it says.
+RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+           "return redis.call('del', KEYS[1]) end return 0")
 # At most this many wake-ups per sweep run (each woken task drains batches while they come).
 WAKE_MAX = 8
 # Database outages are retried by Celery with backoff; the message stays unacknowledged
@@ -55,18 +62,38 @@ def register(app: Celery) -> None:
     @app.task(name=TASK_INTAKE, bind=True, acks_late=False, **DB_RETRY)
     def intake(self: Task, conversion_ids: list[str]) -> dict[str, Any]:
         # A wake-up: events wait in the journal. The ids only say what prompted it; the
-        # worker takes whatever waits, oldest first, in batches.
+        # worker takes whatever waits, oldest first, in batches, while events keep coming.
+        pipeline = services.pipeline
+        ingest = pipeline.settings.ingest
+        token = self.request.id or uuid.uuid4().hex
+        drain = Drain(linger=ingest.linger, budget=ingest.drain_seconds,
+                      hold=hold_flag(token, int(ingest.linger * 1000) + INTAKE_HOLD_MS),
+                      release=lambda: release_flag(token))
+        result = pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
+                                         on_backlog=wake_another, drain=drain)
+        if result.handed_over:
+            wake_another()  # a fresh wake-up (any worker) takes the rest
+        return {**result.as_dict(), "handed_over": result.handed_over}
+
+    def hold_flag(token: str, ms: int) -> Callable[[], None]:
+        def hold() -> None:
+            try:
+                services.redis.set(INTAKE_WOKEN_KEY, token, px=ms)
+            except RedisError as exc:  # producers wake more workers than needed: harmless
+                log.warning("could not renew the wake-up flag: %s", exc)
+        return hold
+
+    def release_flag(token: str) -> None:
+        """Later commits wake a worker again, unless another worker holds the flag now (it
+        takes them, or looks once more when it lets go)."""
         try:
-            services.redis.delete(INTAKE_WOKEN_KEY)  # later commits wake another worker
+            services.redis.eval(RELEASE, 1, INTAKE_WOKEN_KEY, token)
         except RedisError as exc:
             log.warning("could not clear the wake-up flag (it expires): %s", exc)
-        ingest = services.pipeline.settings.ingest
-        return services.pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
-                                                on_backlog=wake_another).as_dict()
 
     def wake_another() -> None:
-        """A full batch: more waits. Always wake one more worker to share it (a wake-up the
-        producers left may sit in this busy worker's own reserve)."""
+        """More waits: wake one more worker to share it (a wake-up the producers left may sit
+        in this busy worker's own reserve)."""
         try:
             services.redis.set(INTAKE_WOKEN_KEY, "1", px=INTAKE_WOKEN_MS)
             intake.apply_async(([],), queue=CONVERSIONS)
