@@ -96,8 +96,9 @@ class IngestSettings:
     claim_rounds: int = field(default=2, metadata=env("POSTBACK_INGEST_CLAIM_ROUNDS"))
     # A woken worker keeps taking events while they arrive, starting a short batch at most
     # this often (one-event producers then still make batches of rate x linger; producers
-    # wake nobody meanwhile). Adds up to this much to ingest-to-delivery latency; 0: take
-    # once per wake-up.
+    # wake nobody meanwhile). Adds up to this much to ingest-to-delivery latency; 0: one
+    # wake-up takes what waits (until a batch comes back short), and later commits wake
+    # again.
     linger: float = field(default=0.1, metadata=env("POSTBACK_INGEST_LINGER"))
     # ... for at most this many seconds, then hands the rest to a fresh wake-up (bounds how
     # long a warm shutdown waits for an intake task).

@@ -173,3 +173,28 @@ def test_a_worker_holds_the_flag_while_it_takes_then_clears_it(
     assert batches == 2  # the first event, then the other 20 after the linger
     assert sorted(r.query["tid"][0] for r in partner.requests) == sorted(
         f"tx{i}" for i in range(21))
+
+
+@pytest.mark.e2e
+def test_without_a_linger_each_wake_up_takes_once(
+        settings: Settings, store: Store, partner: PartnerServer,
+        redis_client: redis.Redis, celery_procs: Callable[..., Proc]) -> None:
+    """POSTBACK_INGEST_LINGER=0: the woken worker clears the flag and takes what waits once,
+    so the next commit wakes it again."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    for i in range(2):
+        add_click(store, f"tx{i}")
+    worker = celery_procs("worker", concurrency=1, ingest_linger=0)
+    wait_until(lambda: worker.output().count(f"{TASK_INTAKE}[") >= 2, 30,
+               message="the worker's wake-up on start to run")
+    producer = Producer(settings)
+    try:
+        for i in range(2):
+            producer.send_conversions([{"transaction_id": f"tx{i}"}])
+            wait_until(lambda i=i: partner.count() == i + 1, 30, message="the postback")
+            wait_until(lambda: not redis_client.exists(INTAKE_WOKEN_KEY), 30,
+                       message="the flag to clear")
+    finally:
+        producer.close()
+    assert worker.output().count(f"Task {TASK_INTAKE}[") == 6  # start, then one per call

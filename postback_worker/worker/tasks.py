@@ -65,10 +65,14 @@ def register(app: Celery) -> None:
         # worker takes whatever waits, oldest first, in batches, while events keep coming.
         pipeline = services.pipeline
         ingest = pipeline.settings.ingest
-        token = self.request.id or uuid.uuid4().hex
-        drain = Drain(linger=ingest.linger, budget=ingest.drain_seconds,
-                      hold=hold_flag(token, int(ingest.linger * 1000) + INTAKE_HOLD_MS),
-                      release=lambda: release_flag(token))
+        drain = None
+        if ingest.linger > 0:
+            token = self.request.id or uuid.uuid4().hex
+            drain = Drain(linger=ingest.linger, budget=ingest.drain_seconds,
+                          hold=hold_flag(token, int(ingest.linger * 1000) + INTAKE_HOLD_MS),
+                          release=lambda: release_flag(token))
+        else:
+            release_flag(None)  # one take per wake-up: later commits wake another worker
         result = pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
                                          on_backlog=wake_another, drain=drain)
         if result.handed_over:
@@ -83,11 +87,14 @@ def register(app: Celery) -> None:
                 log.warning("could not renew the wake-up flag: %s", exc)
         return hold
 
-    def release_flag(token: str) -> None:
+    def release_flag(token: str | None) -> None:
         """Later commits wake a worker again, unless another worker holds the flag now (it
-        takes them, or looks once more when it lets go)."""
+        takes them, or looks once more when it lets go). No token: delete it whoever set it."""
         try:
-            services.redis.eval(RELEASE, 1, INTAKE_WOKEN_KEY, token)
+            if token is None:
+                services.redis.delete(INTAKE_WOKEN_KEY)
+            else:
+                services.redis.eval(RELEASE, 1, INTAKE_WOKEN_KEY, token)
         except RedisError as exc:
             log.warning("could not clear the wake-up flag (it expires): %s", exc)
 
