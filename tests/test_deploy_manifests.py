@@ -16,9 +16,13 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from sqlalchemy import text
+from support.helpers import conversion
 
 from postback_worker.settings import Settings
-from postback_worker.worker.queues import CONVERSIONS, QUEUES, RETRIES
+from postback_worker.store.journal import Journal
+from postback_worker.store.repo import Store
+from postback_worker.worker.queues import QUEUES, RETRIES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -179,38 +183,60 @@ SCALED_OBJECT = {
                 "pollingInterval": {"type": "integer"},
                 "cooldownPeriod": {"type": "integer"},
                 "advanced": {"type": "object"},
-                "triggers": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["type", "metadata"],
-                    "properties": {
-                        "type": {"const": "redis"},
-                        "metadata": {
-                            "type": "object", "required": ["listName", "listLength"],
-                            "additionalProperties": {"type": "string"},
-                        },
-                        "authenticationRef": {"type": "object", "required": ["name"]},
-                    },
-                }},
+                "triggers": {"type": "array", "minItems": 1, "items": {"oneOf": [
+                    {"type": "object", "required": ["type", "metadata", "authenticationRef"],
+                     "properties": {
+                         "type": {"const": "redis"},
+                         "metadata": {
+                             "type": "object", "required": ["listName", "listLength"],
+                             "additionalProperties": {"type": "string"},
+                         },
+                         "authenticationRef": {"type": "object", "required": ["name"]},
+                     }},
+                    {"type": "object", "required": ["type", "metadata"],
+                     "properties": {
+                         "type": {"const": "postgresql"},
+                         "metadata": {
+                             "type": "object",
+                             "required": ["connectionFromEnv", "query", "targetQueryValue"],
+                             "additionalProperties": {"type": "string"},
+                         },
+                     }},
+                ]}},
             },
         },
     },
 }
 
 
-def test_keda_scales_workers_on_the_conversions_and_retries_queues() -> None:
+def test_keda_scales_workers_on_the_journal_backlog_and_the_retries_queue(
+        store: Store) -> None:
     scaled = _kind("ScaledObject")
     jsonschema.validate(scaled, SCALED_OBJECT)
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "postback-worker"
-    _kind("Deployment", spec["scaleTargetRef"]["name"])
-    lists = {t["metadata"]["listName"] for t in spec["triggers"]}
-    assert lists == {CONVERSIONS, RETRIES} and lists <= set(QUEUES)
+    worker = _kind("Deployment", spec["scaleTargetRef"]["name"])
     assert spec["minReplicaCount"] >= 1 and spec["maxReplicaCount"] > spec["minReplicaCount"]
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for trigger in spec["triggers"]:
+        by_type.setdefault(trigger["type"], []).append(trigger)
+    # Redis: the retries queue (the conversions queue holds at most a wake-up).
+    assert {t["metadata"]["listName"] for t in by_type["redis"]} == {RETRIES} <= set(QUEUES)
     auth = _kind("TriggerAuthentication")
-    assert {t["authenticationRef"]["name"] for t in spec["triggers"]} == {
+    assert {t["authenticationRef"]["name"] for t in by_type["redis"]} == {
         auth["metadata"]["name"]}
-    worker_env = {e["name"] for e in _kind("Deployment", "postback-worker")["spec"][
-        "template"]["spec"]["containers"][0]["env"]}
-    assert {t["metadata"]["addressFromEnv"] for t in spec["triggers"]} <= worker_env
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert {t["metadata"]["addressFromEnv"] for t in by_type["redis"]} <= {
+        e["name"] for e in container["env"]}
+    # PostgreSQL: the events waiting in the journal, counted by the query KEDA runs.
+    (pg,) = by_type["postgresql"]
+    secret = _kind("Secret")
+    assert pg["metadata"]["connectionFromEnv"] in secret["stringData"]
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+    Journal(store).record([conversion(f"tx{i}", id=f"cv{i}") for i in range(3)])
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE conversions SET state = 'no_click' WHERE id = 'cv0'"))
+        assert conn.execute(text(pg["metadata"]["query"])).scalar_one() == 2
 
 
 # systemd and Procfile
