@@ -139,19 +139,27 @@ def test_without_a_drain_one_wake_up_takes_what_waits_once(store: Store,
     assert not result.handed_over and waiting(store) == 0
 
 
+def start_worker(store: Store, partner: PartnerServer, celery_procs: Callable[..., Proc], *,
+                 clicks: int, linger: float) -> Proc:
+    """Offer o1, partner p1, clicks tx0..; one worker process with this linger, once its own
+    wake-up on start has run."""
+    add_offer(store, "o1")
+    add_partner(store, "p1", partner.url)
+    for i in range(clicks):
+        add_click(store, f"tx{i}")
+    worker = celery_procs("worker", concurrency=1, ingest_linger=linger)
+    wait_until(lambda: worker.output().count(f"{TASK_INTAKE}[") >= 2, 30,
+               message="the worker's wake-up on start to run")
+    return worker
+
+
 @pytest.mark.e2e
 def test_a_worker_holds_the_flag_while_it_takes_then_clears_it(
         settings: Settings, store: Store, partner: PartnerServer,
         redis_client: redis.Redis, celery_procs: Callable[..., Proc]) -> None:
     """A real worker: one-event calls while it lingers publish no wake-up (it holds the flag
     for longer than a producer would), it takes them as one batch, and lets go afterwards."""
-    add_offer(store, "o1")
-    add_partner(store, "p1", partner.url)
-    for i in range(21):
-        add_click(store, f"tx{i}")
-    worker = celery_procs("worker", concurrency=1, ingest_linger=1.0)
-    wait_until(lambda: worker.output().count(f"{TASK_INTAKE}[") >= 2, 30,
-               message="the worker's wake-up on start to run")
+    worker = start_worker(store, partner, celery_procs, clicks=21, linger=1.0)
     producer = Producer(settings)
     try:
         (first,) = producer.send_conversions([{"transaction_id": "tx0"}])
@@ -181,13 +189,7 @@ def test_without_a_linger_each_wake_up_takes_once(
         redis_client: redis.Redis, celery_procs: Callable[..., Proc]) -> None:
     """POSTBACK_INGEST_LINGER=0: the woken worker clears the flag and takes what waits once,
     so the next commit wakes it again."""
-    add_offer(store, "o1")
-    add_partner(store, "p1", partner.url)
-    for i in range(2):
-        add_click(store, f"tx{i}")
-    worker = celery_procs("worker", concurrency=1, ingest_linger=0)
-    wait_until(lambda: worker.output().count(f"{TASK_INTAKE}[") >= 2, 30,
-               message="the worker's wake-up on start to run")
+    worker = start_worker(store, partner, celery_procs, clicks=2, linger=0)
     producer = Producer(settings)
     try:
         for i in range(2):

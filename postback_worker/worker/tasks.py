@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from celery import Celery, Task
@@ -68,9 +68,10 @@ def register(app: Celery) -> None:
         drain = None
         if ingest.linger > 0:
             token = self.request.id or uuid.uuid4().hex
+            hold_ms = int(ingest.linger * 1000) + INTAKE_HOLD_MS
             drain = Drain(linger=ingest.linger, budget=ingest.drain_seconds,
-                          hold=hold_flag(token, int(ingest.linger * 1000) + INTAKE_HOLD_MS),
-                          release=lambda: release_flag(token))
+                          hold=partial(hold_flag, token, hold_ms),
+                          release=partial(release_flag, token))
         else:
             release_flag(None)  # one take per wake-up: later commits wake another worker
         result = pipeline.intake_pending(ingest.claim_batch, ingest.claim_rounds,
@@ -79,13 +80,11 @@ def register(app: Celery) -> None:
             wake_another()  # a fresh wake-up (any worker) takes the rest
         return {**result.as_dict(), "handed_over": result.handed_over}
 
-    def hold_flag(token: str, ms: int) -> Callable[[], None]:
-        def hold() -> None:
-            try:
-                services.redis.set(INTAKE_WOKEN_KEY, token, px=ms)
-            except RedisError as exc:  # producers wake more workers than needed: harmless
-                log.warning("could not renew the wake-up flag: %s", exc)
-        return hold
+    def hold_flag(token: str, ms: int) -> None:
+        try:
+            services.redis.set(INTAKE_WOKEN_KEY, token, px=ms)
+        except RedisError as exc:  # producers wake more workers than needed: harmless
+            log.warning("could not renew the wake-up flag: %s", exc)
 
     def release_flag(token: str | None) -> None:
         """Later commits wake a worker again, unless another worker holds the flag now (it
