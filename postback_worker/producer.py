@@ -104,11 +104,17 @@ class GroupCommit:
 
     def submit(self, events: Sequence[ConversionEvent]) -> None:
         """Return once `events` are committed; raise what the commit raised."""
-        me = _Waiter(events)
         with self._lock:
-            self._queue.append(me)
-            if not self._busy:
-                self._busy = me.lead = True
+            me = _Waiter(events) if self._busy else None
+            if me is None:  # no commit runs, so nobody waits: commit ours now
+                self._busy = True
+            else:
+                self._queue.append(me)
+        if me is None:
+            error = self._commit_group([], list(events))
+            if error is not None:
+                raise error
+            return
         while not me.done:
             if me.lead:
                 self._lead()
@@ -127,7 +133,11 @@ class GroupCommit:
                 w = self._queue.pop(0)
                 batch.append(w)
                 size += len(w.events)
-        events = [e for w in batch for e in w.events]
+        self._commit_group(batch, [e for w in batch for e in w.events])
+
+    def _commit_group(self, batch: list[_Waiter],
+                      events: list[ConversionEvent]) -> BaseException | None:
+        """Commit `events` (those of `batch`), hand the lead over, tell `batch` the outcome."""
         error: BaseException | None = None
         try:
             self.commit(events)
@@ -147,6 +157,7 @@ class GroupCommit:
                 self.after(events)
             except Exception:  # the events are committed; beat's sweep finds them
                 log.exception("after-commit step failed")
+        return error
 
 
 class _Waker:

@@ -271,3 +271,63 @@ def test_migration_takes_waiting_events_out_of_the_rollup_and_back(scratch_url: 
         assert waiting_in_rollup(store) == 3
     finally:
         store.engine.dispose()
+
+
+def insert_trigger(store: Store) -> str:
+    """How conversions' INSERT trigger fires: 'row' or 'statement'."""
+    with store.engine.connect() as conn:
+        tgtype = conn.execute(text(
+            "SELECT tgtype FROM pg_trigger WHERE tgname = 'pbw_rollup_conversions_insert'"
+        )).scalar_one()
+    return "row" if tgtype & 1 else "statement"
+
+
+def test_conversions_inserted_not_received_are_counted_by_the_row_trigger(
+        scratch_url: str) -> None:
+    """0014: journal rows (`received`) run no trigger; rows inserted in a counted state (a
+    test fire, a multi-row insert) are counted, before and after a downgrade to 0013."""
+    from alembic import command
+
+    from postback_worker.store.db import alembic_config
+
+    def deltas(store: Store) -> int:
+        with store.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM rollup_conversions "
+                                         "WHERE NOT compacted")).scalar_one())
+
+    def insert(store: Store, rows: list[tuple[str, str, str | None]]) -> None:
+        with store.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO conversions (id, transaction_id, goal_id, payout, currency, "
+                "status, occurred_at, received_at, state, offer_id) VALUES (:id, :id, '', 1, "
+                "'USD', 'approved', now(), now(), :state, :offer)"),
+                [{"id": i, "state": s, "offer": o} for i, s, o in rows])
+
+    upgrade(scratch_url)
+    store = Store(make_engine(scratch_url))
+    try:
+        assert insert_trigger(store) == "row"
+        Journal(store).record([conversion(f"tx{i}", id=f"cv{i}") for i in range(3)])
+        assert deltas(store) == 0  # waiting events: counted from rows, no delta written
+        insert(store, [("a1", "test", None), ("a2", "attributed", "o1"),
+                       ("a3", "attributed", "o1"), ("a4", "received", "o2")])
+        assert deltas(store) == 3  # one delta per counted row
+        want = {"received": 4, "test": 1, "attributed": 2}
+        assert RawFigures(store).conversion_states() == want
+        assert RollupFigures(store).conversion_states() == want
+        compact(store)
+        assert RollupFigures(store).conversion_states() == want
+
+        command.downgrade(alembic_config(scratch_url), "0013")
+        assert insert_trigger(store) == "statement"
+        insert(store, [("b1", "no_click", "o2"), ("b2", "received", None)])
+        want = {**want, "received": 5, "no_click": 1}
+        assert RollupFigures(store).conversion_states() == want
+        upgrade(scratch_url, "0014")
+        assert insert_trigger(store) == "row"
+        insert(store, [("c1", "no_click", "o2")])
+        want = {**want, "no_click": 2}
+        assert RawFigures(store).conversion_states() == want
+        assert RollupFigures(store).conversion_states() == want
+    finally:
+        store.engine.dispose()

@@ -80,7 +80,7 @@ def downgrade() -> None:
     if bind.dialect.name == "postgresql":
         for stmt in rollups.uninstall_statements():
             bind.execute(sa.text(stmt))
-        for stmt in rollups.install_statements(without=tuple(TABLES)):
+        for stmt in rollups.install_statements(without=tuple(TABLES), row_inserts={}):
             bind.execute(sa.text(stmt))
     for index, (table, _) in INDEXES.items():
         op.drop_index(index, table_name=table)

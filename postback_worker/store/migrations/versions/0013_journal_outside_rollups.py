@@ -47,7 +47,7 @@ def downgrade() -> None:
     _lock(bind)
     before = [replace(r, select=rollups.CONVERSIONS_SELECT) if r.table == TABLES[0] else r
               for r in rollups.ROLLUPS]
-    for stmt in rollups.install_statements(rollups=before):
+    for stmt in rollups.install_statements(rollups=before, row_inserts={}):
         bind.execute(sa.text(stmt))
     bind.execute(sa.text(
         f"INSERT INTO {TABLES[0]} (hour, offer_id, state, n, compacted) "
