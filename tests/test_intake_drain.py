@@ -173,8 +173,11 @@ def test_a_worker_holds_the_flag_while_it_takes_then_clears_it(
                    message="the worker to let go of the flag")
     finally:
         producer.close()
-    # Two wake-ups in all: the worker's own on start, and the first call's.
-    assert worker.output().count(f"Task {TASK_INTAKE}[") == 4  # each received, then done
+    # Two wake-ups in all: the worker's own on start, and the first call's (each logged as
+    # received, then done; the worker lets go of the flag just before its task returns).
+    wait_until(lambda: worker.output().count(f"Task {TASK_INTAKE}[") >= 4, 30,
+               message="the wake-up's task to finish")
+    assert worker.output().count(f"Task {TASK_INTAKE}[") == 4
     with store.engine.connect() as conn:
         batches = conn.execute(select(func.count(func.distinct(t.conversions.c.processed_at)))
                                .where(t.conversions.c.id.in_([first, *ids]))).scalar_one()
@@ -199,4 +202,7 @@ def test_without_a_linger_each_wake_up_takes_once(
                        message="the flag to clear")
     finally:
         producer.close()
-    assert worker.output().count(f"Task {TASK_INTAKE}[") == 6  # start, then one per call
+    # The worker's own wake-up on start, then one per call, each received and then done.
+    wait_until(lambda: worker.output().count(f"Task {TASK_INTAKE}[") >= 6, 30,
+               message="the last wake-up's task to finish")
+    assert worker.output().count(f"Task {TASK_INTAKE}[") == 6
