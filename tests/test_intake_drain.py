@@ -153,6 +153,14 @@ def start_worker(store: Store, partner: PartnerServer, celery_procs: Callable[..
     return worker
 
 
+def assert_intake_tasks(worker: Proc, n: int) -> None:
+    """The worker ran exactly `n` intake tasks. Each logs a line when received and one when
+    done; the done line comes just after the task lets go of the flag, so wait for it."""
+    wait_until(lambda: worker.output().count(f"Task {TASK_INTAKE}[") >= 2 * n, 30,
+               message="the last intake task to finish")
+    assert worker.output().count(f"Task {TASK_INTAKE}[") == 2 * n
+
+
 @pytest.mark.e2e
 def test_a_worker_holds_the_flag_while_it_takes_then_clears_it(
         settings: Settings, store: Store, partner: PartnerServer,
@@ -173,11 +181,8 @@ def test_a_worker_holds_the_flag_while_it_takes_then_clears_it(
                    message="the worker to let go of the flag")
     finally:
         producer.close()
-    # Two wake-ups in all: the worker's own on start, and the first call's (each logged as
-    # received, then done; the worker lets go of the flag just before its task returns).
-    wait_until(lambda: worker.output().count(f"Task {TASK_INTAKE}[") >= 4, 30,
-               message="the wake-up's task to finish")
-    assert worker.output().count(f"Task {TASK_INTAKE}[") == 4
+    # Two wake-ups in all: the worker's own on start, and the first call's.
+    assert_intake_tasks(worker, 2)
     with store.engine.connect() as conn:
         batches = conn.execute(select(func.count(func.distinct(t.conversions.c.processed_at)))
                                .where(t.conversions.c.id.in_([first, *ids]))).scalar_one()
@@ -202,7 +207,4 @@ def test_without_a_linger_each_wake_up_takes_once(
                        message="the flag to clear")
     finally:
         producer.close()
-    # The worker's own wake-up on start, then one per call, each received and then done.
-    wait_until(lambda: worker.output().count(f"Task {TASK_INTAKE}[") >= 6, 30,
-               message="the last wake-up's task to finish")
-    assert worker.output().count(f"Task {TASK_INTAKE}[") == 6
+    assert_intake_tasks(worker, 3)  # the worker's own wake-up on start, then one per call
