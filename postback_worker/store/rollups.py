@@ -242,6 +242,7 @@ def _trigger_sql(source: str, chosen: Sequence[Rollup] = ROLLUPS,
         if op not in fed:
             continue
         if op == "INSERT" and source in row_inserts:
+            out.append(_row_function_sql(source, chosen))
             out.append(f"CREATE TRIGGER {name} AFTER INSERT ON {source} FOR EACH ROW "
                        f"WHEN ({row_inserts[source]}) EXECUTE FUNCTION pbw_rollup_{source}_row()")
             continue
@@ -262,8 +263,6 @@ def install_statements(without: Sequence[str] = (), rollups: Sequence[Rollup] = 
     for source in SOURCES:
         if any(r.source == source for r in chosen):
             stmts.append(_function_sql(source, chosen, row_inserts))
-            if source in row_inserts:
-                stmts.append(_row_function_sql(source, chosen))
         else:
             stmts.append(f"DROP FUNCTION IF EXISTS pbw_rollup_{source}() CASCADE")
         stmts.extend(_trigger_sql(source, chosen, row_inserts))
